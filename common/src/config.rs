@@ -1,0 +1,450 @@
+//! The job config: one TOML file, parsed strictly (an unknown or missing key is an error that names it),
+//! validated once by the coordinator and handed verbatim to every worker.
+
+use crate::manifest::Manifest;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub job: JobSection,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    pub name: String,
+    /// Seeds parameter init, data order and every random choice of the job.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The manifest file or the directory holding `manifest.json`. Relative paths resolve against the
+    /// process's working directory (the launcher starts every process in the same one).
+    pub manifest: PathBuf,
+    #[serde(default = "default_train_split")]
+    pub train_split: String,
+    #[serde(default = "default_test_split")]
+    pub test_split: String,
+}
+
+fn default_train_split() -> String {
+    "train".into()
+}
+fn default_test_split() -> String {
+    "test".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelConfig {
+    /// Flattens the sample, then Linear→ReLU per hidden width, then Linear to the classes.
+    Mlp {
+        hidden: Vec<usize>,
+        /// Optional: the input size the model is built for; must match the data.
+        #[serde(default)]
+        input_dim: Option<usize>,
+    },
+    /// The MNIST-1D paper's ConvBase: conv1d 1→c k5 s2 p1, c→c k3 s2 p1, c→c k3 s2 p1, ReLU after each,
+    /// then Linear(c·L', classes). For length 40 and c = 25 that is Linear(125, 10).
+    ConvBase {
+        #[serde(default = "default_channels")]
+        channels: usize,
+        /// Optional: the sequence length the model is built for; must match the data.
+        #[serde(default)]
+        input_length: Option<usize>,
+    },
+}
+
+fn default_channels() -> usize {
+    25
+}
+
+/// Output length of a conv1d layer.
+pub fn conv1d_out_len(len: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
+    (len + 2 * padding).checked_sub(kernel).map(|v| v / stride + 1)
+}
+
+impl ModelConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelConfig::Mlp { .. } => "mlp",
+            ModelConfig::ConvBase { .. } => "conv_base",
+        }
+    }
+
+    /// Checks that this model can consume samples of `sample_shape`; the error says what each side has.
+    pub fn check_input(&self, sample_shape: &[usize]) -> Result<()> {
+        let mismatch = |message: String| Error::invalid(format!("model {} vs data", self.kind()), message);
+        match self {
+            ModelConfig::Mlp { input_dim, .. } => {
+                let numel: usize = sample_shape.iter().product();
+                if let Some(d) = input_dim {
+                    if *d != numel {
+                        return Err(mismatch(format!(
+                            "model.input_dim = {d} but the data's samples have shape {sample_shape:?} ({numel} values)"
+                        )));
+                    }
+                }
+            }
+            ModelConfig::ConvBase { input_length, .. } => {
+                let len = match sample_shape {
+                    [l] | [1, l] => *l,
+                    other => {
+                        return Err(mismatch(format!(
+                            "conv_base takes 1-D sequences ([length] or [1, length]) but the data's samples have shape {other:?}"
+                        )))
+                    }
+                };
+                if let Some(l) = input_length {
+                    if *l != len {
+                        return Err(mismatch(format!(
+                            "model.input_length = {l} but the data's sequences have length {len}"
+                        )));
+                    }
+                }
+                let out = conv1d_out_len(len, 5, 2, 1)
+                    .and_then(|l| conv1d_out_len(l, 3, 2, 1))
+                    .and_then(|l| conv1d_out_len(l, 3, 2, 1));
+                if out.is_none_or(|l| l == 0) {
+                    return Err(mismatch(format!("sequence length {len} is too short for conv_base")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub kind: OptimKind,
+    /// Peak learning rate (after warmup).
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    #[default]
+    Constant,
+    Cosine,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    /// Linear warmup from 0 to `optim.lr` over this many optimizer steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Floor of the cosine decay, as a fraction of `optim.lr`.
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+}
+
+impl ScheduleConfig {
+    /// Learning rate at optimizer step `step` (0-based) of `total` steps.
+    pub fn lr_at(&self, base: f64, step: u64, total: u64) -> f64 {
+        if step < self.warmup_steps {
+            return base * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.kind {
+            ScheduleKind::Constant => base,
+            ScheduleKind::Cosine => {
+                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+                let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                let floor = base * self.min_lr_ratio;
+                floor + (base - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: u64,
+    /// Global batch size; each of the W workers takes `batch_size / W`, so results do not depend on W.
+    pub batch_size: usize,
+    /// torch's `label_smoothing`: target (1 − ε)·onehot + ε/K.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Evaluate on the test split every this many epochs (and always after the last one).
+    #[serde(default = "one")]
+    pub eval_every: u64,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Intra-op threads per worker; 0 lets the launcher split the machine's cores among the workers.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn one() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent for this long is declared dead and the job fails (elastic recovery comes later).
+    #[serde(default = "default_heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+    /// Every blocking collective operation fails with an error naming the peer rank after this long.
+    #[serde(default = "default_collective_timeout_ms")]
+    pub collective_timeout_ms: u64,
+    /// How long registration and rendezvous wait for the whole world to show up.
+    #[serde(default = "default_rendezvous_timeout_ms")]
+    pub rendezvous_timeout_ms: u64,
+    /// Gradient bucket size in MiB (PyTorch DDP's default is 25).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    1000
+}
+fn default_heartbeat_timeout_ms() -> u64 {
+    30_000
+}
+fn default_collective_timeout_ms() -> u64 {
+    60_000
+}
+fn default_rendezvous_timeout_ms() -> u64 {
+    120_000
+}
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
+            collective_timeout_ms: default_collective_timeout_ms(),
+            rendezvous_timeout_ms: default_rendezvous_timeout_ms(),
+            bucket_mb: default_bucket_mb(),
+        }
+    }
+}
+
+impl JobConfig {
+    /// Parses TOML; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<JobConfig> {
+        let cfg: JobConfig =
+            toml::from_str(text).map_err(|e| Error::Config { path: origin.into(), message: e.to_string() })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<JobConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config { path: path.into(), message: format!("cannot read: {e}") })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a JobConfig is always representable as TOML")
+    }
+
+    /// Checks that need no data and no world size.
+    pub fn validate(&self, origin: &Path) -> Result<()> {
+        let bad = |key: &str, why: String| Error::Config { path: origin.into(), message: format!("{key}: {why}") };
+        if self.train.epochs == 0 {
+            return Err(bad("train.epochs", "must be at least 1".into()));
+        }
+        if self.train.batch_size == 0 {
+            return Err(bad("train.batch_size", "must be at least 1".into()));
+        }
+        if self.train.eval_every == 0 {
+            return Err(bad("train.eval_every", "must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.train.label_smoothing) {
+            return Err(bad("train.label_smoothing", format!("{} is outside [0, 1)", self.train.label_smoothing)));
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            return Err(bad("optim.lr", format!("{} must be a positive number", self.optim.lr)));
+        }
+        if !(0.0..1.0).contains(&self.optim.momentum) {
+            return Err(bad("optim.momentum", format!("{} is outside [0, 1)", self.optim.momentum)));
+        }
+        if self.optim.nesterov && (self.optim.kind != OptimKind::Sgd || self.optim.momentum == 0.0) {
+            return Err(bad("optim.nesterov", "needs kind = \"sgd\" and momentum > 0".into()));
+        }
+        if self.optim.weight_decay < 0.0 {
+            return Err(bad("optim.weight_decay", "must be ≥ 0".into()));
+        }
+        if self.optim.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(bad("optim.betas", format!("{:?} must lie in [0, 1)", self.optim.betas)));
+        }
+        if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
+            return Err(bad("schedule.min_lr_ratio", "must lie in [0, 1]".into()));
+        }
+        if self.cluster.bucket_mb <= 0.0 {
+            return Err(bad("cluster.bucket_mb", "must be positive".into()));
+        }
+        if let ModelConfig::Mlp { hidden, .. } = &self.model {
+            if hidden.contains(&0) {
+                return Err(bad("model.hidden", "widths must be positive".into()));
+            }
+        }
+        if let ModelConfig::ConvBase { channels: 0, .. } = &self.model {
+            return Err(bad("model.channels", "must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Checks that depend on the world size.
+    pub fn validate_world(&self, world_size: u32) -> Result<()> {
+        if world_size == 0 {
+            return Err(Error::invalid("world size", "must be at least 1"));
+        }
+        if self.train.batch_size % world_size as usize != 0 {
+            return Err(Error::invalid(
+                "train.batch_size",
+                format!(
+                    "global batch {} is not divisible by {world_size} workers (each worker takes batch_size / workers)",
+                    self.train.batch_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the manifest and checks that the splits exist, are labeled, and fit the model.
+    pub fn check_data(&self) -> Result<(Manifest, PathBuf)> {
+        let (m, file) = Manifest::load(&self.data.manifest)?;
+        for split in [&self.data.train_split, &self.data.test_split] {
+            if !m.split(split, &file)?.labeled {
+                return Err(Error::Manifest { path: file.clone(), message: format!("split {split:?} is unlabeled; supervised training needs labels") });
+            }
+            m.check_shards_exist(split, &file)?;
+        }
+        self.model.check_input(&m.sample_shape).map_err(|e| match e {
+            Error::Invalid { context, message } => {
+                Error::Invalid { context, message: format!("{message} (dataset {:?} in {})", m.name, file.display()) }
+            }
+            other => other,
+        })?;
+        Ok((m, file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[job]
+name = "t"
+[data]
+manifest = "data/mnist1d"
+[model]
+kind = "conv_base"
+[optim]
+kind = "adam"
+lr = 0.01
+[train]
+epochs = 2
+batch_size = 100
+"#;
+
+    fn parse(text: &str) -> Result<JobConfig> {
+        JobConfig::from_toml(text, Path::new("job.toml"))
+    }
+
+    #[test]
+    fn good_config_round_trips_through_toml() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.model, ModelConfig::ConvBase { channels: 25, input_length: None });
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&GOOD.replace("lr = 0.01", "lr = 0.01\nlearning_rate = 0.1")).unwrap_err().to_string();
+        assert!(e.contains("job.toml") && e.contains("learning_rate"), "{e}");
+        let e = parse(&GOOD.replace("kind = \"conv_base\"", "kind = \"conv_base\"\nchanels = 3")).unwrap_err().to_string();
+        assert!(e.contains("chanels"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let e = parse(&GOOD.replace("epochs = 2\n", "")).unwrap_err().to_string();
+        assert!(e.contains("epochs"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse(&GOOD.replace("lr = 0.01", "lr = -1.0")).unwrap_err().to_string();
+        assert!(e.contains("optim.lr"), "{e}");
+        let c = parse(GOOD).unwrap();
+        assert!(c.validate_world(3).unwrap_err().to_string().contains("not divisible by 3"));
+        assert!(c.validate_world(4).is_ok());
+    }
+
+    #[test]
+    fn model_shape_checks() {
+        let conv = ModelConfig::ConvBase { channels: 25, input_length: None };
+        assert!(conv.check_input(&[40]).is_ok());
+        assert!(conv.check_input(&[1, 8, 8]).unwrap_err().to_string().contains("[1, 8, 8]"));
+        let mlp = ModelConfig::Mlp { hidden: vec![8], input_dim: Some(64) };
+        assert!(mlp.check_input(&[1, 8, 8]).is_ok());
+        assert!(mlp.check_input(&[40]).unwrap_err().to_string().contains("input_dim = 64"));
+    }
+
+    #[test]
+    fn schedules() {
+        let s = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_steps: 10, min_lr_ratio: 0.0 };
+        assert!((s.lr_at(1.0, 0, 110) - 0.1).abs() < 1e-12);
+        assert!((s.lr_at(1.0, 9, 110) - 1.0).abs() < 1e-12);
+        assert!((s.lr_at(1.0, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((s.lr_at(1.0, 60, 110) - 0.5).abs() < 1e-12);
+        assert!(s.lr_at(1.0, 109, 110) < 0.001);
+    }
+}

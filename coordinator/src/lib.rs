@@ -1,0 +1,28 @@
+//! butler's control plane. It admits workers (token), gives them rank, world size and generation, relays
+//! collective endpoints (rendezvous), hands out per-epoch data assignments as sampler descriptions,
+//! watches heartbeats, aggregates metrics and writes the job summary.
+//!
+//! Architecture Invariant: the coordinator never touches tensors or sample bytes — it reads the manifest
+//! (counts, shapes) and deals in ranks, generations, epochs, cursors and scalar metrics.
+
+mod service;
+mod state;
+mod summary;
+
+pub use service::{serve, CoordinatorOptions, Outcome};
+pub use state::JobState;
+pub use summary::{EpochRecord, Summary};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Common(#[from] butler_common::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("job failed: {0}")]
+    JobFailed(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,314 @@
+//! The gRPC face of the coordinator: token check, status mapping, rendezvous waiting, the heartbeat
+//! watchdog, and the end of the job (summary.json on success, a failure reason otherwise).
+
+use crate::state::{JobState, Refusal};
+use crate::summary::Summary;
+use crate::{Error, Result};
+use butler_common::config::JobConfig;
+use butler_common::fsutil;
+use butler_proto::coordinator_server::{Coordinator, CoordinatorServer};
+use butler_proto::*;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// How a coordinator is started.
+#[derive(Clone, Debug)]
+pub struct CoordinatorOptions {
+    pub config: JobConfig,
+    /// The config text as the user wrote it, shown in logs only; workers get the normalised TOML.
+    pub world_size: u32,
+    pub listen: SocketAddr,
+    pub run_dir: PathBuf,
+    pub token: String,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Succeeded(Summary),
+    Failed(String),
+}
+
+struct Shared {
+    state: Mutex<JobState>,
+    /// Woken whenever an endpoint is published, so rendezvous waiters re-check.
+    rendezvous: Notify,
+    /// Set once when the job has ended; the server drains and stops.
+    done: watch::Sender<Option<bool>>,
+    job_toml: String,
+    run_dir: PathBuf,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, JobState> {
+        // A panic while holding the lock would be a bug in JobState; the state is still the best record.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn status(r: Refusal) -> Status {
+    match r {
+        Refusal::StaleGeneration { .. } => Status::failed_precondition(r.to_string()),
+        Refusal::BadRank { .. } => Status::invalid_argument(r.to_string()),
+        Refusal::WorldFull { .. } | Refusal::RankTaken { .. } => Status::already_exists(r.to_string()),
+        Refusal::JobFailed(_) => Status::aborted(r.to_string()),
+    }
+}
+
+struct Service(Arc<Shared>);
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn register(&self, req: Request<RegisterRequest>) -> std::result::Result<Response<RegisterResponse>, Status> {
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        let requested = u32::try_from(r.requested_rank).ok();
+        let mut st = self.0.lock();
+        let rank = st.register(&r.worker_id, requested).map_err(status)?;
+        info!(rank, worker = %r.worker_id, ?peer, generation = st.generation, "worker registered");
+        Ok(Response::new(RegisterResponse {
+            rank,
+            world_size: st.world_size,
+            generation: st.generation,
+            job_toml: self.0.job_toml.clone(),
+            heartbeat_interval_ms: st.cfg.cluster.heartbeat_interval_ms,
+            run_dir: self.0.run_dir.to_string_lossy().into_owned(),
+        }))
+    }
+
+    async fn rendezvous(&self, req: Request<RendezvousRequest>) -> std::result::Result<Response<RendezvousResponse>, Status> {
+        let r = req.into_inner();
+        let timeout = {
+            let mut st = self.0.lock();
+            st.publish_endpoint(r.rank, r.generation, r.endpoint).map_err(status)?;
+            Duration::from_millis(st.cfg.cluster.rendezvous_timeout_ms)
+        };
+        self.0.rendezvous.notify_waiters();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register interest before checking, so a publish between check and wait is not missed.
+            let notified = self.0.rendezvous.notified();
+            {
+                let st = self.0.lock();
+                if let Some(f) = st.failure() {
+                    return Err(Status::aborted(format!("the job has failed: {f}")));
+                }
+                if st.generation != r.generation {
+                    return Err(status(Refusal::StaleGeneration { got: r.generation, current: st.generation }));
+                }
+                if let Some(endpoints) = st.endpoints() {
+                    return Ok(Response::new(RendezvousResponse { generation: st.generation, endpoints }));
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let missing = self.0.lock().missing_endpoints();
+                return Err(Status::deadline_exceeded(format!(
+                    "rendezvous timed out after {:.0}s waiting for ranks {missing:?}",
+                    timeout.as_secs_f64()
+                )));
+            }
+        }
+    }
+
+    async fn get_assignment(&self, req: Request<AssignmentRequest>) -> std::result::Result<Response<AssignmentResponse>, Status> {
+        let r = req.into_inner();
+        if r.stream() != Stream::Labeled {
+            return Err(Status::unimplemented("only the labeled stream exists in this version"));
+        }
+        let mut st = self.0.lock();
+        let generation = st.generation;
+        let split = st.cfg.data.train_split.clone();
+        let a = st.assignment(r.rank, r.generation, r.epoch).map_err(status)?;
+        Ok(Response::new(match a {
+            Some(s) => AssignmentResponse {
+                generation,
+                epoch: s.epoch,
+                split,
+                seed: s.seed,
+                shuffle: s.shuffle,
+                dataset_len: s.dataset_len,
+                world_size: s.world_size,
+                rank: s.rank,
+                samples_per_rank: s.samples_per_rank(),
+                cursor: 0,
+                has_epoch: true,
+            },
+            None => AssignmentResponse { generation, epoch: r.epoch, split, has_epoch: false, ..Default::default() },
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> std::result::Result<Response<HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let mut st = self.0.lock();
+        match st.heartbeat(r.rank, r.generation) {
+            Ok(()) => Ok(Response::new(HeartbeatResponse { stop: false, reason: String::new() })),
+            Err(Refusal::JobFailed(why)) => Ok(Response::new(HeartbeatResponse { stop: true, reason: why })),
+            Err(e) => Err(status(e)),
+        }
+    }
+
+    async fn report_metrics(&self, req: Request<MetricsReport>) -> std::result::Result<Response<Ack>, Status> {
+        let r = req.into_inner();
+        let record = {
+            let mut st = self.0.lock();
+            st.report(
+                r.rank,
+                r.generation,
+                r.epoch,
+                r.train_loss,
+                r.train_samples,
+                r.train_seconds,
+                r.learning_rate,
+                (r.test_accuracy, r.test_loss),
+            )
+            .map_err(status)?
+        };
+        if let Some(rec) = record {
+            info!(
+                epoch = rec.epoch,
+                train_loss = rec.train_loss,
+                test_accuracy = rec.test_accuracy,
+                seconds = rec.train_seconds,
+                "epoch done"
+            );
+            let line = serde_json::to_string(&rec).expect("EpochRecord serialises") + "\n";
+            let path = self.0.run_dir.join("metrics.jsonl");
+            if let Err(e) = append(&path, line.as_bytes()) {
+                warn!(path = %path.display(), error = %e, "cannot append metrics");
+            }
+        }
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn finish(&self, req: Request<FinishRequest>) -> std::result::Result<Response<Ack>, Status> {
+        let r = req.into_inner();
+        let mut st = self.0.lock();
+        if !r.ok {
+            warn!(rank = r.rank, error = %r.error, "rank reported failure");
+        } else {
+            info!(rank = r.rank, "rank finished");
+        }
+        let all_ok = st
+            .finish(r.rank, r.generation, r.ok, &r.error, (r.test_accuracy, r.test_loss), r.checkpoint)
+            .map_err(status)?;
+        if all_ok {
+            let summary = st.summary();
+            drop(st);
+            let path = self.0.run_dir.join("summary.json");
+            let json = serde_json::to_vec_pretty(&summary).expect("Summary serialises");
+            match fsutil::write_atomic(&path, &json) {
+                Ok(()) => {
+                    info!(path = %path.display(), test_accuracy = summary.test_accuracy, "job succeeded; summary written");
+                    let _ = self.0.done.send(Some(true));
+                }
+                Err(e) => {
+                    self.0.lock().fail(format!("cannot write summary: {e}"));
+                    let _ = self.0.done.send(Some(false));
+                }
+            }
+        } else if st.failure().is_some() && st.all_finished() {
+            let _ = self.0.done.send(Some(false));
+        }
+        Ok(Response::new(Ack {}))
+    }
+}
+
+fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(bytes)
+}
+
+/// Compares in time independent of where the strings differ.
+fn token_matches(got: &[u8], want: &[u8]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Runs the coordinator until the job ends. `on_bound` receives the bound address (port 0 allowed).
+pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) -> Result<Outcome> {
+    let (manifest, _) = opts.config.check_data()?;
+    opts.config.validate_world(opts.world_size)?;
+    let train_len = manifest.splits[&opts.config.data.train_split].num_samples;
+    std::fs::create_dir_all(&opts.run_dir).map_err(|e| butler_common::Error::io(&opts.run_dir, e))?;
+
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| Error::Listen { addr: opts.listen.to_string(), source })?;
+    let bound = listener.local_addr().map_err(|source| Error::Listen { addr: opts.listen.to_string(), source })?;
+    let cluster = opts.config.cluster.clone();
+    let (done_tx, mut done_rx) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        job_toml: opts.config.to_toml(),
+        state: Mutex::new(JobState::new(opts.config, opts.world_size, train_len)),
+        rendezvous: Notify::new(),
+        done: done_tx,
+        run_dir: opts.run_dir.clone(),
+    });
+    info!(%bound, world_size = opts.world_size, "coordinator listening");
+    on_bound(bound);
+
+    let token = format!("Bearer {}", opts.token);
+    let auth = move |req: Request<()>| -> std::result::Result<Request<()>, Status> {
+        let got = req.metadata().get(AUTH_METADATA_KEY).map(|v| v.as_bytes()).unwrap_or_default();
+        if token_matches(got, token.as_bytes()) {
+            Ok(req)
+        } else {
+            warn!(peer = ?req.remote_addr(), "rejected RPC: missing or wrong job token");
+            Err(Status::unauthenticated("missing or wrong job token"))
+        }
+    };
+
+    // The watchdog turns silence into a failure: a dead worker must not leave the job waiting forever.
+    let watchdog = {
+        let shared = shared.clone();
+        let timeout = Duration::from_millis(cluster.heartbeat_timeout_ms);
+        let join_timeout = Duration::from_millis(cluster.rendezvous_timeout_ms);
+        let period = Duration::from_millis(cluster.heartbeat_interval_ms.clamp(50, 1000));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let failed = {
+                    let mut st = shared.lock();
+                    if st.failure().is_none() {
+                        if let Some(why) = st.overdue(timeout, join_timeout) {
+                            st.fail(why);
+                        }
+                    }
+                    st.failure().is_some()
+                };
+                if failed {
+                    shared.rendezvous.notify_waiters();
+                    // Give live workers a few heartbeats to hear "stop" before the server goes away.
+                    tokio::time::sleep(period * 3).await;
+                    let _ = shared.done.send(Some(false));
+                    return;
+                }
+            }
+        })
+    };
+
+    let shutdown = {
+        let mut rx = done_rx.clone();
+        async move {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::with_interceptor(Service(shared.clone()), auth))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    watchdog.abort();
+    let ok = done_rx.borrow_and_update().unwrap_or(false);
+    let st = shared.lock();
+    Ok(if ok {
+        Outcome::Succeeded(st.summary())
+    } else {
+        Outcome::Failed(st.failure().unwrap_or("the job ended without a result").to_string())
+    })
+}

@@ -1,0 +1,343 @@
+//! The coordinator's job state as plain data with synchronous methods; the gRPC layer locks it, calls one
+//! method, and unlocks. Keeping the logic free of async and I/O makes it testable on its own.
+
+use crate::summary::{EpochRecord, Summary};
+use butler_common::config::JobConfig;
+use butler_common::sampler::DistributedSampler;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+struct Member {
+    worker_id: String,
+    last_seen: Instant,
+    finished: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct EpochAgg {
+    loss_weighted: f64,
+    samples: u64,
+    seconds: f64,
+    lr: f64,
+    reports: u32,
+    test_accuracy: Option<f64>,
+    test_loss: Option<f64>,
+}
+
+/// An error a worker must see, mapped to a gRPC status by the service layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    StaleGeneration { got: u64, current: u64 },
+    BadRank { rank: u32, world: u32 },
+    WorldFull { world: u32 },
+    RankTaken { rank: u32, by: String },
+    JobFailed(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::StaleGeneration { got, current } => {
+                write!(f, "generation {got} is stale (current generation is {current}); re-register")
+            }
+            Refusal::BadRank { rank, world } => write!(f, "rank {rank} is outside this job's world of {world}"),
+            Refusal::WorldFull { world } => write!(f, "all {world} ranks of this job are taken"),
+            Refusal::RankTaken { rank, by } => write!(f, "rank {rank} is already held by worker {by:?}"),
+            Refusal::JobFailed(why) => write!(f, "the job has failed: {why}"),
+        }
+    }
+}
+
+pub struct JobState {
+    pub cfg: JobConfig,
+    pub world_size: u32,
+    pub generation: u64,
+    pub train_len: u64,
+    members: Vec<Option<Member>>,
+    endpoints: Vec<Option<Vec<u8>>>,
+    epochs: BTreeMap<u64, EpochAgg>,
+    finished_ok: Vec<Option<(Option<f64>, Option<f64>, String)>>,
+    failure: Option<String>,
+    started: Instant,
+}
+
+impl JobState {
+    pub fn new(cfg: JobConfig, world_size: u32, train_len: u64) -> Self {
+        let n = world_size as usize;
+        JobState {
+            cfg,
+            world_size,
+            generation: 1,
+            train_len,
+            members: vec![None; n],
+            endpoints: vec![None; n],
+            epochs: BTreeMap::new(),
+            finished_ok: vec![None; n],
+            failure: None,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// Marks the job failed (first reason wins: later ones are consequences).
+    pub fn fail(&mut self, why: String) {
+        if self.failure.is_none() {
+            tracing::error!(reason = %why, "job failed");
+            self.failure = Some(why);
+        }
+    }
+
+    fn check(&self, rank: u32, generation: u64) -> Result<(), Refusal> {
+        if let Some(f) = &self.failure {
+            return Err(Refusal::JobFailed(f.clone()));
+        }
+        if generation != self.generation {
+            return Err(Refusal::StaleGeneration { got: generation, current: self.generation });
+        }
+        if rank >= self.world_size {
+            return Err(Refusal::BadRank { rank, world: self.world_size });
+        }
+        Ok(())
+    }
+
+    /// Admits a worker: the requested rank if free, else the lowest free one.
+    pub fn register(&mut self, worker_id: &str, requested: Option<u32>) -> Result<u32, Refusal> {
+        if let Some(f) = &self.failure {
+            return Err(Refusal::JobFailed(f.clone()));
+        }
+        let rank = match requested {
+            Some(r) if r >= self.world_size => return Err(Refusal::BadRank { rank: r, world: self.world_size }),
+            Some(r) => {
+                if let Some(m) = &self.members[r as usize] {
+                    return Err(Refusal::RankTaken { rank: r, by: m.worker_id.clone() });
+                }
+                r
+            }
+            None => self
+                .members
+                .iter()
+                .position(Option::is_none)
+                .ok_or(Refusal::WorldFull { world: self.world_size })? as u32,
+        };
+        self.members[rank as usize] = Some(Member { worker_id: worker_id.to_string(), last_seen: Instant::now(), finished: false });
+        Ok(rank)
+    }
+
+    /// Records an endpoint; returns all of them once every rank has published.
+    pub fn publish_endpoint(&mut self, rank: u32, generation: u64, endpoint: Vec<u8>) -> Result<(), Refusal> {
+        self.check(rank, generation)?;
+        self.endpoints[rank as usize] = Some(endpoint);
+        self.touch(rank);
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Option<Vec<Vec<u8>>> {
+        self.endpoints.iter().cloned().collect()
+    }
+
+    pub fn missing_endpoints(&self) -> Vec<u32> {
+        (0..self.world_size).filter(|&r| self.endpoints[r as usize].is_none()).collect()
+    }
+
+    pub fn assignment(&mut self, rank: u32, generation: u64, epoch: u64) -> Result<Option<DistributedSampler>, Refusal> {
+        self.check(rank, generation)?;
+        self.touch(rank);
+        if epoch >= self.cfg.train.epochs {
+            return Ok(None);
+        }
+        Ok(Some(DistributedSampler {
+            dataset_len: self.train_len,
+            seed: self.cfg.job.seed,
+            epoch,
+            shuffle: self.cfg.train.shuffle,
+            world_size: self.world_size,
+            rank,
+        }))
+    }
+
+    fn touch(&mut self, rank: u32) {
+        if let Some(Some(m)) = self.members.get_mut(rank as usize) {
+            m.last_seen = Instant::now();
+        }
+    }
+
+    /// Heartbeat: returns the failure reason if workers should stop.
+    pub fn heartbeat(&mut self, rank: u32, generation: u64) -> Result<(), Refusal> {
+        self.check(rank, generation)?;
+        self.touch(rank);
+        Ok(())
+    }
+
+    /// Adds one rank's epoch report; returns the epoch's record once every rank has reported.
+    #[allow(clippy::too_many_arguments)]
+    pub fn report(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        epoch: u64,
+        loss: f64,
+        samples: u64,
+        seconds: f64,
+        lr: f64,
+        test: (Option<f64>, Option<f64>),
+    ) -> Result<Option<EpochRecord>, Refusal> {
+        self.check(rank, generation)?;
+        self.touch(rank);
+        let agg = self.epochs.entry(epoch).or_default();
+        agg.loss_weighted += loss * samples as f64;
+        agg.samples += samples;
+        agg.seconds = agg.seconds.max(seconds);
+        agg.lr = lr;
+        agg.reports += 1;
+        if test.0.is_some() {
+            agg.test_accuracy = test.0;
+            agg.test_loss = test.1;
+        }
+        if agg.reports == self.world_size {
+            return Ok(Some(Self::record(epoch, agg)));
+        }
+        Ok(None)
+    }
+
+    fn record(epoch: u64, a: &EpochAgg) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            train_loss: if a.samples > 0 { a.loss_weighted / a.samples as f64 } else { 0.0 },
+            train_samples: a.samples,
+            train_seconds: a.seconds,
+            learning_rate: a.lr,
+            test_accuracy: a.test_accuracy,
+            test_loss: a.test_loss,
+        }
+    }
+
+    /// A rank finished. Returns true when every rank has finished successfully.
+    pub fn finish(&mut self, rank: u32, generation: u64, ok: bool, error: &str, test: (Option<f64>, Option<f64>), checkpoint: String) -> Result<bool, Refusal> {
+        if generation != self.generation || rank >= self.world_size {
+            self.check(rank, generation)?;
+        }
+        if let Some(Some(m)) = self.members.get_mut(rank as usize) {
+            m.finished = true;
+        }
+        if !ok {
+            self.fail(format!("rank {rank} failed: {error}"));
+            return Ok(false);
+        }
+        self.finished_ok[rank as usize] = Some((test.0, test.1, checkpoint));
+        Ok(self.failure.is_none() && self.finished_ok.iter().all(Option::is_some))
+    }
+
+    /// Ranks that registered but have been silent longer than `timeout`, and ranks that never registered
+    /// within `join_timeout` of the start.
+    pub fn overdue(&self, timeout: Duration, join_timeout: Duration) -> Option<String> {
+        let now = Instant::now();
+        for (rank, m) in self.members.iter().enumerate() {
+            match m {
+                Some(m) if !m.finished && now.duration_since(m.last_seen) > timeout => {
+                    return Some(format!(
+                        "rank {rank} (worker {:?}) sent no heartbeat for {:.1}s (timeout {:.1}s); it is presumed dead",
+                        m.worker_id,
+                        now.duration_since(m.last_seen).as_secs_f64(),
+                        timeout.as_secs_f64()
+                    ));
+                }
+                None if now.duration_since(self.started) > join_timeout => {
+                    return Some(format!("rank {rank} never registered within {:.0}s", join_timeout.as_secs_f64()));
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    pub fn all_finished(&self) -> bool {
+        self.members.iter().all(|m| m.as_ref().is_some_and(|m| m.finished))
+    }
+
+    pub fn summary(&self) -> Summary {
+        let history: Vec<EpochRecord> = self.epochs.iter().map(|(e, a)| Self::record(*e, a)).collect();
+        let samples: u64 = history.iter().map(|h| h.train_samples).sum();
+        let seconds: f64 = history.iter().map(|h| h.train_seconds).sum();
+        let (acc, loss, ckpt) = self.finished_ok.first().cloned().flatten().unwrap_or((None, None, String::new()));
+        Summary {
+            job: self.cfg.job.name.clone(),
+            test_accuracy: acc.or_else(|| history.iter().rev().find_map(|h| h.test_accuracy)).unwrap_or(0.0),
+            test_loss: loss,
+            world_size: self.world_size,
+            generation: self.generation,
+            epochs: self.cfg.train.epochs,
+            samples_per_second: if seconds > 0.0 { samples as f64 / seconds } else { 0.0 },
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            checkpoint: ckpt,
+            history,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg() -> JobConfig {
+        JobConfig::from_toml(
+            "[job]\nname='t'\n[data]\nmanifest='x'\n[model]\nkind='mlp'\nhidden=[4]\n[optim]\nkind='sgd'\nlr=0.1\n[train]\nepochs=2\nbatch_size=4\n",
+            Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn registration_assigns_ranks_and_refuses_a_full_world() {
+        let mut s = JobState::new(cfg(), 2, 10);
+        assert_eq!(s.register("a", Some(1)), Ok(1));
+        assert!(matches!(s.register("b", Some(1)), Err(Refusal::RankTaken { rank: 1, .. })));
+        assert_eq!(s.register("b", None), Ok(0));
+        assert_eq!(s.register("c", None), Err(Refusal::WorldFull { world: 2 }));
+    }
+
+    #[test]
+    fn stale_generation_is_refused() {
+        let mut s = JobState::new(cfg(), 1, 10);
+        s.register("a", None).unwrap();
+        assert_eq!(s.heartbeat(0, 7), Err(Refusal::StaleGeneration { got: 7, current: 1 }));
+        assert!(s.assignment(0, 1, 0).unwrap().is_some());
+        assert!(s.assignment(0, 1, 2).unwrap().is_none(), "epochs = 2 ends the job");
+    }
+
+    #[test]
+    fn epoch_record_waits_for_every_rank_and_weights_losses() {
+        let mut s = JobState::new(cfg(), 2, 10);
+        s.register("a", None).unwrap();
+        s.register("b", None).unwrap();
+        assert_eq!(s.report(0, 1, 0, 1.0, 10, 2.0, 0.1, (Some(0.5), Some(1.0))).unwrap(), None);
+        let r = s.report(1, 1, 0, 3.0, 30, 3.0, 0.1, (None, None)).unwrap().unwrap();
+        assert_eq!(r.train_samples, 40);
+        assert!((r.train_loss - 2.5).abs() < 1e-12);
+        assert_eq!(r.train_seconds, 3.0);
+        assert_eq!(r.test_accuracy, Some(0.5));
+    }
+
+    #[test]
+    fn failure_of_one_rank_fails_the_job() {
+        let mut s = JobState::new(cfg(), 2, 10);
+        s.register("a", None).unwrap();
+        s.register("b", None).unwrap();
+        assert_eq!(s.finish(1, 1, false, "collective: peer rank 0 closed", (None, None), String::new()), Ok(false));
+        assert!(s.failure().unwrap().contains("rank 1 failed"));
+        assert!(matches!(s.heartbeat(0, 1), Err(Refusal::JobFailed(_))));
+    }
+
+    #[test]
+    fn silent_rank_is_overdue() {
+        let mut s = JobState::new(cfg(), 1, 10);
+        s.register("a", None).unwrap();
+        assert!(s.overdue(Duration::from_secs(60), Duration::from_secs(60)).is_none());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(s.overdue(Duration::from_millis(5), Duration::from_secs(60)).unwrap().contains("rank 0"));
+    }
+}

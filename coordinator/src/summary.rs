@@ -1,0 +1,35 @@
+use serde::{Deserialize, Serialize};
+
+/// One epoch, aggregated over all ranks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    /// Sample-weighted mean of the ranks' training losses.
+    pub train_loss: f64,
+    /// Samples processed by all ranks together (including the sampler's padding).
+    pub train_samples: u64,
+    /// The slowest rank's training time for the epoch (the step time of synchronous data parallelism).
+    pub train_seconds: f64,
+    pub learning_rate: f64,
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+}
+
+/// `summary.json`: what a job produced, written once, atomically, when every rank has finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub job: String,
+    /// Final test accuracy in 0..1.
+    pub test_accuracy: f64,
+    pub test_loss: Option<f64>,
+    pub world_size: u32,
+    pub generation: u64,
+    pub epochs: u64,
+    /// Training samples per second over the whole world (sum of samples / sum of slowest-rank epoch times).
+    pub samples_per_second: f64,
+    /// From the coordinator's start to the last rank's finish.
+    pub wall_seconds: f64,
+    /// Rank 0's final checkpoint, relative to the run directory.
+    pub checkpoint: String,
+    pub history: Vec<EpochRecord>,
+}

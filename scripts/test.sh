@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (idempotent), prepares the datasets if missing, and runs
+# every test of the workspace (unit, integration, end to end).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+cargo build --locked --bins
+[ -f data/mnist1d/manifest.json ] || ./target/debug/butler data prepare mnist1d
+[ -f data/digits/manifest.json ] || ./target/debug/butler data prepare digits
+cargo test --locked --workspace -- --test-threads="${BUTLER_TEST_THREADS:-2}"

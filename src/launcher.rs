@@ -1,0 +1,191 @@
+//! `butler run`: the local launcher. Starts a coordinator and N worker processes of this same binary on
+//! this machine, shows progress from the coordinator's metrics, and fails if any process fails — the same
+//! processes a cluster runs, wired over loopback.
+
+use anyhow::{bail, Context, Result};
+use butler_common::config::JobConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Job config (TOML).
+    pub config: PathBuf,
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// Run directory for logs, metrics, checkpoints and summary.json (default: runs/<job name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Intra-op threads per worker (default: the machine's cores divided among the workers).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn spawn(name: &str, exe: &Path, args: &[String], log: PathBuf, token: &str, threads: usize) -> Result<Proc> {
+    let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = Command::new(exe)
+        .args(args)
+        .env("BUTLER_TOKEN", token)
+        .env("BUTLER_THREADS", threads.to_string())
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc { name: name.to_string(), child, log })
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    // Validate everything a user can get wrong before any process starts.
+    let cfg = JobConfig::load(&args.config)?;
+    cfg.validate_world(args.workers)?;
+    cfg.check_data()?;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.job.name));
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let addr_file = out.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads.unwrap_or((cores / args.workers as usize).max(1));
+    let token = format!("{:032x}", rand::random::<u128>());
+    let exe = std::env::current_exe().context("locating the butler binary")?;
+
+    let mut procs = vec![spawn(
+        "coordinator",
+        &exe,
+        &[
+            "coordinator".into(),
+            "--config".into(),
+            args.config.display().to_string(),
+            "--world-size".into(),
+            args.workers.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--run-dir".into(),
+            out.display().to_string(),
+            "--addr-file".into(),
+            addr_file.display().to_string(),
+        ],
+        logs.join("coordinator.log"),
+        &token,
+        1,
+    )?];
+    let result = supervise(&args, &cfg, &exe, &token, threads, &out, &addr_file, &mut procs);
+    for p in &mut procs {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn supervise(args: &RunArgs, cfg: &JobConfig, exe: &Path, token: &str, threads: usize, out: &Path, addr_file: &Path, procs: &mut Vec<Proc>) -> Result<()> {
+    let start = Instant::now();
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(addr_file) {
+            break a;
+        }
+        if let Some(status) = procs[0].child.try_wait()? {
+            bail!("the coordinator exited ({status}) before listening:\n{}", tail(&procs[0].log, 20));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the coordinator did not start listening within 30s; see {}", procs[0].log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for rank in 0..args.workers {
+        procs.push(spawn(
+            &format!("worker {rank}"),
+            exe,
+            &[
+                "worker".into(),
+                "--coordinator".into(),
+                format!("http://{addr}"),
+                "--rank".into(),
+                rank.to_string(),
+                "--advertise-host".into(),
+                "127.0.0.1".into(),
+                "--worker-id".into(),
+                format!("local-{rank}"),
+                "--threads".into(),
+                threads.to_string(),
+            ],
+            out.join("logs").join(format!("worker-{rank}.log")),
+            token,
+            threads,
+        )?);
+    }
+
+    let bar = ProgressBar::new(cfg.train.epochs);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} epoch {pos}/{len} {msg}")
+            .expect("the template is valid"),
+    );
+    bar.set_prefix(format!("{} ×{}", cfg.job.name, args.workers));
+    let metrics = out.join("metrics.jsonl");
+    let mut exited = vec![false; procs.len()];
+    loop {
+        update_progress(&bar, &metrics);
+        for (i, p) in procs.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
+            if let Some(status) = p.child.try_wait()? {
+                exited[i] = true;
+                if !status.success() {
+                    bar.abandon();
+                    // Let the others notice and log their side before they are stopped.
+                    std::thread::sleep(Duration::from_millis(500));
+                    bail!("{} failed ({status}); last lines of {}:\n{}", p.name, p.log.display(), tail(&p.log, 15));
+                }
+            }
+        }
+        if exited.iter().all(|&e| e) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    update_progress(&bar, &metrics);
+    bar.finish();
+    let summary_path = out.join("summary.json");
+    let text = std::fs::read_to_string(&summary_path).with_context(|| format!("every process exited cleanly but {} is missing", summary_path.display()))?;
+    let s: serde_json::Value = serde_json::from_str(&text)?;
+    println!(
+        "{}: test accuracy {:.4}, {} workers, {:.0} samples/s, {:.1}s wall — {}",
+        cfg.job.name,
+        s["test_accuracy"].as_f64().unwrap_or(f64::NAN),
+        args.workers,
+        s["samples_per_second"].as_f64().unwrap_or(f64::NAN),
+        s["wall_seconds"].as_f64().unwrap_or(f64::NAN),
+        summary_path.display()
+    );
+    Ok(())
+}
+
+fn update_progress(bar: &ProgressBar, metrics: &Path) {
+    let Ok(text) = std::fs::read_to_string(metrics) else { return };
+    let lines: Vec<&str> = text.lines().collect();
+    if let Some(last) = lines.last().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        bar.set_position(lines.len() as u64);
+        let acc = last["test_accuracy"].as_f64().map(|a| format!(" test acc {a:.4}")).unwrap_or_default();
+        bar.set_message(format!("loss {:.4}{acc}", last["train_loss"].as_f64().unwrap_or(f64::NAN)));
+    }
+}

@@ -1,0 +1,56 @@
+//! Helpers for the integration tests that drive the real `butler` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn butler() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_butler"));
+    c.current_dir(repo());
+    c
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The prepared MNIST-1D dataset; the test script prepares it before `cargo test`.
+pub fn mnist1d() -> PathBuf {
+    let p = repo().join("data/mnist1d/manifest.json");
+    assert!(p.exists(), "{} is missing: run scripts/test.sh (it prepares the data) or `butler data prepare mnist1d`", p.display());
+    p.parent().unwrap().to_path_buf()
+}
+
+pub fn digits() -> PathBuf {
+    let p = repo().join("data/digits/manifest.json");
+    assert!(p.exists(), "{} is missing: run scripts/test.sh (it prepares the data) or `butler data prepare digits`", p.display());
+    p.parent().unwrap().to_path_buf()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small, fast MNIST-1D job config pointing at `manifest`.
+pub fn small_config(manifest: &Path, extra_cluster: &str) -> String {
+    format!(
+        "[job]\nname = \"small\"\nseed = 1\n[data]\nmanifest = \"{}\"\n[model]\nkind = \"conv_base\"\n\
+         [optim]\nkind = \"adam\"\nlr = 0.01\n[train]\nepochs = 2\nbatch_size = 100\n[cluster]\n{extra_cluster}\n",
+        manifest.display()
+    )
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Copies a prepared dataset directory so a test can damage its copy.
+pub fn copy_dataset(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}

@@ -1,0 +1,96 @@
+//! The worker's side of the gRPC contract: a client that sends the job token on every call, and the
+//! heartbeat task that runs on the async runtime while training runs on its own thread.
+
+use butler_proto::coordinator_client::CoordinatorClient;
+use butler_proto::{HeartbeatRequest, AUTH_METADATA_KEY};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+#[derive(Clone)]
+pub struct Auth(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert(AUTH_METADATA_KEY, self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+
+/// Connects, retrying until `wait` has passed (a coordinator may start after its workers on a cluster).
+pub async fn connect(url: &str, token: &str, wait: Duration) -> Result<Client, String> {
+    let value: MetadataValue<_> =
+        format!("Bearer {token}").parse().map_err(|_| "the job token contains characters not allowed in a header".to_string())?;
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad coordinator address {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let start = Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(CoordinatorClient::with_interceptor(ch, Auth(value))),
+            Err(e) if start.elapsed() < wait => {
+                tracing::debug!(error = %e, "coordinator not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(format!("cannot reach the coordinator at {url} within {:.0}s: {e}", wait.as_secs_f64())),
+        }
+    }
+}
+
+/// Progress shared between the training thread and the heartbeat task.
+#[derive(Default)]
+pub struct Progress {
+    pub epoch: AtomicU64,
+    pub step: AtomicU64,
+    pub stop: AtomicBool,
+    pub reason: Mutex<String>,
+}
+
+impl Progress {
+    pub fn request_stop(&self, why: String) {
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stop_reason(&self) -> Option<String> {
+        self.stop.load(Ordering::SeqCst).then(|| self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// Sends heartbeats until the task is aborted. Asks training to stop when the coordinator says so or
+/// has been unreachable for longer than `give_up`.
+pub async fn heartbeat_loop(mut client: Client, rank: u32, generation: u64, period: Duration, give_up: Duration, progress: Arc<Progress>) {
+    let mut last_ok = Instant::now();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let req = HeartbeatRequest {
+            rank,
+            generation,
+            epoch: progress.epoch.load(Ordering::Relaxed),
+            step: progress.step.load(Ordering::Relaxed),
+        };
+        match client.heartbeat(req).await {
+            Ok(r) => {
+                last_ok = Instant::now();
+                let r = r.into_inner();
+                if r.stop {
+                    progress.request_stop(format!("the coordinator stopped the job: {}", r.reason));
+                    return;
+                }
+            }
+            Err(s) if last_ok.elapsed() > give_up => {
+                progress.request_stop(format!("lost the coordinator for {:.0}s: {}", give_up.as_secs_f64(), s.message()));
+                return;
+            }
+            Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed"),
+        }
+    }
+}

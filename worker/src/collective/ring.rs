@@ -1,0 +1,1493 @@
+//! CPU collectives over a TCP ring.
+//!
+//! Every rank keeps two TCP connections: one to its successor `(r + 1) % n` (only written) and one
+//! from its predecessor `(r - 1) % n` (only read). All collectives are expressed as one *plan*: the
+//! buffer is split into chunks, each chunk into segments of `segment_bytes`; the rank first sends
+//! one chunk and then, for each receive step, reads one chunk segment by segment (adding it into
+//! place, or copying it), forwarding every finished segment to its successor when the plan says so.
+//!
+//! Sending and receiving overlap: for large operations a scoped sender thread writes segments
+//! while the calling thread receives and reduces. Ownership of each segment (`&mut [T]`) travels
+//! through channels between the two threads, so the overlap needs no `unsafe` aliasing. Small
+//! operations (whose data fits comfortably in the kernel socket buffers) run on the calling
+//! thread only, which avoids the thread start-up latency.
+//!
+//! Every segment travels in a frame with a 16-byte header (kind, op, op sequence number, length),
+//! which catches ranks that call collectives in different orders or with different sizes. A rank
+//! whose operation fails sends an *abort* frame (carrying the root cause) to its successor when it
+//! can, then closes both connections: neighbours see the abort frame or EOF instead of hanging,
+//! and every error names the peer rank it concerns. Every blocking call honours
+//! [`RingConfig::timeout`].
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Result type of the ring collectives.
+pub type Result<T> = std::result::Result<T, CollectiveError>;
+
+/// Errors of the ring collectives. Every peer-related variant names the peer's rank in its
+/// message (see [`CollectiveError::peer_rank`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// A caller error detected locally, before anything was sent.
+    #[error("{op}: invalid argument: {detail}")]
+    InvalidArgument { op: &'static str, detail: String },
+    /// Binding the listener failed.
+    #[error("rendezvous: could not bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// Connecting to the successor failed until the deadline.
+    #[error("rendezvous: could not connect to rank {rank} at {addr}: {source}")]
+    Connect {
+        rank: usize,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// The predecessor never connected.
+    #[error("rendezvous: rank {rank} did not connect within {timeout:?} (listening on {local})")]
+    AcceptTimeout {
+        rank: usize,
+        timeout: Duration,
+        local: SocketAddr,
+    },
+    /// A local socket error while setting up the ring.
+    #[error("rendezvous with rank {rank}: {context}: {source}")]
+    Setup {
+        rank: usize,
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The handshake with a neighbour failed (wrong generation, world size, version, ...).
+    #[error("handshake with rank {rank}: {detail}")]
+    Handshake { rank: usize, detail: String },
+    /// A blocking read or write on a neighbour's connection exceeded the timeout.
+    #[error("{op}: peer rank {rank} timed out after {timeout:?} ({what})")]
+    Timeout {
+        op: &'static str,
+        rank: usize,
+        timeout: Duration,
+        what: &'static str,
+    },
+    /// The neighbour closed (EOF) or reset the connection.
+    #[error("{op}: peer rank {rank} closed the connection{how}")]
+    PeerClosed {
+        op: &'static str,
+        rank: usize,
+        how: &'static str,
+    },
+    /// Any other I/O error on a neighbour's connection.
+    #[error("{op}: I/O error with peer rank {rank}: {source}")]
+    PeerIo {
+        op: &'static str,
+        rank: usize,
+        #[source]
+        source: io::Error,
+    },
+    /// The predecessor sent something unexpected (ranks out of step, size mismatch, garbage).
+    #[error("{op}: protocol error from peer rank {rank}: {detail}")]
+    Protocol {
+        op: &'static str,
+        rank: usize,
+        detail: String,
+    },
+    /// The predecessor gave up on the operation; `origin` is the rank that first failed.
+    #[error("{op}: peer rank {rank} aborted the operation (root cause at rank {origin}: {cause})")]
+    PeerAborted {
+        op: &'static str,
+        rank: usize,
+        origin: usize,
+        cause: String,
+    },
+    /// An earlier operation failed; the ring's connections are closed.
+    #[error("{op}: ring unusable after an earlier failure: {cause}")]
+    Poisoned { op: &'static str, cause: String },
+    /// Should not happen (a helper thread could not be started or panicked).
+    #[error("{op}: internal error: {detail}")]
+    Internal { op: &'static str, detail: String },
+}
+
+impl CollectiveError {
+    /// The peer rank this error is about, if any.
+    pub fn peer_rank(&self) -> Option<usize> {
+        match self {
+            CollectiveError::Connect { rank, .. }
+            | CollectiveError::AcceptTimeout { rank, .. }
+            | CollectiveError::Setup { rank, .. }
+            | CollectiveError::Handshake { rank, .. }
+            | CollectiveError::Timeout { rank, .. }
+            | CollectiveError::PeerClosed { rank, .. }
+            | CollectiveError::PeerIo { rank, .. }
+            | CollectiveError::Protocol { rank, .. }
+            | CollectiveError::PeerAborted { rank, .. } => Some(*rank),
+            CollectiveError::InvalidArgument { .. }
+            | CollectiveError::Bind { .. }
+            | CollectiveError::Poisoned { .. }
+            | CollectiveError::Internal { .. } => None,
+        }
+    }
+}
+
+/// Configuration of a ring; must be identical on all ranks (checked in the handshake, except
+/// `timeout`).
+#[derive(Clone, Debug)]
+pub struct RingConfig {
+    /// Limit for every blocking read or write, and for the whole rendezvous (connect + accept +
+    /// handshake).
+    pub timeout: Duration,
+    /// Pipelining segment size in bytes.
+    pub segment_bytes: usize,
+    /// Membership generation; both neighbours must agree.
+    pub generation: u64,
+}
+
+/// Default pipelining segment (measured on loopback, 2 cores: 256 KiB–1 MiB are within noise,
+/// smaller segments cost syscalls, larger ones lose pipelining and cache locality).
+pub const DEFAULT_SEGMENT_BYTES: usize = 512 * 1024;
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            timeout: Duration::from_secs(30),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            generation: 0,
+        }
+    }
+}
+
+/// Bus bandwidth in GB/s (1e9 bytes/s) of an all-reduce of `bytes` bytes over `world` ranks that
+/// took `seconds`: `algbw = bytes / seconds`, `busbw = algbw * 2 (n - 1) / n`.
+pub fn bus_bandwidth_gbps(bytes: usize, world: usize, seconds: f64) -> f64 {
+    if world == 0 || seconds <= 0.0 {
+        return 0.0;
+    }
+    let algbw = bytes as f64 / seconds;
+    let n = world as f64;
+    algbw * 2.0 * (n - 1.0) / n / 1e9
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire format
+// ---------------------------------------------------------------------------------------------
+
+const MAGIC: [u8; 8] = *b"BTLRRING";
+const PROTOCOL_VERSION: u32 = 1;
+/// Written in native byte order; a peer reading it back as little-endian learns our byte order.
+const ENDIAN_MARKER: u32 = 0x0102_0304;
+const HELLO_LEN: usize = 40;
+
+const FRAME_HEADER_LEN: usize = 16;
+const FRAME_DATA: u8 = 0xD7;
+const FRAME_ABORT: u8 = 0xAB;
+const MAX_ABORT_PAYLOAD: usize = 4096;
+/// Frames up to this size are written with a single `send`.
+const SMALL_FRAME: usize = 4096;
+
+/// Operations whose buffers are at most this large run on the calling thread only: all their
+/// frames fit in the kernel socket buffers, so writing before reading cannot deadlock.
+const INLINE_MAX_BYTES: usize = 64 * 1024;
+/// After a local failure, how long the sender thread may take to finish its current segment and
+/// deliver the abort frame before its connection is shut down under it.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
+/// After a read timeout, how long to wait for an abort frame that explains it.
+const TIMEOUT_GRACE: Duration = Duration::from_millis(150);
+const ACCEPT_POLL: Duration = Duration::from_millis(2);
+const CONNECT_RETRY: Duration = Duration::from_millis(20);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    AllReduce = 1,
+    AllGather = 2,
+    AllGatherBytesSizes = 3,
+    AllGatherBytes = 4,
+    Broadcast = 5,
+    BroadcastBytes = 6,
+    Barrier = 7,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::AllGather => "all_gather",
+            Op::AllGatherBytesSizes | Op::AllGatherBytes => "all_gather_bytes",
+            Op::Broadcast => "broadcast",
+            Op::BroadcastBytes => "broadcast_bytes",
+            Op::Barrier => "barrier",
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Op> {
+        [
+            Op::AllReduce,
+            Op::AllGather,
+            Op::AllGatherBytesSizes,
+            Op::AllGatherBytes,
+            Op::Broadcast,
+            Op::BroadcastBytes,
+            Op::Barrier,
+        ]
+        .into_iter()
+        .find(|op| *op as u8 == code)
+    }
+}
+
+struct Hello {
+    version: u32,
+    little_endian: bool,
+    generation: u64,
+    rank: u64,
+    world: u64,
+    segment_bytes: u64,
+}
+
+fn encode_hello(rank: usize, world: usize, cfg: &RingConfig) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
+    b[0..8].copy_from_slice(&MAGIC);
+    b[8..12].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&ENDIAN_MARKER.to_ne_bytes());
+    b[16..24].copy_from_slice(&cfg.generation.to_le_bytes());
+    b[24..28].copy_from_slice(&(rank as u32).to_le_bytes());
+    b[28..32].copy_from_slice(&(world as u32).to_le_bytes());
+    b[32..40].copy_from_slice(&(cfg.segment_bytes as u64).to_le_bytes());
+    b
+}
+
+/// `None` when the bytes are not a hello at all (stray connection).
+fn decode_hello(b: &[u8; HELLO_LEN]) -> Option<Hello> {
+    if b[0..8] != MAGIC {
+        return None;
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let marker = u32_at(12);
+    let little_endian = match marker {
+        0x0102_0304 => true,
+        0x0403_0201 => false,
+        _ => return None,
+    };
+    Some(Hello {
+        version: u32_at(8),
+        little_endian,
+        generation: u64_at(16),
+        rank: u64::from(u32_at(24)),
+        world: u64::from(u32_at(28)),
+        segment_bytes: u64_at(32),
+    })
+}
+
+fn check_hello(h: &Hello, expected_rank: usize, world: usize, cfg: &RingConfig) -> Result<()> {
+    let fail = |detail: String| {
+        Err(CollectiveError::Handshake {
+            rank: expected_rank,
+            detail,
+        })
+    };
+    let ours_little = cfg!(target_endian = "little");
+    if h.version != PROTOCOL_VERSION {
+        return fail(format!(
+            "protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {})",
+            h.version
+        ));
+    }
+    if h.little_endian != ours_little {
+        let name = |little: bool| if little { "little" } else { "big" };
+        return fail(format!(
+            "byte order mismatch (peer is {}-endian, this host is {}-endian)",
+            name(h.little_endian),
+            name(ours_little)
+        ));
+    }
+    if h.generation != cfg.generation {
+        return fail(format!(
+            "generation mismatch (expected {}, got {})",
+            cfg.generation, h.generation
+        ));
+    }
+    if h.world != world as u64 {
+        return fail(format!(
+            "world size mismatch (expected {world}, got {})",
+            h.world
+        ));
+    }
+    if h.rank != expected_rank as u64 {
+        return fail(format!(
+            "expected ring neighbour rank {expected_rank}, but the peer says it is rank {}",
+            h.rank
+        ));
+    }
+    if h.segment_bytes != cfg.segment_bytes as u64 {
+        return fail(format!(
+            "segment_bytes mismatch (ours {}, theirs {})",
+            cfg.segment_bytes, h.segment_bytes
+        ));
+    }
+    Ok(())
+}
+
+fn frame_header(kind: u8, op: Op, seq: u32, len: usize) -> [u8; FRAME_HEADER_LEN] {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h[0] = kind;
+    h[1] = op as u8;
+    h[4..8].copy_from_slice(&seq.to_le_bytes());
+    h[8..16].copy_from_slice(&(len as u64).to_le_bytes());
+    h
+}
+
+/// Writes header and payload. Uses `write` (which std implements with `send(MSG_NOSIGNAL)`), not
+/// `writev`, so a closed peer yields EPIPE even where SIGPIPE is not ignored.
+fn write_frame(
+    mut s: &TcpStream,
+    header: &[u8; FRAME_HEADER_LEN],
+    payload: &[u8],
+) -> io::Result<()> {
+    if payload.len() <= SMALL_FRAME {
+        let mut buf = [0u8; FRAME_HEADER_LEN + SMALL_FRAME];
+        let total = FRAME_HEADER_LEN + payload.len();
+        buf[..FRAME_HEADER_LEN].copy_from_slice(header);
+        buf[FRAME_HEADER_LEN..total].copy_from_slice(payload);
+        s.write_all(&buf[..total])
+    } else {
+        s.write_all(header)?;
+        s.write_all(payload)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------
+
+/// Element types sent as raw native-endian bytes.
+///
+/// # Safety
+/// Implementors must have no padding and accept every bit pattern.
+unsafe trait Pod: Copy + Default + Send + Sync + 'static {}
+// SAFETY: f32 and u8 have no padding and every bit pattern is a valid value.
+unsafe impl Pod for f32 {}
+// SAFETY: see above.
+unsafe impl Pod for u8 {}
+
+fn as_bytes<T: Pod>(s: &[T]) -> &[u8] {
+    // SAFETY: T is Pod (initialized, no padding); u8 has alignment 1; the length is the exact
+    // byte size of the slice, and the borrow keeps the memory alive.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+fn as_bytes_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; additionally every bit pattern written through the byte view is a valid
+    // T, and the exclusive borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+fn add_assign_f32(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendezvous
+// ---------------------------------------------------------------------------------------------
+
+/// Bound but not yet connected; its address is published to peers.
+pub struct RingListener {
+    listener: TcpListener,
+    local: SocketAddr,
+}
+
+impl RingListener {
+    /// Binds a listener (port 0 allowed).
+    pub fn bind(addr: SocketAddr) -> Result<RingListener> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| CollectiveError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| CollectiveError::Bind { addr, source })?;
+        Ok(RingListener { listener, local })
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// `peers[i]` is rank i's listener address (`peers.len()` is the world size). Connects to
+    /// rank `(rank + 1) % n`, accepts from rank `(rank - 1) % n` and handshakes (magic, protocol
+    /// version, byte order, generation, rank, world size, segment size), all within
+    /// `cfg.timeout`. World size 1 needs no sockets.
+    pub fn connect(self, rank: usize, peers: &[SocketAddr], cfg: RingConfig) -> Result<TcpRing> {
+        let world = peers.len();
+        let invalid = |detail: String| {
+            Err(CollectiveError::InvalidArgument {
+                op: "rendezvous",
+                detail,
+            })
+        };
+        if world == 0 {
+            return invalid("empty peer list".into());
+        }
+        if world > u32::MAX as usize {
+            return invalid(format!("world size {world} too large"));
+        }
+        if rank >= world {
+            return invalid(format!("rank {rank} out of range for world size {world}"));
+        }
+        if cfg.timeout.is_zero() {
+            return invalid("timeout must be positive".into());
+        }
+        if cfg.segment_bytes == 0 {
+            return invalid("segment_bytes must be positive".into());
+        }
+        if world == 1 {
+            return Ok(TcpRing::new(rank, world, cfg, LinkState::Single));
+        }
+
+        let deadline = Instant::now() + cfg.timeout;
+        let next = (rank + 1) % world;
+        let prev = (rank + world - 1) % world;
+        let hello = encode_hello(rank, world, &cfg);
+
+        let to_next = connect_with_retry(peers[next], next, deadline)?;
+        configure_stream(&to_next, next)?;
+        set_timeouts(&to_next, remaining(deadline), next)?;
+        (&to_next)
+            .write_all(&hello)
+            .map_err(|e| CollectiveError::Handshake {
+                rank: next,
+                detail: format!("sending hello: {e}"),
+            })?;
+
+        let from_prev = self.accept_from(prev, world, &cfg, &hello, deadline)?;
+
+        set_timeouts(&to_next, remaining(deadline), next)?;
+        let mut reply = [0u8; HELLO_LEN];
+        (&to_next)
+            .read_exact(&mut reply)
+            .map_err(|e| CollectiveError::Handshake {
+                rank: next,
+                detail: match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                        format!("no reply within {:?}", cfg.timeout)
+                    }
+                    io::ErrorKind::UnexpectedEof => "peer closed the connection".into(),
+                    _ => format!("reading reply: {e}"),
+                },
+            })?;
+        let reply = decode_hello(&reply).ok_or_else(|| CollectiveError::Handshake {
+            rank: next,
+            detail: "reply is not a ring hello (bad magic)".into(),
+        })?;
+        check_hello(&reply, next, world, &cfg)?;
+
+        set_timeouts(&to_next, cfg.timeout, next)?;
+        set_timeouts(&from_prev, cfg.timeout, prev)?;
+        tracing::debug!(
+            rank,
+            world,
+            next,
+            prev,
+            generation = cfg.generation,
+            "ring connected"
+        );
+        Ok(TcpRing::new(
+            rank,
+            world,
+            cfg,
+            LinkState::Connected(Links { to_next, from_prev }),
+        ))
+    }
+
+    /// Accepts the predecessor's connection, reads its hello, replies with ours and validates.
+    /// Connections that do not start with a ring hello are dropped and accepting continues.
+    fn accept_from(
+        &self,
+        prev: usize,
+        world: usize,
+        cfg: &RingConfig,
+        hello: &[u8; HELLO_LEN],
+        deadline: Instant,
+    ) -> Result<TcpStream> {
+        let setup = |context: &'static str| {
+            move |source: io::Error| CollectiveError::Setup {
+                rank: prev,
+                context,
+                source,
+            }
+        };
+        self.listener
+            .set_nonblocking(true)
+            .map_err(setup("making the listener non-blocking"))?;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, from)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(setup("making the accepted socket blocking"))?;
+                    configure_stream(&stream, prev)?;
+                    set_timeouts(&stream, remaining(deadline), prev)?;
+                    let mut buf = [0u8; HELLO_LEN];
+                    let got = (&stream).read_exact(&mut buf);
+                    match got.ok().and_then(|()| decode_hello(&buf)) {
+                        Some(h) => {
+                            // Reply before validating so that the peer can report the mismatch too.
+                            let _ = (&stream).write_all(hello);
+                            check_hello(&h, prev, world, cfg)?;
+                            return Ok(stream);
+                        }
+                        None => {
+                            tracing::debug!(%from, "ring: ignoring a connection without a ring hello");
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => return Err(setup("accepting")(e)),
+            }
+            let left = remaining(deadline);
+            if left.is_zero() {
+                return Err(CollectiveError::AcceptTimeout {
+                    rank: prev,
+                    timeout: cfg.timeout,
+                    local: self.local,
+                });
+            }
+            std::thread::sleep(ACCEPT_POLL.min(left));
+        }
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+fn connect_with_retry(addr: SocketAddr, rank: usize, deadline: Instant) -> Result<TcpStream> {
+    loop {
+        let left = remaining(deadline);
+        let err = if left.is_zero() {
+            io::Error::new(io::ErrorKind::TimedOut, "deadline passed")
+        } else {
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(s) => return Ok(s),
+                Err(e) => e,
+            }
+        };
+        let left = remaining(deadline);
+        if left.is_zero() {
+            return Err(CollectiveError::Connect {
+                rank,
+                addr,
+                source: err,
+            });
+        }
+        std::thread::sleep(CONNECT_RETRY.min(left));
+    }
+}
+
+fn configure_stream(s: &TcpStream, rank: usize) -> Result<()> {
+    s.set_nodelay(true)
+        .map_err(|source| CollectiveError::Setup {
+            rank,
+            context: "setting TCP_NODELAY",
+            source,
+        })
+}
+
+fn set_timeouts(s: &TcpStream, t: Duration, rank: usize) -> Result<()> {
+    // A zero timeout means "block forever" to the OS: use a tiny one instead.
+    let t = Some(t.max(Duration::from_millis(1)));
+    s.set_read_timeout(t)
+        .and_then(|()| s.set_write_timeout(t))
+        .map_err(|source| CollectiveError::Setup {
+            rank,
+            context: "setting socket timeouts",
+            source,
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ring
+// ---------------------------------------------------------------------------------------------
+
+struct Links {
+    /// Written only: frames to the successor.
+    to_next: TcpStream,
+    /// Read only: frames from the predecessor.
+    from_prev: TcpStream,
+}
+
+enum LinkState {
+    Single,
+    Connected(Links),
+    /// An operation failed; the connections are closed. Holds the failure message.
+    Broken(String),
+}
+
+/// A connected ring. `Send`, not `Sync`: use it from one thread at a time.
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    cfg: RingConfig,
+    state: LinkState,
+    seq: u32,
+    scratch: Vec<f32>,
+}
+
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<TcpRing>();
+};
+
+struct Ctx {
+    op: Op,
+    seq: u32,
+    rank: usize,
+    next: usize,
+    prev: usize,
+    timeout: Duration,
+    segment_bytes: usize,
+}
+
+impl Ctx {
+    fn io_error(&self, peer: usize, e: io::Error, sending: bool) -> CollectiveError {
+        let op = self.op.name();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CollectiveError::Timeout {
+                op,
+                rank: peer,
+                timeout: self.timeout,
+                what: if sending {
+                    "it is not accepting data"
+                } else {
+                    "no data received"
+                },
+            },
+            io::ErrorKind::UnexpectedEof => CollectiveError::PeerClosed {
+                op,
+                rank: peer,
+                how: "",
+            },
+            io::ErrorKind::ConnectionReset => CollectiveError::PeerClosed {
+                op,
+                rank: peer,
+                how: " (connection reset)",
+            },
+            io::ErrorKind::ConnectionAborted => CollectiveError::PeerClosed {
+                op,
+                rank: peer,
+                how: " (connection aborted)",
+            },
+            io::ErrorKind::BrokenPipe | io::ErrorKind::NotConnected => {
+                CollectiveError::PeerClosed {
+                    op,
+                    rank: peer,
+                    how: " (broken pipe)",
+                }
+            }
+            _ => CollectiveError::PeerIo {
+                op,
+                rank: peer,
+                source: e,
+            },
+        }
+    }
+
+    fn protocol(&self, detail: String) -> CollectiveError {
+        CollectiveError::Protocol {
+            op: self.op.name(),
+            rank: self.prev,
+            detail,
+        }
+    }
+
+    fn internal(&self, detail: &str) -> CollectiveError {
+        CollectiveError::Internal {
+            op: self.op.name(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn data_header(&self, len: usize) -> [u8; FRAME_HEADER_LEN] {
+        frame_header(FRAME_DATA, self.op, self.seq, len)
+    }
+
+    /// Abort frame payload: the rank where the failure started and its message.
+    fn abort_payload(&self, err: &CollectiveError) -> Vec<u8> {
+        let (origin, cause) = match err {
+            CollectiveError::PeerAborted { origin, cause, .. } => (*origin, cause.clone()),
+            other => (self.rank, other.to_string()),
+        };
+        let mut cut = cause.len().min(MAX_ABORT_PAYLOAD - 4);
+        while !cause.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut p = Vec::with_capacity(4 + cut);
+        p.extend_from_slice(&(origin as u32).to_le_bytes());
+        p.extend_from_slice(&cause.as_bytes()[..cut]);
+        p
+    }
+
+    fn write_abort(&self, s: &TcpStream, payload: &[u8]) {
+        let header = frame_header(FRAME_ABORT, self.op, self.seq, payload.len());
+        if let Err(e) = write_frame(s, &header, payload) {
+            tracing::debug!(
+                op = self.op.name(),
+                next = self.next,
+                "could not send abort frame: {e}"
+            );
+        }
+    }
+
+    /// Reads and validates the next frame header from the predecessor, expecting a data frame of
+    /// `len` bytes. An abort frame turns into [`CollectiveError::PeerAborted`].
+    fn read_header(&self, s: &TcpStream, len: usize) -> Result<()> {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        (&*s)
+            .read_exact(&mut h)
+            .map_err(|e| self.io_error(self.prev, e, false))?;
+        self.check_header(s, &h, len)
+    }
+
+    /// After timing out while waiting for a frame header: the predecessor may be timing out on
+    /// its own predecessor at the same moment. Give its abort frame (which names the real
+    /// culprit) a short while to arrive.
+    fn late_abort(&self, s: &TcpStream) -> Option<CollectiveError> {
+        s.set_read_timeout(Some(TIMEOUT_GRACE)).ok()?;
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        (&*s).read_exact(&mut h).ok()?;
+        if h[0] != FRAME_ABORT {
+            return None;
+        }
+        self.check_header(s, &h, 0).err()
+    }
+
+    fn check_header(&self, s: &TcpStream, h: &[u8; FRAME_HEADER_LEN], len: usize) -> Result<()> {
+        let seq = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&h[8..16]);
+        let got_len = u64::from_le_bytes(l);
+        match h[0] {
+            FRAME_DATA => {}
+            FRAME_ABORT => {
+                if got_len < 4 || got_len > MAX_ABORT_PAYLOAD as u64 {
+                    return Err(self.protocol(format!("abort frame with bad length {got_len}")));
+                }
+                let mut p = vec![0u8; got_len as usize];
+                (&*s)
+                    .read_exact(&mut p)
+                    .map_err(|e| self.io_error(self.prev, e, false))?;
+                let origin = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+                return Err(CollectiveError::PeerAborted {
+                    op: self.op.name(),
+                    rank: self.prev,
+                    origin,
+                    cause: String::from_utf8_lossy(&p[4..]).into_owned(),
+                });
+            }
+            k => return Err(self.protocol(format!("unknown frame kind {k:#04x}"))),
+        }
+        if h[1] != self.op as u8 {
+            let theirs = Op::from_code(h[1]).map_or("an unknown operation", Op::name);
+            return Err(self.protocol(format!(
+                "peer is running {theirs} while this rank runs {} (collectives called in different orders)",
+                self.op.name()
+            )));
+        }
+        if seq != self.seq {
+            return Err(self.protocol(format!(
+                "operation sequence mismatch (expected #{}, got #{seq}): ranks issued different numbers of collectives",
+                self.seq
+            )));
+        }
+        if got_len != len as u64 {
+            return Err(self.protocol(format!(
+                "segment of {got_len} bytes where {len} were expected (buffer sizes differ across ranks?)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One receive step of a plan.
+struct RecvStep {
+    /// Chunk to receive.
+    chunk: usize,
+    /// Add into place (true) or overwrite (false).
+    reduce: bool,
+    /// Forward the finished chunk to the successor.
+    forward: bool,
+}
+
+struct Plan {
+    /// Chunk sent before any receive.
+    first_send: Option<usize>,
+    recvs: Vec<RecvStep>,
+}
+
+impl Plan {
+    /// Ring all-gather: send own chunk `rank`, then receive (and forward all but the last)
+    /// chunks `rank-1, rank-2, ...`.
+    fn all_gather(rank: usize, world: usize) -> Plan {
+        Plan {
+            first_send: Some(rank),
+            recvs: (0..world - 1)
+                .map(|s| RecvStep {
+                    chunk: (rank + world - 1 - s) % world,
+                    reduce: false,
+                    forward: s + 2 < world,
+                })
+                .collect(),
+        }
+    }
+
+    /// Ring all-reduce: reduce-scatter (`n - 1` reducing steps, after which this rank owns the
+    /// fully reduced chunk `rank + 1`), then all-gather of the reduced chunks.
+    fn all_reduce(rank: usize, world: usize) -> Plan {
+        let reduce_scatter = (0..world - 1).map(|s| RecvStep {
+            chunk: (rank + world - 1 - s) % world,
+            reduce: true,
+            forward: true,
+        });
+        let all_gather = (0..world - 1).map(|s| RecvStep {
+            chunk: (rank + world - s) % world,
+            reduce: false,
+            forward: s + 2 < world,
+        });
+        Plan {
+            first_send: Some(rank),
+            recvs: reduce_scatter.chain(all_gather).collect(),
+        }
+    }
+
+    /// Pipelined chain `root -> root+1 -> ... -> root-1` over a single chunk.
+    fn broadcast(rank: usize, world: usize, root: usize) -> Plan {
+        if rank == root {
+            Plan {
+                first_send: Some(0),
+                recvs: Vec::new(),
+            }
+        } else {
+            Plan {
+                first_send: None,
+                recvs: vec![RecvStep {
+                    chunk: 0,
+                    reduce: false,
+                    forward: (rank + 1) % world != root,
+                }],
+            }
+        }
+    }
+}
+
+/// Splits `buf` into consecutive slices of the given sizes (which must add up to at most its
+/// length).
+fn split_sizes<T>(mut buf: &mut [T], sizes: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    let mut out = Vec::new();
+    for size in sizes {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(size);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// Sizes of `world` nearly equal chunks covering `len` elements.
+fn even_sizes(len: usize, world: usize) -> impl Iterator<Item = usize> {
+    let (base, rem) = (len / world, len % world);
+    (0..world).map(move |i| base + usize::from(i < rem))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    /// Receiving from the predecessor (or a protocol violation by it).
+    Recv,
+    /// Sending to the successor.
+    Send,
+    /// A local problem.
+    Local,
+    /// Consequence of the sender thread's failure, which is reported instead.
+    Secondary,
+}
+
+struct Fail {
+    side: Side,
+    err: CollectiveError,
+    /// Timed out waiting for a frame header (the stream is still at a frame boundary).
+    header_timeout: bool,
+}
+
+impl Fail {
+    fn new(side: Side, err: CollectiveError) -> Fail {
+        Fail {
+            side,
+            err,
+            header_timeout: false,
+        }
+    }
+
+    fn recv(err: CollectiveError) -> Fail {
+        Fail::new(Side::Recv, err)
+    }
+
+    /// Reports the failure to the successor (`send_abort`), then, after a header timeout,
+    /// prefers an abort frame from the predecessor that arrives shortly afterwards.
+    fn finish(
+        self,
+        ctx: &Ctx,
+        from_prev: &TcpStream,
+        send_abort: impl FnOnce(Vec<u8>),
+    ) -> CollectiveError {
+        if self.side == Side::Send || self.side == Side::Secondary {
+            return self.err;
+        }
+        send_abort(ctx.abort_payload(&self.err));
+        if self.header_timeout {
+            if let Some(aborted) = ctx.late_abort(from_prev) {
+                return aborted;
+            }
+        }
+        self.err
+    }
+}
+
+type SegSlot<'a, T> = Option<&'a mut [T]>;
+
+/// Where finished segments go: written directly (inline) or handed to the sender thread.
+trait Outbox<'a, T: Pod> {
+    /// Sends segment `idx`; returns it if it was sent synchronously.
+    fn handover(
+        &mut self,
+        idx: usize,
+        seg: &'a mut [T],
+    ) -> std::result::Result<SegSlot<'a, T>, Fail>;
+    /// Makes sure segment `idx` is back in `segs` (the sender is done with it).
+    fn acquire(&mut self, segs: &mut [SegSlot<'a, T>], idx: usize)
+        -> std::result::Result<(), Fail>;
+}
+
+struct InlineOutbox<'c> {
+    ctx: &'c Ctx,
+    stream: &'c TcpStream,
+}
+
+impl<'a, T: Pod> Outbox<'a, T> for InlineOutbox<'_> {
+    fn handover(
+        &mut self,
+        _idx: usize,
+        seg: &'a mut [T],
+    ) -> std::result::Result<SegSlot<'a, T>, Fail> {
+        let bytes = as_bytes(seg);
+        write_frame(self.stream, &self.ctx.data_header(bytes.len()), bytes)
+            .map_err(|e| Fail::new(Side::Send, self.ctx.io_error(self.ctx.next, e, true)))?;
+        Ok(Some(seg))
+    }
+
+    fn acquire(
+        &mut self,
+        segs: &mut [SegSlot<'a, T>],
+        idx: usize,
+    ) -> std::result::Result<(), Fail> {
+        if segs[idx].is_some() {
+            Ok(())
+        } else {
+            Err(Fail::new(
+                Side::Local,
+                self.ctx.internal("segment missing in inline mode"),
+            ))
+        }
+    }
+}
+
+enum Item<'a, T> {
+    Data(usize, &'a mut [T]),
+    Abort(Vec<u8>),
+}
+
+struct ThreadOutbox<'a, T> {
+    ctx_op: &'static str,
+    tx: Option<mpsc::Sender<Item<'a, T>>>,
+    rx: mpsc::Receiver<(usize, &'a mut [T])>,
+}
+
+impl<T> ThreadOutbox<'_, T> {
+    fn sender_gone(&self) -> Fail {
+        Fail::new(
+            Side::Secondary,
+            CollectiveError::Internal {
+                op: self.ctx_op,
+                detail: "sender thread stopped".into(),
+            },
+        )
+    }
+}
+
+impl<'a, T: Pod> Outbox<'a, T> for ThreadOutbox<'a, T> {
+    fn handover(
+        &mut self,
+        idx: usize,
+        seg: &'a mut [T],
+    ) -> std::result::Result<SegSlot<'a, T>, Fail> {
+        match &self.tx {
+            Some(tx) if tx.send(Item::Data(idx, seg)).is_ok() => Ok(None),
+            _ => Err(self.sender_gone()),
+        }
+    }
+
+    fn acquire(
+        &mut self,
+        segs: &mut [SegSlot<'a, T>],
+        idx: usize,
+    ) -> std::result::Result<(), Fail> {
+        while segs[idx].is_none() {
+            match self.rx.recv() {
+                Ok((i, seg)) => segs[i] = Some(seg),
+                Err(_) => return Err(self.sender_gone()),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Reduce<'s, T> {
+    scratch: &'s mut Vec<T>,
+    f: fn(&mut [T], &[T]),
+}
+
+/// The receiving side of one operation, run on the calling thread.
+struct MainLoop<'a, 'c, T> {
+    ctx: &'c Ctx,
+    stream: &'c TcpStream,
+    segs: Vec<SegSlot<'a, T>>,
+    chunk_segs: Vec<Range<usize>>,
+    reduce: Option<Reduce<'c, T>>,
+}
+
+impl<'a, T: Pod> MainLoop<'a, '_, T> {
+    fn run(&mut self, plan: &Plan, out: &mut impl Outbox<'a, T>) -> std::result::Result<(), Fail> {
+        if let Some(c) = plan.first_send {
+            for i in self.chunk_segs[c].clone() {
+                let seg = self.take(i)?;
+                if let Some(back) = out.handover(i, seg)? {
+                    self.segs[i] = Some(back);
+                }
+            }
+        }
+        for step in &plan.recvs {
+            for i in self.chunk_segs[step.chunk].clone() {
+                out.acquire(&mut self.segs, i)?;
+                let seg = self.take(i)?;
+                self.recv_into(seg, step.reduce)?;
+                if step.forward {
+                    if let Some(back) = out.handover(i, seg)? {
+                        self.segs[i] = Some(back);
+                    }
+                } else {
+                    self.segs[i] = Some(seg);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, i: usize) -> std::result::Result<&'a mut [T], Fail> {
+        self.segs[i].take().ok_or_else(|| {
+            Fail::new(
+                Side::Local,
+                self.ctx
+                    .internal("segment not owned by the receiving thread"),
+            )
+        })
+    }
+
+    fn recv_into(&mut self, seg: &mut [T], reduce: bool) -> std::result::Result<(), Fail> {
+        let ctx = self.ctx;
+        ctx.read_header(self.stream, std::mem::size_of_val(seg))
+            .map_err(|err| Fail {
+                header_timeout: matches!(err, CollectiveError::Timeout { .. }),
+                ..Fail::recv(err)
+            })?;
+        let read = |buf: &mut [T]| {
+            (&*self.stream)
+                .read_exact(as_bytes_mut(buf))
+                .map_err(|e| Fail::recv(ctx.io_error(ctx.prev, e, false)))
+        };
+        if reduce {
+            let Some(red) = self.reduce.as_mut() else {
+                return Err(Fail::new(
+                    Side::Local,
+                    ctx.internal("reducing step without a reduction"),
+                ));
+            };
+            let tmp = &mut red.scratch[..seg.len()];
+            read(tmp)?;
+            (red.f)(seg, tmp);
+        } else {
+            read(seg)?;
+        }
+        Ok(())
+    }
+}
+
+const NOBODY: u8 = 0;
+const MAIN: u8 = 1;
+const SENDER: u8 = 2;
+
+fn sender_loop<'a, T: Pod>(
+    ctx: &Ctx,
+    links: &Links,
+    ready: mpsc::Receiver<Item<'a, T>>,
+    done: mpsc::Sender<(usize, &'a mut [T])>,
+    first: &AtomicU8,
+) -> Result<()> {
+    for item in ready {
+        match item {
+            Item::Data(idx, seg) => {
+                let bytes = as_bytes(seg);
+                if let Err(e) = write_frame(&links.to_next, &ctx.data_header(bytes.len()), bytes) {
+                    let err = ctx.io_error(ctx.next, e, true);
+                    if first
+                        .compare_exchange(NOBODY, SENDER, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        // Wake the receiving thread if it is blocked on the predecessor.
+                        let _ = links.from_prev.shutdown(Shutdown::Read);
+                    }
+                    return Err(err);
+                }
+                // The receiving thread may already have stopped; then nobody needs the segment.
+                let _ = done.send((idx, seg));
+            }
+            Item::Abort(payload) => {
+                ctx.write_abort(&links.to_next, &payload);
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one plan over `chunks` (index = chunk id).
+fn execute<'a, T: Pod>(
+    ctx: &Ctx,
+    links: &Links,
+    chunks: Vec<&'a mut [T]>,
+    plan: &Plan,
+    mut reduce: Option<Reduce<'_, T>>,
+) -> Result<()> {
+    let seg_elems = (ctx.segment_bytes / std::mem::size_of::<T>()).max(1);
+    let mut segs = Vec::new();
+    let mut chunk_segs = Vec::with_capacity(chunks.len());
+    let mut total_bytes = 0usize;
+    let mut largest_seg = 0usize;
+    for chunk in chunks {
+        total_bytes += std::mem::size_of_val(chunk);
+        largest_seg = largest_seg.max(chunk.len().min(seg_elems));
+        let start = segs.len();
+        segs.extend(chunk.chunks_mut(seg_elems).map(Some));
+        chunk_segs.push(start..segs.len());
+    }
+    if let Some(red) = reduce.as_mut() {
+        if red.scratch.len() < largest_seg {
+            red.scratch.resize(largest_seg, T::default());
+        }
+    }
+    let mut main = MainLoop {
+        ctx,
+        stream: &links.from_prev,
+        segs,
+        chunk_segs,
+        reduce,
+    };
+
+    if total_bytes <= INLINE_MAX_BYTES {
+        let mut out = InlineOutbox {
+            ctx,
+            stream: &links.to_next,
+        };
+        return main.run(plan, &mut out).map_err(|f| {
+            f.finish(ctx, &links.from_prev, |payload| {
+                ctx.write_abort(&links.to_next, &payload);
+            })
+        });
+    }
+
+    let first = AtomicU8::new(NOBODY);
+    let (ready_tx, ready_rx) = mpsc::channel::<Item<'a, T>>();
+    let (done_tx, done_rx) = mpsc::channel::<(usize, &'a mut [T])>();
+    std::thread::scope(|scope| {
+        let first = &first;
+        let sender = std::thread::Builder::new()
+            .name("ring-sender".into())
+            .spawn_scoped(scope, move || {
+                sender_loop(ctx, links, ready_rx, done_tx, first)
+            })
+            .map_err(|e| ctx.internal(&format!("could not start the sender thread: {e}")))?;
+        let mut out = ThreadOutbox {
+            ctx_op: ctx.op.name(),
+            tx: Some(ready_tx),
+            rx: done_rx,
+        };
+        let main_res = main.run(plan, &mut out).map_err(|f| {
+            let primary = f.side != Side::Secondary
+                && first
+                    .compare_exchange(NOBODY, MAIN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            if !primary {
+                return f.err;
+            }
+            let tx = out.tx.take();
+            let err = f.finish(ctx, &links.from_prev, |payload| {
+                if let Some(tx) = &tx {
+                    let _ = tx.send(Item::Abort(payload));
+                }
+            });
+            drop(tx);
+            // Give the sender a moment to finish its segment and deliver the abort frame, then
+            // force it out of a write that the successor is not draining.
+            let deadline = Instant::now() + ABORT_GRACE.min(ctx.timeout);
+            loop {
+                match out.rx.recv_timeout(remaining(deadline)) {
+                    Ok(_) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = links.to_next.shutdown(Shutdown::Write);
+                        break;
+                    }
+                }
+            }
+            err
+        });
+        drop(out);
+        let send_res = sender
+            .join()
+            .unwrap_or_else(|_| Err(ctx.internal("the sender thread panicked")));
+        match (main_res, send_res) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Ok(()), Err(s)) => Err(s),
+            (Err(m), Ok(())) => Err(m),
+            (Err(m), Err(s)) => {
+                if first.load(Ordering::Acquire) == SENDER {
+                    Err(s)
+                } else {
+                    Err(m)
+                }
+            }
+        }
+    })
+}
+
+impl TcpRing {
+    fn new(rank: usize, world: usize, cfg: RingConfig, state: LinkState) -> TcpRing {
+        TcpRing {
+            rank,
+            world,
+            cfg,
+            state,
+            seq: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn invalid(op: Op, detail: String) -> CollectiveError {
+        CollectiveError::InvalidArgument {
+            op: op.name(),
+            detail,
+        }
+    }
+
+    /// Starts an operation on a multi-rank ring: checks the ring is usable and numbers the op.
+    fn begin(&mut self, op: Op) -> Result<Ctx> {
+        if let LinkState::Broken(cause) = &self.state {
+            return Err(CollectiveError::Poisoned {
+                op: op.name(),
+                cause: cause.clone(),
+            });
+        }
+        self.seq = self.seq.wrapping_add(1);
+        Ok(Ctx {
+            op,
+            seq: self.seq,
+            rank: self.rank,
+            next: (self.rank + 1) % self.world,
+            prev: (self.rank + self.world - 1) % self.world,
+            timeout: self.cfg.timeout,
+            segment_bytes: self.cfg.segment_bytes,
+        })
+    }
+
+    /// Runs one plan; on failure closes the connections and marks the ring broken.
+    fn run<T: Pod>(
+        &mut self,
+        ctx: &Ctx,
+        chunks: Vec<&mut [T]>,
+        plan: &Plan,
+        reduce: Option<Reduce<'_, T>>,
+    ) -> Result<()> {
+        let res = match &self.state {
+            LinkState::Connected(links) => execute(ctx, links, chunks, plan, reduce),
+            LinkState::Broken(cause) => Err(CollectiveError::Poisoned {
+                op: ctx.op.name(),
+                cause: cause.clone(),
+            }),
+            LinkState::Single => Err(ctx.internal("no links in a single-rank ring")),
+        };
+        if let Err(e) = &res {
+            if !matches!(e, CollectiveError::Poisoned { .. }) {
+                tracing::debug!(
+                    rank = self.rank,
+                    "ring collective failed, closing the ring: {e}"
+                );
+                // Dropping the links closes both connections, so the neighbours notice promptly.
+                self.state = LinkState::Broken(e.to_string());
+            }
+        }
+        res
+    }
+
+    /// In-place sum across ranks (ring reduce-scatter + ring all-gather, pipelined in
+    /// segments). Any length is allowed, including 0 and lengths below the world size.
+    pub fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let ctx = self.begin(Op::AllReduce)?;
+        let chunks = split_sizes(buf, even_sizes(buf.len(), self.world));
+        let plan = Plan::all_reduce(self.rank, self.world);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let reduce = Reduce {
+            scratch: &mut scratch,
+            f: add_assign_f32,
+        };
+        let res = self.run(&ctx, chunks, &plan, Some(reduce));
+        self.scratch = scratch;
+        res
+    }
+
+    /// `output.len()` must equal `input.len() * world`; `output[r*len..(r+1)*len]` receives rank
+    /// r's input.
+    pub fn all_gather_f32(&mut self, input: &[f32], output: &mut [f32]) -> Result<()> {
+        let len = input.len();
+        if len.checked_mul(self.world) != Some(output.len()) {
+            return Err(Self::invalid(
+                Op::AllGather,
+                format!(
+                    "output has {} elements, expected input length {len} x world size {} ",
+                    output.len(),
+                    self.world
+                ),
+            ));
+        }
+        output[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
+        if self.world == 1 {
+            return Ok(());
+        }
+        let ctx = self.begin(Op::AllGather)?;
+        let chunks = split_sizes(output, std::iter::repeat_n(len, self.world));
+        self.run(&ctx, chunks, &Plan::all_gather(self.rank, self.world), None)
+    }
+
+    /// Variable-length byte all-gather: returns every rank's bytes (index = rank). Sizes are
+    /// exchanged first.
+    pub fn all_gather_bytes(&mut self, input: &[u8]) -> Result<Vec<Vec<u8>>> {
+        if self.world == 1 {
+            return Ok(vec![input.to_vec()]);
+        }
+        let mut ctx = self.begin(Op::AllGatherBytesSizes)?;
+        let plan = Plan::all_gather(self.rank, self.world);
+        let mut sizes = vec![0u8; 8 * self.world];
+        sizes[8 * self.rank..8 * (self.rank + 1)]
+            .copy_from_slice(&(input.len() as u64).to_le_bytes());
+        let chunks = split_sizes(&mut sizes, std::iter::repeat_n(8, self.world));
+        self.run(&ctx, chunks, &plan, None)?;
+
+        let mut out = Vec::with_capacity(self.world);
+        for (r, raw) in sizes.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(raw);
+            let size = u64::from_le_bytes(b);
+            if r == self.rank {
+                out.push(input.to_vec());
+                continue;
+            }
+            let Some(size) = usize::try_from(size)
+                .ok()
+                .filter(|s| *s <= isize::MAX as usize)
+            else {
+                let err = CollectiveError::Protocol {
+                    op: Op::AllGatherBytes.name(),
+                    rank: r,
+                    detail: format!("announced an impossible size of {size} bytes"),
+                };
+                self.state = LinkState::Broken(err.to_string());
+                return Err(err);
+            };
+            out.push(vec![0u8; size]);
+        }
+        ctx.op = Op::AllGatherBytes;
+        let chunks = out.iter_mut().map(Vec::as_mut_slice).collect();
+        self.run(&ctx, chunks, &plan, None)?;
+        Ok(out)
+    }
+
+    /// `buf` on `root` is sent to all ranks; elsewhere it is overwritten. Pipelined along the
+    /// ring `root -> root+1 -> ...` in segments. Lengths must match on all ranks.
+    pub fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.broadcast(Op::Broadcast, buf, root)
+    }
+
+    /// Byte version of [`TcpRing::broadcast_f32`]; lengths must match on all ranks.
+    pub fn broadcast_bytes(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        self.broadcast(Op::BroadcastBytes, buf, root)
+    }
+
+    fn broadcast<T: Pod>(&mut self, op: Op, buf: &mut [T], root: usize) -> Result<()> {
+        if root >= self.world {
+            return Err(Self::invalid(
+                op,
+                format!("root {root} out of range for world size {}", self.world),
+            ));
+        }
+        if self.world == 1 {
+            return Ok(());
+        }
+        let ctx = self.begin(op)?;
+        let plan = Plan::broadcast(self.rank, self.world, root);
+        self.run(&ctx, vec![buf], &plan, None)
+    }
+
+    /// Returns once every rank has entered the barrier.
+    pub fn barrier(&mut self) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let ctx = self.begin(Op::Barrier)?;
+        let mut tokens = vec![0u8; self.world];
+        let chunks = split_sizes(&mut tokens, std::iter::repeat_n(1, self.world));
+        self.run(&ctx, chunks, &Plan::all_gather(self.rank, self.world), None)
+    }
+}

@@ -1,0 +1,39 @@
+//! In-memory splits for the foundation: a split's shards are read (checksums verified) into one tensor.
+//! Streaming for sets larger than RAM replaces this behind the same batch interface.
+
+use crate::Result;
+use butler_common::manifest::Manifest;
+use butler_common::shard::read_split;
+use std::path::Path;
+use tch::Tensor;
+
+pub struct InMemorySplit {
+    /// `[n, ...sample_shape]`, f32.
+    pub x: Tensor,
+    /// `[n]`, i64.
+    pub y: Tensor,
+    pub len: u64,
+}
+
+impl InMemorySplit {
+    pub fn load(manifest_file: &Path, manifest: &Manifest, split: &str) -> Result<Self> {
+        let d = read_split(manifest_file, manifest, split)?;
+        let n = d.len() as i64;
+        let mut shape = vec![n];
+        shape.extend(manifest.sample_shape.iter().map(|&s| s as i64));
+        let x = Tensor::from_slice(&d.x).reshape(shape.as_slice());
+        let y = Tensor::from_slice(d.y.as_deref().unwrap_or(&[]));
+        Ok(InMemorySplit { x, y, len: n as u64 })
+    }
+
+    pub fn from_tensors(x: Tensor, y: Tensor) -> Self {
+        let len = x.size()[0] as u64;
+        InMemorySplit { x, y, len }
+    }
+
+    /// Gathers the samples at `indices` into a batch.
+    pub fn batch(&self, indices: &[u64]) -> (Tensor, Tensor) {
+        let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        (self.x.index_select(0, &idx), self.y.index_select(0, &idx))
+    }
+}

@@ -1,0 +1,266 @@
+//! butler's data plane: a worker process registers with the coordinator, joins the collective, and runs
+//! synchronous data-parallel training on its shard of every global batch.
+//!
+//! Architecture Invariant: training runs on one plain thread (tch `Tensor` is `Send` but not `Sync`);
+//! the async runtime only carries RPCs and the heartbeat.
+
+pub mod client;
+pub mod collective;
+pub mod data;
+pub mod ddp;
+pub mod models;
+pub mod trainer;
+
+use butler_common::config::JobConfig;
+use butler_common::fsutil;
+use butler_common::sampler::DistributedSampler;
+use butler_proto::{AssignmentRequest, FinishRequest, MetricsReport, RegisterRequest, RendezvousRequest, Stream};
+use client::{Client, Progress};
+use collective::{RingConfig, RingListener};
+use data::InMemorySplit;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, info_span, warn};
+use trainer::Trainer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Common(#[from] butler_common::Error),
+    #[error("collective: {0}")]
+    Collective(#[from] collective::CollectiveError),
+    #[error("{op}: coordinator answered {code:?}: {message}")]
+    Rpc { op: &'static str, code: tonic::Code, message: String },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("stopping: {0}")]
+    Stopped(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn rpc(op: &'static str) -> impl FnOnce(tonic::Status) -> Error {
+    move |s| Error::Rpc { op, code: s.code(), message: s.message().to_string() }
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// e.g. "http://127.0.0.1:50051".
+    pub coordinator: String,
+    pub token: String,
+    pub worker_id: String,
+    pub requested_rank: Option<u32>,
+    /// Host the other ranks use to reach this worker's ring listener (a pod IP on a cluster).
+    pub advertise_host: String,
+    /// Intra-op threads; 0 keeps libtorch's default.
+    pub threads: usize,
+    /// How long to keep trying to reach the coordinator at start.
+    pub connect_wait: Duration,
+}
+
+/// What a finished worker knows.
+#[derive(Clone, Debug)]
+pub struct WorkerReport {
+    pub rank: u32,
+    pub world_size: u32,
+    pub test_accuracy: f64,
+}
+
+/// Runs one worker to the end of the job. Blocking; call from `main`, not from an async task.
+pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Setup(format!("cannot start the async runtime: {e}")))?;
+    let mut client = rt.block_on(client::connect(&opts.coordinator, &opts.token, opts.connect_wait)).map_err(Error::Setup)?;
+    let reg = rt
+        .block_on(client.register(RegisterRequest {
+            worker_id: opts.worker_id.clone(),
+            requested_rank: opts.requested_rank.map_or(-1, |r| r as i32),
+        }))
+        .map_err(rpc("register"))?
+        .into_inner();
+    let cfg = JobConfig::from_toml(&reg.job_toml, Path::new("<job spec from the coordinator>"))?;
+    let span = info_span!("worker", rank = reg.rank, generation = reg.generation);
+    let _enter = span.enter();
+    info!(world_size = reg.world_size, worker = %opts.worker_id, "registered");
+
+    let threads = if opts.threads > 0 { opts.threads } else { cfg.train.threads };
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+
+    let progress = Arc::new(Progress::default());
+    let heartbeat = rt.spawn(client::heartbeat_loop(
+        client.clone(),
+        reg.rank,
+        reg.generation,
+        Duration::from_millis(reg.heartbeat_interval_ms.max(10)),
+        Duration::from_millis(cfg.cluster.heartbeat_timeout_ms),
+        progress.clone(),
+    ));
+    let ctx = Ctx { rt: &rt, client: client.clone(), rank: reg.rank, world: reg.world_size, generation: reg.generation, progress, run_dir: PathBuf::from(&reg.run_dir) };
+    let result = train(&ctx, &cfg, &opts);
+    heartbeat.abort();
+    let finish = match &result {
+        Ok((acc, loss, ckpt)) => FinishRequest {
+            rank: reg.rank,
+            generation: reg.generation,
+            ok: true,
+            error: String::new(),
+            test_accuracy: Some(*acc),
+            test_loss: Some(*loss),
+            checkpoint: ckpt.clone(),
+        },
+        Err(e) => FinishRequest { rank: reg.rank, generation: reg.generation, ok: false, error: e.to_string(), ..Default::default() },
+    };
+    // Best effort when failing: the coordinator may itself be gone.
+    let sent = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await });
+    match (&result, sent) {
+        (Ok(_), Ok(Err(s))) => return Err(rpc("finish")(s)),
+        (Ok(_), Err(_)) => return Err(Error::Setup("finish: the coordinator did not answer within 10s".into())),
+        _ => {}
+    }
+    let (acc, _, _) = result?;
+    Ok(WorkerReport { rank: reg.rank, world_size: reg.world_size, test_accuracy: acc })
+}
+
+struct Ctx<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: Client,
+    rank: u32,
+    world: u32,
+    generation: u64,
+    progress: Arc<Progress>,
+    run_dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn check_stop(&self) -> Result<()> {
+        match self.progress.stop_reason() {
+            Some(why) => Err(Error::Stopped(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Joins the TCP ring: bind, publish the address through the coordinator, connect to the neighbours.
+fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collective::TcpRing> {
+    let ip: IpAddr = if advertise_host == "localhost" { IpAddr::from([127, 0, 0, 1]) } else { advertise_host.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])) };
+    let bind_ip = if ip.is_loopback() { ip } else { IpAddr::from([0, 0, 0, 0]) };
+    let listener = RingListener::bind(SocketAddr::new(bind_ip, 0))?;
+    let endpoint = format!("{advertise_host}:{}", listener.local_addr().port());
+    let resp = ctx
+        .rt
+        .block_on(ctx.client.clone().rendezvous(RendezvousRequest { rank: ctx.rank, generation: ctx.generation, endpoint: endpoint.into_bytes() }))
+        .map_err(rpc("rendezvous"))?
+        .into_inner();
+    let peers = resp
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(r, e)| {
+            let s = String::from_utf8_lossy(e);
+            s.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| Error::Setup(format!("rendezvous: rank {r} published an unusable endpoint {s:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ring_cfg = RingConfig { timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms), generation: ctx.generation, ..Default::default() };
+    Ok(listener.connect(ctx.rank as usize, &peers, ring_cfg)?)
+}
+
+/// The training job proper; returns (test accuracy, test loss, checkpoint path relative to the run dir).
+fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
+    cfg.validate_world(ctx.world)?;
+    let (manifest, manifest_file) = cfg.check_data()?;
+    let train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
+    let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
+    let mut ring = join_ring(ctx, cfg, &opts.advertise_host)?;
+    info!(train = train_set.len, test = test_set.len, "data loaded; ring connected");
+
+    let per_rank_batch = cfg.train.batch_size / ctx.world as usize;
+    let per_rank_samples = train_set.len.div_ceil(ctx.world as u64);
+    let steps_per_epoch = per_rank_samples.div_ceil(per_rank_batch as u64);
+    let mut trainer = Trainer::new(cfg, &manifest.sample_shape, manifest.num_classes(), cfg.job.seed, steps_per_epoch * cfg.train.epochs)?;
+    trainer.broadcast_parameters(&mut ring)?;
+
+    let mut last_eval = None;
+    for epoch in 0.. {
+        ctx.progress.epoch.store(epoch, Ordering::Relaxed);
+        let a = ctx
+            .rt
+            .block_on(ctx.client.clone().get_assignment(AssignmentRequest { rank: ctx.rank, generation: ctx.generation, epoch, stream: Stream::Labeled as i32 }))
+            .map_err(rpc("get_assignment"))?
+            .into_inner();
+        if !a.has_epoch {
+            break;
+        }
+        let sampler = DistributedSampler { dataset_len: a.dataset_len, seed: a.seed, epoch: a.epoch, shuffle: a.shuffle, world_size: a.world_size, rank: a.rank };
+        let indices = sampler.indices_from(a.cursor);
+        let t0 = Instant::now();
+        let (mut loss_sum, mut seen) = (0.0, 0u64);
+        let lr = trainer.learning_rate();
+        for batch in indices.chunks(per_rank_batch) {
+            ctx.check_stop()?;
+            let (x, y) = train_set.batch(batch);
+            let loss = trainer.step(&x, &y, &mut ring)?;
+            if !loss.is_finite() {
+                return Err(Error::Setup(format!("training diverged: loss is {loss} at epoch {epoch} step {}", trainer.steps_taken())));
+            }
+            loss_sum += loss * batch.len() as f64;
+            seen += batch.len() as u64;
+            ctx.progress.step.store(trainer.steps_taken(), Ordering::Relaxed);
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let last = epoch + 1 == cfg.train.epochs;
+        let eval = if last || (epoch + 1) % cfg.train.eval_every == 0 {
+            let e = trainer.evaluate(&test_set.x, &test_set.y, &mut ring, 1000)?;
+            last_eval = Some(e);
+            Some(e)
+        } else {
+            None
+        };
+        let report = MetricsReport {
+            rank: ctx.rank,
+            generation: ctx.generation,
+            epoch,
+            step: trainer.steps_taken(),
+            train_loss: if seen > 0 { loss_sum / seen as f64 } else { 0.0 },
+            train_samples: seen,
+            train_seconds: seconds,
+            learning_rate: lr,
+            test_accuracy: eval.filter(|_| ctx.rank == 0).map(|e| e.accuracy),
+            test_loss: eval.filter(|_| ctx.rank == 0).map(|e| e.loss),
+        };
+        ctx.rt.block_on(ctx.client.clone().report_metrics(report)).map_err(rpc("report_metrics"))?;
+    }
+    let eval = last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))?;
+    let checkpoint = if ctx.rank == 0 { save_checkpoint(&trainer, &ctx.run_dir)? } else { String::new() };
+    // Nobody reports success before rank 0's checkpoint is on disk.
+    ring.barrier()?;
+    info!(test_accuracy = eval.accuracy, "training finished");
+    Ok((eval.accuracy, eval.loss, checkpoint))
+}
+
+fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<String> {
+    let rel = "checkpoints/final.safetensors";
+    let path = run_dir.join(rel);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| butler_common::Error::io(dir, e))?;
+    }
+    fsutil::write_atomic_with(&path, |tmp| {
+        trainer.vs.save(tmp).map_err(|e| butler_common::Error::invalid(format!("checkpoint {}", tmp.display()), e.to_string()))
+    })?;
+    if let Err(e) = fsutil::sync_parent(&path) {
+        warn!(error = %e, "cannot fsync checkpoint directory");
+    }
+    Ok(rel.to_string())
+}

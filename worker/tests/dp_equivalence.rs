@@ -1,0 +1,119 @@
+//! Data-parallel training equals single-process training: W workers with per-worker batch B/W reach the
+//! same parameters as 1 worker with batch B after 20 steps on the same data order.
+
+use butler_common::config::JobConfig;
+use butler_common::sampler::DistributedSampler;
+use butler_worker::collective::{RingConfig, RingListener, TcpRing};
+use butler_worker::data::InMemorySplit;
+use butler_worker::trainer::Trainer;
+use std::path::Path;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+const STEPS: usize = 20;
+
+/// libtorch's RNG is process-global and the test harness runs tests on parallel threads: seeded
+/// construction happens under this lock so that each test's draws are its own.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const GLOBAL_BATCH: usize = 48;
+
+fn config(optim: &str) -> JobConfig {
+    let text = format!(
+        "[job]\nname='dp'\nseed=3\n[data]\nmanifest='unused'\n[model]\nkind='conv_base'\nchannels=8\n\
+         [optim]\n{optim}\n[schedule]\nkind='cosine'\nwarmup_steps=3\n[train]\nepochs=1\nbatch_size={GLOBAL_BATCH}\nlabel_smoothing=0.1\n\
+         [cluster]\nbucket_mb=0.01\n"
+    );
+    JobConfig::from_toml(&text, Path::new("dp.toml")).unwrap()
+}
+
+fn data() -> InMemorySplit {
+    tch::manual_seed(11);
+    let n = (GLOBAL_BATCH * STEPS) as i64;
+    InMemorySplit::from_tensors(Tensor::randn([n, 40], (Kind::Float, Device::Cpu)), Tensor::randint(10, [n], (Kind::Int64, Device::Cpu)))
+}
+
+fn rings(world: usize) -> Vec<TcpRing> {
+    let listeners: Vec<_> = (0..world).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || {
+                l.connect(rank, &peers, RingConfig { timeout: Duration::from_secs(20), ..Default::default() }).unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Trains `world` replicas for STEPS steps and returns every replica's final parameters.
+fn train(world: usize, optim: &str) -> Vec<Vec<f32>> {
+    let cfg = config(optim);
+    let guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
+    let data = data();
+    let n = data.len;
+    // Replicas are built one after another: libtorch's seed is process-global. Ranks > 0 get deliberately
+    // different initial parameters, which the broadcast from rank 0 must overwrite.
+    let trainers: Vec<Trainer> = (0..world)
+        .map(|rank| Trainer::new(&cfg, &[40], 10, cfg.job.seed + rank as u64 * 1000, STEPS as u64).unwrap())
+        .collect();
+    drop(guard);
+    let per_rank = GLOBAL_BATCH / world;
+    let handles: Vec<_> = trainers
+        .into_iter()
+        .zip(rings(world))
+        .enumerate()
+        .map(|(rank, (mut trainer, mut ring))| {
+            let (x, y) = (data.x.shallow_clone(), data.y.shallow_clone());
+            std::thread::spawn(move || {
+                let split = InMemorySplit::from_tensors(x, y);
+                trainer.broadcast_parameters(&mut ring).unwrap();
+                let sampler = DistributedSampler { dataset_len: n, seed: 5, epoch: 0, shuffle: true, world_size: world as u32, rank: rank as u32 };
+                let indices = sampler.indices();
+                for batch in indices.chunks(per_rank).take(STEPS) {
+                    let (xb, yb) = split.batch(batch);
+                    trainer.step(&xb, &yb, &mut ring).unwrap();
+                }
+                trainer.flat_parameters()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn check(optim: &str, world: usize) {
+    let single = train(1, optim).remove(0);
+    let replicas = train(world, optim);
+    let initial = {
+        let _guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
+        let cfg = config(optim);
+        Trainer::new(&cfg, &[40], 10, cfg.job.seed, 1).unwrap().flat_parameters()
+    };
+    assert!(max_abs_diff(&single, &initial) > 1e-3, "training did not move the parameters; the test would prove nothing");
+    for (rank, p) in replicas.iter().enumerate() {
+        let d = max_abs_diff(&single, p);
+        assert!(d <= 1e-5, "{optim}: rank {rank} of {world} differs from single-process training by {d}");
+    }
+}
+
+#[test]
+fn two_workers_equal_one_with_sgd() {
+    check("kind='sgd'\nlr=0.05\nmomentum=0.9\nnesterov=true\nweight_decay=0.001", 2);
+}
+
+#[test]
+fn three_workers_equal_one_with_sgd() {
+    check("kind='sgd'\nlr=0.05\nmomentum=0.9", 3);
+}
+
+#[test]
+fn two_workers_equal_one_with_adamw() {
+    check("kind='adamw'\nlr=0.003\nweight_decay=0.01", 2);
+}
