@@ -53,8 +53,22 @@ fn allreduce_launch(a: &AllreduceArgs) -> Result<()> {
     let children: Vec<_> = (0..a.world)
         .map(|rank| {
             Command::new(&exe)
-                .args(["bench", "allreduce", "--world", &a.world.to_string(), "--bytes", &a.bytes.to_string()])
-                .args(["--iters", &a.iters.to_string(), "--warmup", &a.warmup.to_string(), "--rank", &rank.to_string()])
+                .args([
+                    "bench",
+                    "allreduce",
+                    "--world",
+                    &a.world.to_string(),
+                    "--bytes",
+                    &a.bytes.to_string(),
+                ])
+                .args([
+                    "--iters",
+                    &a.iters.to_string(),
+                    "--warmup",
+                    &a.warmup.to_string(),
+                    "--rank",
+                    &rank.to_string(),
+                ])
                 .arg("--dir")
                 .arg(&dir)
                 .spawn()

@@ -2,7 +2,9 @@
 //! existing datasets.
 
 use anyhow::{bail, Context, Result};
-use butler_common::manifest::{Manifest, ShardEntry, Split, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION};
+use butler_common::manifest::{
+    Manifest, ShardEntry, Split, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
+};
 use butler_common::shard::{read_shard, write_shard, ShardData};
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -50,7 +52,12 @@ impl Dataset {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Prepare { dataset, out, shard_size, python } => {
+        DataCommand::Prepare {
+            dataset,
+            out,
+            shard_size,
+            python,
+        } => {
             let out = out.unwrap_or_else(|| PathBuf::from("data").join(dataset.name()));
             prepare(dataset, &out, shard_size, python)
         }
@@ -70,11 +77,18 @@ fn prepare(dataset: Dataset, out: &Path, shard_size: usize, python: Option<PathB
         bail!("--shard-size must be at least 1");
     }
     let python = find_python(python);
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     // Everything is built in a sibling directory and swapped in at the end: an interrupted prepare
     // leaves the previous dataset (or nothing), never a half-written one.
-    let staging = parent.join(format!(".staging-{}-{}", dataset.name(), std::process::id()));
+    let staging = parent.join(format!(
+        ".staging-{}-{}",
+        dataset.name(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;
     let result = build(dataset, &staging, shard_size, &python);
@@ -84,9 +98,11 @@ fn prepare(dataset: Dataset, out: &Path, shard_size: usize, python: Option<PathB
     }
     let old = parent.join(format!(".old-{}-{}", dataset.name(), std::process::id()));
     if out.exists() {
-        std::fs::rename(out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
+        std::fs::rename(out, &old)
+            .with_context(|| format!("moving the previous {} aside", out.display()))?;
     }
-    std::fs::rename(&staging, out).with_context(|| format!("moving the new dataset into {}", out.display()))?;
+    std::fs::rename(&staging, out)
+        .with_context(|| format!("moving the new dataset into {}", out.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     println!("wrote {}", out.join(MANIFEST_FILE).display());
     inspect(out)
@@ -102,14 +118,22 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
         .status()
         .with_context(|| format!("running {} (set --python or BUTLER_PYTHON to a python with the generator packages; scripts/setup-python.sh makes one)", python.display()))?;
     if !status.success() {
-        bail!("the {} generator failed ({status}); see its output above", dataset.name());
+        bail!(
+            "the {} generator failed ({status}); see its output above",
+            dataset.name()
+        );
     }
     let bytes = std::fs::read(&raw).with_context(|| format!("reading {}", raw.display()))?;
-    let st = SafeTensors::deserialize(&bytes).context("the generator wrote an invalid safetensors file")?;
-    let meta = SafeTensors::read_metadata(&bytes).context("reading generator metadata")?.1;
+    let st = SafeTensors::deserialize(&bytes)
+        .context("the generator wrote an invalid safetensors file")?;
+    let meta = SafeTensors::read_metadata(&bytes)
+        .context("reading generator metadata")?
+        .1;
     let meta = meta.metadata().clone().unwrap_or_default();
-    let classes: Vec<String> = serde_json::from_str(meta.get("classes").map(String::as_str).unwrap_or("[]"))?;
-    let source: BTreeMap<String, String> = serde_json::from_str(meta.get("source").map(String::as_str).unwrap_or("{}"))?;
+    let classes: Vec<String> =
+        serde_json::from_str(meta.get("classes").map(String::as_str).unwrap_or("[]"))?;
+    let source: BTreeMap<String, String> =
+        serde_json::from_str(meta.get("source").map(String::as_str).unwrap_or("{}"))?;
 
     let mut splits = BTreeMap::new();
     let mut sample_shape = Vec::new();
@@ -118,13 +142,25 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
         let x = st.tensor(&format!("x_{split}"))?;
         let y = st.tensor(&format!("y_{split}"))?;
         if x.dtype() != Dtype::F32 || y.dtype() != Dtype::I64 {
-            bail!("generator wrote x_{split} as {:?} and y_{split} as {:?}, expected F32 and I64", x.dtype(), y.dtype());
+            bail!(
+                "generator wrote x_{split} as {:?} and y_{split} as {:?}, expected F32 and I64",
+                x.dtype(),
+                y.dtype()
+            );
         }
         let n = x.shape()[0];
         sample_shape = x.shape()[1..].to_vec();
         let numel: usize = sample_shape.iter().product();
-        let xs: Vec<f32> = x.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        let ys: Vec<i64> = y.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let xs: Vec<f32> = x
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        let ys: Vec<i64> = y
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         let mut shards = Vec::new();
         for (k, start) in (0..n).step_by(shard_size).enumerate() {
             let end = (start + shard_size).min(n);
@@ -135,10 +171,22 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
                 ids: (next_id + start as u64..next_id + end as u64).collect(),
             };
             let sha256 = write_shard(&dir.join(&name), &sample_shape, &data)?;
-            shards.push(ShardEntry { path: name, num_samples: (end - start) as u64, sha256, first_id: next_id + start as u64 });
+            shards.push(ShardEntry {
+                path: name,
+                num_samples: (end - start) as u64,
+                sha256,
+                first_id: next_id + start as u64,
+            });
         }
         next_id += n as u64;
-        splits.insert(split.to_string(), Split { num_samples: n as u64, labeled: true, shards });
+        splits.insert(
+            split.to_string(),
+            Split {
+                num_samples: n as u64,
+                labeled: true,
+                shards,
+            },
+        );
     }
     std::fs::remove_file(&raw)?;
     let manifest = Manifest {
@@ -152,14 +200,23 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
         source,
     };
     manifest.validate(&dir.join(MANIFEST_FILE))?;
-    butler_common::fsutil::write_atomic(&dir.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    butler_common::fsutil::write_atomic(
+        &dir.join(MANIFEST_FILE),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     Ok(())
 }
 
 fn inspect(path: &Path) -> Result<()> {
     let (m, file) = Manifest::load(path)?;
     let dir = file.parent().unwrap_or(Path::new("."));
-    println!("dataset {:?}: sample shape {:?} {}, {} classes", m.name, m.sample_shape, m.dtype, m.num_classes());
+    println!(
+        "dataset {:?}: sample shape {:?} {}, {} classes",
+        m.name,
+        m.sample_shape,
+        m.dtype,
+        m.num_classes()
+    );
     for (name, split) in &m.splits {
         let mut counts = vec![0u64; m.num_classes()];
         for entry in &split.shards {
@@ -172,8 +229,16 @@ fn inspect(path: &Path) -> Result<()> {
             "  {name}: {} samples in {} shards, {}, checksums ok{}",
             split.num_samples,
             split.shards.len(),
-            if split.labeled { "labeled" } else { "unlabeled" },
-            if split.labeled { format!(", per class {counts:?}") } else { String::new() }
+            if split.labeled {
+                "labeled"
+            } else {
+                "unlabeled"
+            },
+            if split.labeled {
+                format!(", per class {counts:?}")
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())

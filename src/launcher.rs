@@ -37,7 +37,14 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn spawn(name: &str, exe: &Path, args: &[String], log: PathBuf, token: &str, threads: usize) -> Result<Proc> {
+fn spawn(
+    name: &str,
+    exe: &Path,
+    args: &[String],
+    log: PathBuf,
+    token: &str,
+    threads: usize,
+) -> Result<Proc> {
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let child = Command::new(exe)
@@ -50,7 +57,11 @@ fn spawn(name: &str, exe: &Path, args: &[String], log: PathBuf, token: &str, thr
         .stderr(err)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    Ok(Proc { name: name.to_string(), child, log })
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        log,
+    })
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -58,13 +69,18 @@ pub fn run(args: RunArgs) -> Result<()> {
     let cfg = JobConfig::load(&args.config)?;
     cfg.validate_world(args.workers)?;
     cfg.check_data()?;
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.job.name));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.job.name));
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let addr_file = out.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads.unwrap_or((cores / args.workers as usize).max(1));
+    let threads = args
+        .threads
+        .unwrap_or((cores / args.workers as usize).max(1));
     let token = format!("{:032x}", rand::random::<u128>());
     let exe = std::env::current_exe().context("locating the butler binary")?;
 
@@ -88,7 +104,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         &token,
         1,
     )?];
-    let result = supervise(&args, &cfg, &exe, &token, threads, &out, &addr_file, &mut procs);
+    let result = supervise(
+        &args, &cfg, &exe, &token, threads, &out, &addr_file, &mut procs,
+    );
     for p in &mut procs {
         let _ = p.child.kill();
         let _ = p.child.wait();
@@ -97,17 +115,32 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn supervise(args: &RunArgs, cfg: &JobConfig, exe: &Path, token: &str, threads: usize, out: &Path, addr_file: &Path, procs: &mut Vec<Proc>) -> Result<()> {
+fn supervise(
+    args: &RunArgs,
+    cfg: &JobConfig,
+    exe: &Path,
+    token: &str,
+    threads: usize,
+    out: &Path,
+    addr_file: &Path,
+    procs: &mut Vec<Proc>,
+) -> Result<()> {
     let start = Instant::now();
     let addr = loop {
         if let Ok(a) = std::fs::read_to_string(addr_file) {
             break a;
         }
         if let Some(status) = procs[0].child.try_wait()? {
-            bail!("the coordinator exited ({status}) before listening:\n{}", tail(&procs[0].log, 20));
+            bail!(
+                "the coordinator exited ({status}) before listening:\n{}",
+                tail(&procs[0].log, 20)
+            );
         }
         if start.elapsed() > Duration::from_secs(30) {
-            bail!("the coordinator did not start listening within 30s; see {}", procs[0].log.display());
+            bail!(
+                "the coordinator did not start listening within 30s; see {}",
+                procs[0].log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -136,8 +169,10 @@ fn supervise(args: &RunArgs, cfg: &JobConfig, exe: &Path, token: &str, threads: 
 
     let bar = ProgressBar::new(cfg.train.epochs);
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} epoch {pos}/{len} {msg}")
-            .expect("the template is valid"),
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {bar:30} epoch {pos}/{len} {msg}",
+        )
+        .expect("the template is valid"),
     );
     bar.set_prefix(format!("{} ×{}", cfg.job.name, args.workers));
     let metrics = out.join("metrics.jsonl");
@@ -154,7 +189,12 @@ fn supervise(args: &RunArgs, cfg: &JobConfig, exe: &Path, token: &str, threads: 
                     bar.abandon();
                     // Let the others notice and log their side before they are stopped.
                     std::thread::sleep(Duration::from_millis(500));
-                    bail!("{} failed ({status}); last lines of {}:\n{}", p.name, p.log.display(), tail(&p.log, 15));
+                    bail!(
+                        "{} failed ({status}); last lines of {}:\n{}",
+                        p.name,
+                        p.log.display(),
+                        tail(&p.log, 15)
+                    );
                 }
             }
         }
@@ -166,7 +206,12 @@ fn supervise(args: &RunArgs, cfg: &JobConfig, exe: &Path, token: &str, threads: 
     update_progress(&bar, &metrics);
     bar.finish();
     let summary_path = out.join("summary.json");
-    let text = std::fs::read_to_string(&summary_path).with_context(|| format!("every process exited cleanly but {} is missing", summary_path.display()))?;
+    let text = std::fs::read_to_string(&summary_path).with_context(|| {
+        format!(
+            "every process exited cleanly but {} is missing",
+            summary_path.display()
+        )
+    })?;
     let s: serde_json::Value = serde_json::from_str(&text)?;
     println!(
         "{}: test accuracy {:.4}, {} workers, {:.0} samples/s, {:.1}s wall — {}",
@@ -181,11 +226,22 @@ fn supervise(args: &RunArgs, cfg: &JobConfig, exe: &Path, token: &str, threads: 
 }
 
 fn update_progress(bar: &ProgressBar, metrics: &Path) {
-    let Ok(text) = std::fs::read_to_string(metrics) else { return };
+    let Ok(text) = std::fs::read_to_string(metrics) else {
+        return;
+    };
     let lines: Vec<&str> = text.lines().collect();
-    if let Some(last) = lines.last().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+    if let Some(last) = lines
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
         bar.set_position(lines.len() as u64);
-        let acc = last["test_accuracy"].as_f64().map(|a| format!(" test acc {a:.4}")).unwrap_or_default();
-        bar.set_message(format!("loss {:.4}{acc}", last["train_loss"].as_f64().unwrap_or(f64::NAN)));
+        let acc = last["test_accuracy"]
+            .as_f64()
+            .map(|a| format!(" test acc {a:.4}"))
+            .unwrap_or_default();
+        bar.set_message(format!(
+            "loss {:.4}{acc}",
+            last["train_loss"].as_f64().unwrap_or(f64::NAN)
+        ));
     }
 }

@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "butler", version, about = "Data-regularized training across many workers")]
+#[command(
+    name = "butler",
+    version,
+    about = "Data-regularized training across many workers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,7 +85,11 @@ struct WorkerArgs {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BUTLER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 fn main() {
@@ -135,7 +143,11 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
     }))?;
     match outcome {
         butler_coordinator::Outcome::Succeeded(s) => {
-            tracing::info!(test_accuracy = s.test_accuracy, wall_seconds = s.wall_seconds, "done");
+            tracing::info!(
+                test_accuracy = s.test_accuracy,
+                wall_seconds = s.wall_seconds,
+                "done"
+            );
             Ok(())
         }
         butler_coordinator::Outcome::Failed(why) => anyhow::bail!("job failed: {why}"),
@@ -144,7 +156,9 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
 
 fn worker(args: WorkerArgs) -> Result<()> {
     let worker_id = args.worker_id.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into());
         format!("{host}:{}", std::process::id())
     });
     let report = butler_worker::run(butler_worker::WorkerOptions {
@@ -156,6 +170,10 @@ fn worker(args: WorkerArgs) -> Result<()> {
         threads: args.threads,
         connect_wait: Duration::from_secs(args.connect_wait_s),
     })?;
-    tracing::info!(rank = report.rank, test_accuracy = report.test_accuracy, "worker done");
+    tracing::info!(
+        rank = report.rank,
+        test_accuracy = report.test_accuracy,
+        "worker done"
+    );
     Ok(())
 }

@@ -26,7 +26,10 @@ fn unknown_config_key_is_named() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("learnig_rate") && e.contains("job.toml"), "{e}");
-    assert!(!out.exists(), "a rejected job must not create its run directory");
+    assert!(
+        !out.exists(),
+        "a rejected job must not create its run directory"
+    );
 }
 
 #[test]
@@ -36,7 +39,11 @@ fn missing_config_key_is_named() {
     let cfg = write(dir.path(), "job.toml", &text);
     let o = run_job(&cfg, &dir.path().join("run"), 1);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("missing field `batch_size`"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("missing field `batch_size`"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -50,7 +57,10 @@ fn manifest_pointing_to_a_missing_shard_names_the_file() {
     let o = run_job(&cfg, &out, 2);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("train-00002.safetensors") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("train-00002.safetensors") && e.contains("missing"),
+        "{e}"
+    );
     assert!(!out.join("summary.json").exists());
 }
 
@@ -64,12 +74,22 @@ fn corrupt_shard_names_the_file_and_fails_the_job() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
     std::fs::write(&shard, bytes).unwrap();
-    let cfg = write(dir.path(), "job.toml", &small_config(&data, "heartbeat_timeout_ms = 5000\ncollective_timeout_ms = 5000"));
+    let cfg = write(
+        dir.path(),
+        "job.toml",
+        &small_config(
+            &data,
+            "heartbeat_timeout_ms = 5000\ncollective_timeout_ms = 5000",
+        ),
+    );
     let out = dir.path().join("run");
     let o = run_job(&cfg, &out, 2);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("train-00001.safetensors") && e.contains("checksum mismatch"), "{e}");
+    assert!(
+        e.contains("train-00001.safetensors") && e.contains("checksum mismatch"),
+        "{e}"
+    );
     assert!(!out.join("summary.json").exists());
 }
 
@@ -83,7 +103,10 @@ fn model_data_shape_mismatch_is_rejected() {
     let e = stderr(&o);
     assert!(e.contains("conv_base") && e.contains("[1, 8, 8]"), "{e}");
 
-    let text = small_config(&mnist1d(), "").replace("kind = \"conv_base\"", "kind = \"mlp\"\nhidden = [16]\ninput_dim = 64");
+    let text = small_config(&mnist1d(), "").replace(
+        "kind = \"conv_base\"",
+        "kind = \"mlp\"\nhidden = [16]\ninput_dim = 64",
+    );
     let cfg = write(dir.path(), "job2.toml", &text);
     let o = run_job(&cfg, &dir.path().join("run2"), 1);
     assert!(!o.status.success());
@@ -107,7 +130,11 @@ fn wait_for_file(path: &std::path::Path, limit: Duration) -> String {
                 return s;
             }
         }
-        assert!(t0.elapsed() < limit, "{} did not appear within {limit:?}", path.display());
+        assert!(
+            t0.elapsed() < limit,
+            "{} did not appear within {limit:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -115,10 +142,21 @@ fn wait_for_file(path: &std::path::Path, limit: Duration) -> String {
 #[test]
 fn worker_with_wrong_token_is_rejected_and_logged() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(dir.path(), "job.toml", &small_config(&mnist1d(), "rendezvous_timeout_ms = 30000"));
+    let cfg = write(
+        dir.path(),
+        "job.toml",
+        &small_config(&mnist1d(), "rendezvous_timeout_ms = 30000"),
+    );
     let addr_file = dir.path().join("addr");
     let mut coord = butler()
-        .args(["coordinator", "--world-size", "1", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "coordinator",
+            "--world-size",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&cfg)
         .arg("--run-dir")
         .arg(dir.path().join("run"))
@@ -130,18 +168,35 @@ fn worker_with_wrong_token_is_rejected_and_logged() {
         .unwrap();
     let addr = wait_for_file(&addr_file, Duration::from_secs(30));
     let o = butler()
-        .args(["worker", "--coordinator", &format!("http://{addr}"), "--connect-wait-s", "5"])
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://{addr}"),
+            "--connect-wait-s",
+            "5",
+        ])
         .env("BUTLER_TOKEN", "wrong-token")
         .output()
         .unwrap();
     coord.kill().unwrap();
     coord.wait().unwrap();
     let mut coord_log = String::new();
-    coord.stderr.take().unwrap().read_to_string(&mut coord_log).unwrap();
+    coord
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut coord_log)
+        .unwrap();
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("Unauthenticated") && e.contains("token"), "worker said: {e}");
-    assert!(coord_log.contains("rejected RPC"), "coordinator log: {coord_log}");
+    assert!(
+        e.contains("Unauthenticated") && e.contains("token"),
+        "worker said: {e}"
+    );
+    assert!(
+        coord_log.contains("rejected RPC"),
+        "coordinator log: {coord_log}"
+    );
 }
 
 /// A worker killed mid-training: its peer fails with an error naming the dead rank (collective timeout or
@@ -149,13 +204,23 @@ fn worker_with_wrong_token_is_rejected_and_logged() {
 #[test]
 fn killed_worker_fails_the_job_without_hanging() {
     let dir = tempfile::tempdir().unwrap();
-    let text = small_config(&mnist1d(), "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\ncollective_timeout_ms = 3000")
-        .replace("epochs = 2", "epochs = 500");
+    let text = small_config(
+        &mnist1d(),
+        "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\ncollective_timeout_ms = 3000",
+    )
+    .replace("epochs = 2", "epochs = 500");
     let cfg = write(dir.path(), "job.toml", &text);
     let run = dir.path().join("run");
     let addr_file = dir.path().join("addr");
     let mut coord = butler()
-        .args(["coordinator", "--world-size", "2", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "coordinator",
+            "--world-size",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&cfg)
         .arg("--run-dir")
         .arg(&run)
@@ -168,7 +233,15 @@ fn killed_worker_fails_the_job_without_hanging() {
     let addr = wait_for_file(&addr_file, Duration::from_secs(30));
     let worker = |rank: u32| {
         butler()
-            .args(["worker", "--coordinator", &format!("http://{addr}"), "--rank", &rank.to_string(), "--threads", "1"])
+            .args([
+                "worker",
+                "--coordinator",
+                &format!("http://{addr}"),
+                "--rank",
+                &rank.to_string(),
+                "--threads",
+                "1",
+            ])
             .env("BUTLER_TOKEN", "t")
             .stderr(Stdio::piped())
             .spawn()
@@ -186,7 +259,13 @@ fn killed_worker_fails_the_job_without_hanging() {
     let mut log0 = String::new();
     w0.stderr.take().unwrap().read_to_string(&mut log0).unwrap();
     assert!(!status0.success() && !coord_status.success());
-    assert!(log0.contains("rank 1"), "worker 0 should name the dead rank: {log0}");
-    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?} to notice a dead peer");
+    assert!(
+        log0.contains("rank 1"),
+        "worker 0 should name the dead rank: {log0}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "took {elapsed:?} to notice a dead peer"
+    );
     assert!(!run.join("summary.json").exists());
 }

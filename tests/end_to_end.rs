@@ -9,14 +9,34 @@ fn mnist1d_supervised_two_workers_reaches_94_percent() {
     mnist1d();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = butler().args(["run", "examples/mnist1d-supervised.toml", "--workers", "2", "--out"]).arg(&out).output().unwrap();
+    let o = butler()
+        .args([
+            "run",
+            "examples/mnist1d-supervised.toml",
+            "--workers",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "butler run failed: {}", stderr(&o));
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let acc = s["test_accuracy"].as_f64().unwrap();
     assert_eq!(s["world_size"], 2);
     assert!(s["samples_per_second"].as_f64().unwrap() > 0.0);
     assert!(s["wall_seconds"].as_f64().unwrap() > 0.0);
-    assert_eq!(s["history"].as_array().unwrap().len() as u64, s["epochs"].as_u64().unwrap());
-    assert!(out.join(s["checkpoint"].as_str().unwrap()).is_file(), "rank 0's checkpoint is missing");
-    assert!(acc >= 0.94, "test accuracy {acc} is below the paper's CNN (0.94)");
+    assert_eq!(
+        s["history"].as_array().unwrap().len() as u64,
+        s["epochs"].as_u64().unwrap()
+    );
+    assert!(
+        out.join(s["checkpoint"].as_str().unwrap()).is_file(),
+        "rank 0's checkpoint is missing"
+    );
+    assert!(
+        acc >= 0.94,
+        "test accuracy {acc} is below the paper's CNN (0.94)"
+    );
 }

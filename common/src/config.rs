@@ -75,7 +75,9 @@ fn default_channels() -> usize {
 
 /// Output length of a conv1d layer.
 pub fn conv1d_out_len(len: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
-    (len + 2 * padding).checked_sub(kernel).map(|v| v / stride + 1)
+    (len + 2 * padding)
+        .checked_sub(kernel)
+        .map(|v| v / stride + 1)
 }
 
 impl ModelConfig {
@@ -88,7 +90,8 @@ impl ModelConfig {
 
     /// Checks that this model can consume samples of `sample_shape`; the error says what each side has.
     pub fn check_input(&self, sample_shape: &[usize]) -> Result<()> {
-        let mismatch = |message: String| Error::invalid(format!("model {} vs data", self.kind()), message);
+        let mismatch =
+            |message: String| Error::invalid(format!("model {} vs data", self.kind()), message);
         match self {
             ModelConfig::Mlp { input_dim, .. } => {
                 let numel: usize = sample_shape.iter().product();
@@ -120,7 +123,9 @@ impl ModelConfig {
                     .and_then(|l| conv1d_out_len(l, 3, 2, 1))
                     .and_then(|l| conv1d_out_len(l, 3, 2, 1));
                 if out.is_none_or(|l| l == 0) {
-                    return Err(mismatch(format!("sequence length {len} is too short for conv_base")));
+                    return Err(mismatch(format!(
+                        "sequence length {len} is too short for conv_base"
+                    )));
                 }
             }
         }
@@ -276,15 +281,19 @@ impl Default for ClusterConfig {
 impl JobConfig {
     /// Parses TOML; `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &Path) -> Result<JobConfig> {
-        let cfg: JobConfig =
-            toml::from_str(text).map_err(|e| Error::Config { path: origin.into(), message: e.to_string() })?;
+        let cfg: JobConfig = toml::from_str(text).map_err(|e| Error::Config {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
 
     pub fn load(path: &Path) -> Result<JobConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config { path: path.into(), message: format!("cannot read: {e}") })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.into(),
+            message: format!("cannot read: {e}"),
+        })?;
         Self::from_toml(&text, path)
     }
 
@@ -294,7 +303,10 @@ impl JobConfig {
 
     /// Checks that need no data and no world size.
     pub fn validate(&self, origin: &Path) -> Result<()> {
-        let bad = |key: &str, why: String| Error::Config { path: origin.into(), message: format!("{key}: {why}") };
+        let bad = |key: &str, why: String| Error::Config {
+            path: origin.into(),
+            message: format!("{key}: {why}"),
+        };
         if self.train.epochs == 0 {
             return Err(bad("train.epochs", "must be at least 1".into()));
         }
@@ -305,22 +317,38 @@ impl JobConfig {
             return Err(bad("train.eval_every", "must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&self.train.label_smoothing) {
-            return Err(bad("train.label_smoothing", format!("{} is outside [0, 1)", self.train.label_smoothing)));
+            return Err(bad(
+                "train.label_smoothing",
+                format!("{} is outside [0, 1)", self.train.label_smoothing),
+            ));
         }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
-            return Err(bad("optim.lr", format!("{} must be a positive number", self.optim.lr)));
+            return Err(bad(
+                "optim.lr",
+                format!("{} must be a positive number", self.optim.lr),
+            ));
         }
         if !(0.0..1.0).contains(&self.optim.momentum) {
-            return Err(bad("optim.momentum", format!("{} is outside [0, 1)", self.optim.momentum)));
+            return Err(bad(
+                "optim.momentum",
+                format!("{} is outside [0, 1)", self.optim.momentum),
+            ));
         }
-        if self.optim.nesterov && (self.optim.kind != OptimKind::Sgd || self.optim.momentum == 0.0) {
-            return Err(bad("optim.nesterov", "needs kind = \"sgd\" and momentum > 0".into()));
+        if self.optim.nesterov && (self.optim.kind != OptimKind::Sgd || self.optim.momentum == 0.0)
+        {
+            return Err(bad(
+                "optim.nesterov",
+                "needs kind = \"sgd\" and momentum > 0".into(),
+            ));
         }
         if self.optim.weight_decay < 0.0 {
             return Err(bad("optim.weight_decay", "must be ≥ 0".into()));
         }
         if self.optim.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return Err(bad("optim.betas", format!("{:?} must lie in [0, 1)", self.optim.betas)));
+            return Err(bad(
+                "optim.betas",
+                format!("{:?} must lie in [0, 1)", self.optim.betas),
+            ));
         }
         if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
             return Err(bad("schedule.min_lr_ratio", "must lie in [0, 1]".into()));
@@ -344,7 +372,7 @@ impl JobConfig {
         if world_size == 0 {
             return Err(Error::invalid("world size", "must be at least 1"));
         }
-        if self.train.batch_size % world_size as usize != 0 {
+        if !self.train.batch_size.is_multiple_of(world_size as usize) {
             return Err(Error::invalid(
                 "train.batch_size",
                 format!(
@@ -361,16 +389,24 @@ impl JobConfig {
         let (m, file) = Manifest::load(&self.data.manifest)?;
         for split in [&self.data.train_split, &self.data.test_split] {
             if !m.split(split, &file)?.labeled {
-                return Err(Error::Manifest { path: file.clone(), message: format!("split {split:?} is unlabeled; supervised training needs labels") });
+                return Err(Error::Manifest {
+                    path: file.clone(),
+                    message: format!(
+                        "split {split:?} is unlabeled; supervised training needs labels"
+                    ),
+                });
             }
             m.check_shards_exist(split, &file)?;
         }
-        self.model.check_input(&m.sample_shape).map_err(|e| match e {
-            Error::Invalid { context, message } => {
-                Error::Invalid { context, message: format!("{message} (dataset {:?} in {})", m.name, file.display()) }
-            }
-            other => other,
-        })?;
+        self.model
+            .check_input(&m.sample_shape)
+            .map_err(|e| match e {
+                Error::Invalid { context, message } => Error::Invalid {
+                    context,
+                    message: format!("{message} (dataset {:?} in {})", m.name, file.display()),
+                },
+                other => other,
+            })?;
         Ok((m, file))
     }
 }
@@ -401,46 +437,82 @@ batch_size = 100
     #[test]
     fn good_config_round_trips_through_toml() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.model, ModelConfig::ConvBase { channels: 25, input_length: None });
+        assert_eq!(
+            c.model,
+            ModelConfig::ConvBase {
+                channels: 25,
+                input_length: None
+            }
+        );
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let e = parse(&GOOD.replace("lr = 0.01", "lr = 0.01\nlearning_rate = 0.1")).unwrap_err().to_string();
+        let e = parse(&GOOD.replace("lr = 0.01", "lr = 0.01\nlearning_rate = 0.1"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("job.toml") && e.contains("learning_rate"), "{e}");
-        let e = parse(&GOOD.replace("kind = \"conv_base\"", "kind = \"conv_base\"\nchanels = 3")).unwrap_err().to_string();
+        let e = parse(&GOOD.replace("kind = \"conv_base\"", "kind = \"conv_base\"\nchanels = 3"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("chanels"), "{e}");
     }
 
     #[test]
     fn missing_key_is_named() {
-        let e = parse(&GOOD.replace("epochs = 2\n", "")).unwrap_err().to_string();
+        let e = parse(&GOOD.replace("epochs = 2\n", ""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("epochs"), "{e}");
     }
 
     #[test]
     fn bad_values_are_named() {
-        let e = parse(&GOOD.replace("lr = 0.01", "lr = -1.0")).unwrap_err().to_string();
+        let e = parse(&GOOD.replace("lr = 0.01", "lr = -1.0"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("optim.lr"), "{e}");
         let c = parse(GOOD).unwrap();
-        assert!(c.validate_world(3).unwrap_err().to_string().contains("not divisible by 3"));
+        assert!(c
+            .validate_world(3)
+            .unwrap_err()
+            .to_string()
+            .contains("not divisible by 3"));
         assert!(c.validate_world(4).is_ok());
     }
 
     #[test]
     fn model_shape_checks() {
-        let conv = ModelConfig::ConvBase { channels: 25, input_length: None };
+        let conv = ModelConfig::ConvBase {
+            channels: 25,
+            input_length: None,
+        };
         assert!(conv.check_input(&[40]).is_ok());
-        assert!(conv.check_input(&[1, 8, 8]).unwrap_err().to_string().contains("[1, 8, 8]"));
-        let mlp = ModelConfig::Mlp { hidden: vec![8], input_dim: Some(64) };
+        assert!(conv
+            .check_input(&[1, 8, 8])
+            .unwrap_err()
+            .to_string()
+            .contains("[1, 8, 8]"));
+        let mlp = ModelConfig::Mlp {
+            hidden: vec![8],
+            input_dim: Some(64),
+        };
         assert!(mlp.check_input(&[1, 8, 8]).is_ok());
-        assert!(mlp.check_input(&[40]).unwrap_err().to_string().contains("input_dim = 64"));
+        assert!(mlp
+            .check_input(&[40])
+            .unwrap_err()
+            .to_string()
+            .contains("input_dim = 64"));
     }
 
     #[test]
     fn schedules() {
-        let s = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_steps: 10, min_lr_ratio: 0.0 };
+        let s = ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: 10,
+            min_lr_ratio: 0.0,
+        };
         assert!((s.lr_at(1.0, 0, 110) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(1.0, 9, 110) - 1.0).abs() < 1e-12);
         assert!((s.lr_at(1.0, 10, 110) - 1.0).abs() < 1e-12);

@@ -25,11 +25,17 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub fn invalid(context: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Invalid { context: context.into(), message: message.into() }
+        Error::Invalid {
+            context: context.into(),
+            message: message.into(),
+        }
     }
 }
 

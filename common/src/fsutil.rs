@@ -35,14 +35,21 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) ->
 /// A hidden name next to `path`, unique per process, so concurrent writers never share a temp file. It
 /// ends with the target's own name, so libraries that pick a format by extension still see it.
 pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
 }
 
 /// fsync of the directory makes the rename itself durable.
 pub fn sync_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
         if let Ok(d) = File::open(dir) {
             d.sync_all().map_err(|e| Error::io(dir, e))?;
         }
@@ -61,7 +68,10 @@ mod tests {
         write_atomic(&p, b"first").unwrap();
         write_atomic(&p, b"second").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"second");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "temp files left behind: {names:?}");
     }
 

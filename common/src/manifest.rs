@@ -63,30 +63,51 @@ impl Manifest {
 
     /// Loads and validates a manifest; `path` may be the file or the directory holding `manifest.json`.
     pub fn load(path: &Path) -> Result<(Manifest, PathBuf)> {
-        let file = if path.is_dir() { path.join(MANIFEST_FILE) } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join(MANIFEST_FILE)
+        } else {
+            path.to_path_buf()
+        };
         let text = std::fs::read_to_string(&file).map_err(|e| Error::Manifest {
             path: file.clone(),
             message: format!("cannot read: {e} (prepare data with `butler data prepare`)"),
         })?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::Manifest { path: file.clone(), message: format!("invalid JSON: {e}") })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Manifest {
+            path: file.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
         m.validate(&file)?;
         Ok((m, file))
     }
 
     pub fn validate(&self, file: &Path) -> Result<()> {
-        let bad = |message: String| Error::Manifest { path: file.to_path_buf(), message };
+        let bad = |message: String| Error::Manifest {
+            path: file.to_path_buf(),
+            message,
+        };
         if self.format != MANIFEST_FORMAT {
-            return Err(bad(format!("format is {:?}, expected {MANIFEST_FORMAT:?}", self.format)));
+            return Err(bad(format!(
+                "format is {:?}, expected {MANIFEST_FORMAT:?}",
+                self.format
+            )));
         }
         if self.version != MANIFEST_VERSION {
-            return Err(bad(format!("version {} is not supported (this butler reads {MANIFEST_VERSION})", self.version)));
+            return Err(bad(format!(
+                "version {} is not supported (this butler reads {MANIFEST_VERSION})",
+                self.version
+            )));
         }
         if self.dtype != "f32" {
-            return Err(bad(format!("dtype {:?} is not supported (only \"f32\")", self.dtype)));
+            return Err(bad(format!(
+                "dtype {:?} is not supported (only \"f32\")",
+                self.dtype
+            )));
         }
         if self.sample_shape.is_empty() || self.sample_shape.contains(&0) {
-            return Err(bad(format!("sample_shape {:?} must be non-empty with positive sizes", self.sample_shape)));
+            return Err(bad(format!(
+                "sample_shape {:?} must be non-empty with positive sizes",
+                self.sample_shape
+            )));
         }
         if self.classes.is_empty() {
             return Err(bad("classes is empty".into()));
@@ -94,7 +115,10 @@ impl Manifest {
         for (name, split) in &self.splits {
             let sum: u64 = split.shards.iter().map(|s| s.num_samples).sum();
             if sum != split.num_samples {
-                return Err(bad(format!("split {name}: shards hold {sum} samples but num_samples is {}", split.num_samples)));
+                return Err(bad(format!(
+                    "split {name}: shards hold {sum} samples but num_samples is {}",
+                    split.num_samples
+                )));
             }
         }
         Ok(())
@@ -107,7 +131,10 @@ impl Manifest {
         for entry in &self.split(split, file)?.shards {
             let path = dir.join(&entry.path);
             if !path.is_file() {
-                return Err(Error::Shard { path, message: format!("listed in {} but missing on disk", file.display()) });
+                return Err(Error::Shard {
+                    path,
+                    message: format!("listed in {} but missing on disk", file.display()),
+                });
             }
         }
         Ok(())

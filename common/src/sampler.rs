@@ -100,7 +100,9 @@ impl DistributedSampler {
 /// Contiguous, unpadded share of `0..len` for rank `r` (strided), used for evaluation where every sample
 /// must be counted exactly once.
 pub fn eval_indices(len: u64, world_size: u32, rank: u32) -> Vec<u64> {
-    (rank as u64..len).step_by(world_size.max(1) as usize).collect()
+    (rank as u64..len)
+        .step_by(world_size.max(1) as usize)
+        .collect()
 }
 
 #[cfg(test)]
@@ -127,17 +129,30 @@ mod tests {
                 let mut seen = BTreeMap::new();
                 let mut counts = Vec::new();
                 for rank in 0..world {
-                    let s = DistributedSampler { dataset_len: len, seed: 3, epoch: 2, shuffle: true, world_size: world, rank };
+                    let s = DistributedSampler {
+                        dataset_len: len,
+                        seed: 3,
+                        epoch: 2,
+                        shuffle: true,
+                        world_size: world,
+                        rank,
+                    };
                     let idx = s.indices();
                     counts.push(idx.len());
                     for i in idx {
                         *seen.entry(i).or_insert(0) += 1;
                     }
                 }
-                assert!(counts.iter().all(|&c| c == counts[0]), "unequal counts {counts:?}");
+                assert!(
+                    counts.iter().all(|&c| c == counts[0]),
+                    "unequal counts {counts:?}"
+                );
                 assert_eq!(seen.len() as u64, len, "world {world} len {len}");
                 let padding: u64 = seen.values().map(|&c| c - 1).sum();
-                assert!(padding < world as u64, "padding {padding} for world {world} len {len}");
+                assert!(
+                    padding < world as u64,
+                    "padding {padding} for world {world} len {len}"
+                );
             }
         }
     }
@@ -145,13 +160,35 @@ mod tests {
     #[test]
     fn per_rank_batches_union_to_the_single_worker_batch() {
         let (len, world, b) = (96u64, 3u32, 4usize);
-        let single = DistributedSampler { dataset_len: len, seed: 1, epoch: 5, shuffle: true, world_size: 1, rank: 0 }.indices();
+        let single = DistributedSampler {
+            dataset_len: len,
+            seed: 1,
+            epoch: 5,
+            shuffle: true,
+            world_size: 1,
+            rank: 0,
+        }
+        .indices();
         let per_rank: Vec<Vec<u64>> = (0..world)
-            .map(|rank| DistributedSampler { dataset_len: len, seed: 1, epoch: 5, shuffle: true, world_size: world, rank }.indices())
+            .map(|rank| {
+                DistributedSampler {
+                    dataset_len: len,
+                    seed: 1,
+                    epoch: 5,
+                    shuffle: true,
+                    world_size: world,
+                    rank,
+                }
+                .indices()
+            })
             .collect();
         for step in 0..(len as usize / (b * world as usize)) {
-            let mut union: Vec<u64> = per_rank.iter().flat_map(|r| r[step * b..(step + 1) * b].to_vec()).collect();
-            let mut want = single[step * b * world as usize..(step + 1) * b * world as usize].to_vec();
+            let mut union: Vec<u64> = per_rank
+                .iter()
+                .flat_map(|r| r[step * b..(step + 1) * b].to_vec())
+                .collect();
+            let mut want =
+                single[step * b * world as usize..(step + 1) * b * world as usize].to_vec();
             union.sort();
             want.sort();
             assert_eq!(union, want, "step {step}");
@@ -160,7 +197,14 @@ mod tests {
 
     #[test]
     fn cursor_resumes_the_same_sequence() {
-        let s = DistributedSampler { dataset_len: 50, seed: 9, epoch: 1, shuffle: true, world_size: 2, rank: 1 };
+        let s = DistributedSampler {
+            dataset_len: 50,
+            seed: 9,
+            epoch: 1,
+            shuffle: true,
+            world_size: 2,
+            rank: 1,
+        };
         assert_eq!(s.indices()[10..], s.indices_from(10)[..]);
     }
 

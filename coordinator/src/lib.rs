@@ -18,7 +18,10 @@ pub enum Error {
     #[error(transparent)]
     Common(#[from] butler_common::Error),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("job failed: {0}")]

@@ -55,7 +55,9 @@ fn status(r: Refusal) -> Status {
     match r {
         Refusal::StaleGeneration { .. } => Status::failed_precondition(r.to_string()),
         Refusal::BadRank { .. } => Status::invalid_argument(r.to_string()),
-        Refusal::WorldFull { .. } | Refusal::RankTaken { .. } => Status::already_exists(r.to_string()),
+        Refusal::WorldFull { .. } | Refusal::RankTaken { .. } => {
+            Status::already_exists(r.to_string())
+        }
         Refusal::JobFailed(_) => Status::aborted(r.to_string()),
     }
 }
@@ -64,7 +66,10 @@ struct Service(Arc<Shared>);
 
 #[tonic::async_trait]
 impl Coordinator for Service {
-    async fn register(&self, req: Request<RegisterRequest>) -> std::result::Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> std::result::Result<Response<RegisterResponse>, Status> {
         let peer = req.remote_addr();
         let r = req.into_inner();
         let requested = u32::try_from(r.requested_rank).ok();
@@ -81,11 +86,15 @@ impl Coordinator for Service {
         }))
     }
 
-    async fn rendezvous(&self, req: Request<RendezvousRequest>) -> std::result::Result<Response<RendezvousResponse>, Status> {
+    async fn rendezvous(
+        &self,
+        req: Request<RendezvousRequest>,
+    ) -> std::result::Result<Response<RendezvousResponse>, Status> {
         let r = req.into_inner();
         let timeout = {
             let mut st = self.0.lock();
-            st.publish_endpoint(r.rank, r.generation, r.endpoint).map_err(status)?;
+            st.publish_endpoint(r.rank, r.generation, r.endpoint)
+                .map_err(status)?;
             Duration::from_millis(st.cfg.cluster.rendezvous_timeout_ms)
         };
         self.0.rendezvous.notify_waiters();
@@ -99,10 +108,16 @@ impl Coordinator for Service {
                     return Err(Status::aborted(format!("the job has failed: {f}")));
                 }
                 if st.generation != r.generation {
-                    return Err(status(Refusal::StaleGeneration { got: r.generation, current: st.generation }));
+                    return Err(status(Refusal::StaleGeneration {
+                        got: r.generation,
+                        current: st.generation,
+                    }));
                 }
                 if let Some(endpoints) = st.endpoints() {
-                    return Ok(Response::new(RendezvousResponse { generation: st.generation, endpoints }));
+                    return Ok(Response::new(RendezvousResponse {
+                        generation: st.generation,
+                        endpoints,
+                    }));
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -115,15 +130,22 @@ impl Coordinator for Service {
         }
     }
 
-    async fn get_assignment(&self, req: Request<AssignmentRequest>) -> std::result::Result<Response<AssignmentResponse>, Status> {
+    async fn get_assignment(
+        &self,
+        req: Request<AssignmentRequest>,
+    ) -> std::result::Result<Response<AssignmentResponse>, Status> {
         let r = req.into_inner();
         if r.stream() != Stream::Labeled {
-            return Err(Status::unimplemented("only the labeled stream exists in this version"));
+            return Err(Status::unimplemented(
+                "only the labeled stream exists in this version",
+            ));
         }
         let mut st = self.0.lock();
         let generation = st.generation;
         let split = st.cfg.data.train_split.clone();
-        let a = st.assignment(r.rank, r.generation, r.epoch).map_err(status)?;
+        let a = st
+            .assignment(r.rank, r.generation, r.epoch)
+            .map_err(status)?;
         Ok(Response::new(match a {
             Some(s) => AssignmentResponse {
                 generation,
@@ -138,21 +160,39 @@ impl Coordinator for Service {
                 cursor: 0,
                 has_epoch: true,
             },
-            None => AssignmentResponse { generation, epoch: r.epoch, split, has_epoch: false, ..Default::default() },
+            None => AssignmentResponse {
+                generation,
+                epoch: r.epoch,
+                split,
+                has_epoch: false,
+                ..Default::default()
+            },
         }))
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> std::result::Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
         let mut st = self.0.lock();
         match st.heartbeat(r.rank, r.generation) {
-            Ok(()) => Ok(Response::new(HeartbeatResponse { stop: false, reason: String::new() })),
-            Err(Refusal::JobFailed(why)) => Ok(Response::new(HeartbeatResponse { stop: true, reason: why })),
+            Ok(()) => Ok(Response::new(HeartbeatResponse {
+                stop: false,
+                reason: String::new(),
+            })),
+            Err(Refusal::JobFailed(why)) => Ok(Response::new(HeartbeatResponse {
+                stop: true,
+                reason: why,
+            })),
             Err(e) => Err(status(e)),
         }
     }
 
-    async fn report_metrics(&self, req: Request<MetricsReport>) -> std::result::Result<Response<Ack>, Status> {
+    async fn report_metrics(
+        &self,
+        req: Request<MetricsReport>,
+    ) -> std::result::Result<Response<Ack>, Status> {
         let r = req.into_inner();
         let record = {
             let mut st = self.0.lock();
@@ -185,7 +225,10 @@ impl Coordinator for Service {
         Ok(Response::new(Ack {}))
     }
 
-    async fn finish(&self, req: Request<FinishRequest>) -> std::result::Result<Response<Ack>, Status> {
+    async fn finish(
+        &self,
+        req: Request<FinishRequest>,
+    ) -> std::result::Result<Response<Ack>, Status> {
         let r = req.into_inner();
         let mut st = self.0.lock();
         if !r.ok {
@@ -194,7 +237,14 @@ impl Coordinator for Service {
             info!(rank = r.rank, "rank finished");
         }
         let all_ok = st
-            .finish(r.rank, r.generation, r.ok, &r.error, (r.test_accuracy, r.test_loss), r.checkpoint)
+            .finish(
+                r.rank,
+                r.generation,
+                r.ok,
+                &r.error,
+                (r.test_accuracy, r.test_loss),
+                r.checkpoint,
+            )
             .map_err(status)?;
         if all_ok {
             let summary = st.summary();
@@ -220,7 +270,10 @@ impl Coordinator for Service {
 
 fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     f.write_all(bytes)
 }
 
@@ -234,12 +287,19 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
     let (manifest, _) = opts.config.check_data()?;
     opts.config.validate_world(opts.world_size)?;
     let train_len = manifest.splits[&opts.config.data.train_split].num_samples;
-    std::fs::create_dir_all(&opts.run_dir).map_err(|e| butler_common::Error::io(&opts.run_dir, e))?;
+    std::fs::create_dir_all(&opts.run_dir)
+        .map_err(|e| butler_common::Error::io(&opts.run_dir, e))?;
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
-        .map_err(|source| Error::Listen { addr: opts.listen.to_string(), source })?;
-    let bound = listener.local_addr().map_err(|source| Error::Listen { addr: opts.listen.to_string(), source })?;
+        .map_err(|source| Error::Listen {
+            addr: opts.listen.to_string(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| Error::Listen {
+        addr: opts.listen.to_string(),
+        source,
+    })?;
     let cluster = opts.config.cluster.clone();
     let (done_tx, mut done_rx) = watch::channel(None);
     let shared = Arc::new(Shared {
@@ -254,7 +314,11 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
 
     let token = format!("Bearer {}", opts.token);
     let auth = move |req: Request<()>| -> std::result::Result<Request<()>, Status> {
-        let got = req.metadata().get(AUTH_METADATA_KEY).map(|v| v.as_bytes()).unwrap_or_default();
+        let got = req
+            .metadata()
+            .get(AUTH_METADATA_KEY)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if token_matches(got, token.as_bytes()) {
             Ok(req)
         } else {
@@ -300,8 +364,14 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
         }
     };
     tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::with_interceptor(Service(shared.clone()), auth))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .add_service(CoordinatorServer::with_interceptor(
+            Service(shared.clone()),
+            auth,
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await?;
     watchdog.abort();
     let ok = done_rx.borrow_and_update().unwrap_or(false);
@@ -309,6 +379,10 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
     Ok(if ok {
         Outcome::Succeeded(st.summary())
     } else {
-        Outcome::Failed(st.failure().unwrap_or("the job ended without a result").to_string())
+        Outcome::Failed(
+            st.failure()
+                .unwrap_or("the job ended without a result")
+                .to_string(),
+        )
     })
 }

@@ -25,6 +25,14 @@ struct EpochAgg {
     test_loss: Option<f64>,
 }
 
+/// What a rank reported when it finished successfully.
+#[derive(Clone, Debug, Default)]
+struct RankResult {
+    test_accuracy: Option<f64>,
+    test_loss: Option<f64>,
+    checkpoint: String,
+}
+
 /// An error a worker must see, mapped to a gRPC status by the service layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -39,11 +47,18 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::StaleGeneration { got, current } => {
-                write!(f, "generation {got} is stale (current generation is {current}); re-register")
+                write!(
+                    f,
+                    "generation {got} is stale (current generation is {current}); re-register"
+                )
             }
-            Refusal::BadRank { rank, world } => write!(f, "rank {rank} is outside this job's world of {world}"),
+            Refusal::BadRank { rank, world } => {
+                write!(f, "rank {rank} is outside this job's world of {world}")
+            }
             Refusal::WorldFull { world } => write!(f, "all {world} ranks of this job are taken"),
-            Refusal::RankTaken { rank, by } => write!(f, "rank {rank} is already held by worker {by:?}"),
+            Refusal::RankTaken { rank, by } => {
+                write!(f, "rank {rank} is already held by worker {by:?}")
+            }
             Refusal::JobFailed(why) => write!(f, "the job has failed: {why}"),
         }
     }
@@ -57,7 +72,7 @@ pub struct JobState {
     members: Vec<Option<Member>>,
     endpoints: Vec<Option<Vec<u8>>>,
     epochs: BTreeMap<u64, EpochAgg>,
-    finished_ok: Vec<Option<(Option<f64>, Option<f64>, String)>>,
+    finished_ok: Vec<Option<RankResult>>,
     failure: Option<String>,
     started: Instant,
 }
@@ -96,10 +111,16 @@ impl JobState {
             return Err(Refusal::JobFailed(f.clone()));
         }
         if generation != self.generation {
-            return Err(Refusal::StaleGeneration { got: generation, current: self.generation });
+            return Err(Refusal::StaleGeneration {
+                got: generation,
+                current: self.generation,
+            });
         }
         if rank >= self.world_size {
-            return Err(Refusal::BadRank { rank, world: self.world_size });
+            return Err(Refusal::BadRank {
+                rank,
+                world: self.world_size,
+            });
         }
         Ok(())
     }
@@ -110,10 +131,18 @@ impl JobState {
             return Err(Refusal::JobFailed(f.clone()));
         }
         let rank = match requested {
-            Some(r) if r >= self.world_size => return Err(Refusal::BadRank { rank: r, world: self.world_size }),
+            Some(r) if r >= self.world_size => {
+                return Err(Refusal::BadRank {
+                    rank: r,
+                    world: self.world_size,
+                })
+            }
             Some(r) => {
                 if let Some(m) = &self.members[r as usize] {
-                    return Err(Refusal::RankTaken { rank: r, by: m.worker_id.clone() });
+                    return Err(Refusal::RankTaken {
+                        rank: r,
+                        by: m.worker_id.clone(),
+                    });
                 }
                 r
             }
@@ -121,14 +150,25 @@ impl JobState {
                 .members
                 .iter()
                 .position(Option::is_none)
-                .ok_or(Refusal::WorldFull { world: self.world_size })? as u32,
+                .ok_or(Refusal::WorldFull {
+                    world: self.world_size,
+                })? as u32,
         };
-        self.members[rank as usize] = Some(Member { worker_id: worker_id.to_string(), last_seen: Instant::now(), finished: false });
+        self.members[rank as usize] = Some(Member {
+            worker_id: worker_id.to_string(),
+            last_seen: Instant::now(),
+            finished: false,
+        });
         Ok(rank)
     }
 
     /// Records an endpoint; returns all of them once every rank has published.
-    pub fn publish_endpoint(&mut self, rank: u32, generation: u64, endpoint: Vec<u8>) -> Result<(), Refusal> {
+    pub fn publish_endpoint(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        endpoint: Vec<u8>,
+    ) -> Result<(), Refusal> {
         self.check(rank, generation)?;
         self.endpoints[rank as usize] = Some(endpoint);
         self.touch(rank);
@@ -140,10 +180,17 @@ impl JobState {
     }
 
     pub fn missing_endpoints(&self) -> Vec<u32> {
-        (0..self.world_size).filter(|&r| self.endpoints[r as usize].is_none()).collect()
+        (0..self.world_size)
+            .filter(|&r| self.endpoints[r as usize].is_none())
+            .collect()
     }
 
-    pub fn assignment(&mut self, rank: u32, generation: u64, epoch: u64) -> Result<Option<DistributedSampler>, Refusal> {
+    pub fn assignment(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        epoch: u64,
+    ) -> Result<Option<DistributedSampler>, Refusal> {
         self.check(rank, generation)?;
         self.touch(rank);
         if epoch >= self.cfg.train.epochs {
@@ -206,7 +253,11 @@ impl JobState {
     fn record(epoch: u64, a: &EpochAgg) -> EpochRecord {
         EpochRecord {
             epoch,
-            train_loss: if a.samples > 0 { a.loss_weighted / a.samples as f64 } else { 0.0 },
+            train_loss: if a.samples > 0 {
+                a.loss_weighted / a.samples as f64
+            } else {
+                0.0
+            },
             train_samples: a.samples,
             train_seconds: a.seconds,
             learning_rate: a.lr,
@@ -216,7 +267,15 @@ impl JobState {
     }
 
     /// A rank finished. Returns true when every rank has finished successfully.
-    pub fn finish(&mut self, rank: u32, generation: u64, ok: bool, error: &str, test: (Option<f64>, Option<f64>), checkpoint: String) -> Result<bool, Refusal> {
+    pub fn finish(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        ok: bool,
+        error: &str,
+        test: (Option<f64>, Option<f64>),
+        checkpoint: String,
+    ) -> Result<bool, Refusal> {
         if generation != self.generation || rank >= self.world_size {
             self.check(rank, generation)?;
         }
@@ -227,7 +286,11 @@ impl JobState {
             self.fail(format!("rank {rank} failed: {error}"));
             return Ok(false);
         }
-        self.finished_ok[rank as usize] = Some((test.0, test.1, checkpoint));
+        self.finished_ok[rank as usize] = Some(RankResult {
+            test_accuracy: test.0,
+            test_loss: test.1,
+            checkpoint,
+        });
         Ok(self.failure.is_none() && self.finished_ok.iter().all(Option::is_some))
     }
 
@@ -246,7 +309,10 @@ impl JobState {
                     ));
                 }
                 None if now.duration_since(self.started) > join_timeout => {
-                    return Some(format!("rank {rank} never registered within {:.0}s", join_timeout.as_secs_f64()));
+                    return Some(format!(
+                        "rank {rank} never registered within {:.0}s",
+                        join_timeout.as_secs_f64()
+                    ));
                 }
                 _ => {}
             }
@@ -255,22 +321,43 @@ impl JobState {
     }
 
     pub fn all_finished(&self) -> bool {
-        self.members.iter().all(|m| m.as_ref().is_some_and(|m| m.finished))
+        self.members
+            .iter()
+            .all(|m| m.as_ref().is_some_and(|m| m.finished))
     }
 
     pub fn summary(&self) -> Summary {
-        let history: Vec<EpochRecord> = self.epochs.iter().map(|(e, a)| Self::record(*e, a)).collect();
+        let history: Vec<EpochRecord> = self
+            .epochs
+            .iter()
+            .map(|(e, a)| Self::record(*e, a))
+            .collect();
         let samples: u64 = history.iter().map(|h| h.train_samples).sum();
         let seconds: f64 = history.iter().map(|h| h.train_seconds).sum();
-        let (acc, loss, ckpt) = self.finished_ok.first().cloned().flatten().unwrap_or((None, None, String::new()));
+        let RankResult {
+            test_accuracy: acc,
+            test_loss: loss,
+            checkpoint: ckpt,
+        } = self
+            .finished_ok
+            .first()
+            .cloned()
+            .flatten()
+            .unwrap_or_default();
         Summary {
             job: self.cfg.job.name.clone(),
-            test_accuracy: acc.or_else(|| history.iter().rev().find_map(|h| h.test_accuracy)).unwrap_or(0.0),
+            test_accuracy: acc
+                .or_else(|| history.iter().rev().find_map(|h| h.test_accuracy))
+                .unwrap_or(0.0),
             test_loss: loss,
             world_size: self.world_size,
             generation: self.generation,
             epochs: self.cfg.train.epochs,
-            samples_per_second: if seconds > 0.0 { samples as f64 / seconds } else { 0.0 },
+            samples_per_second: if seconds > 0.0 {
+                samples as f64 / seconds
+            } else {
+                0.0
+            },
             wall_seconds: self.started.elapsed().as_secs_f64(),
             checkpoint: ckpt,
             history,
@@ -295,7 +382,10 @@ mod tests {
     fn registration_assigns_ranks_and_refuses_a_full_world() {
         let mut s = JobState::new(cfg(), 2, 10);
         assert_eq!(s.register("a", Some(1)), Ok(1));
-        assert!(matches!(s.register("b", Some(1)), Err(Refusal::RankTaken { rank: 1, .. })));
+        assert!(matches!(
+            s.register("b", Some(1)),
+            Err(Refusal::RankTaken { rank: 1, .. })
+        ));
         assert_eq!(s.register("b", None), Ok(0));
         assert_eq!(s.register("c", None), Err(Refusal::WorldFull { world: 2 }));
     }
@@ -304,9 +394,15 @@ mod tests {
     fn stale_generation_is_refused() {
         let mut s = JobState::new(cfg(), 1, 10);
         s.register("a", None).unwrap();
-        assert_eq!(s.heartbeat(0, 7), Err(Refusal::StaleGeneration { got: 7, current: 1 }));
+        assert_eq!(
+            s.heartbeat(0, 7),
+            Err(Refusal::StaleGeneration { got: 7, current: 1 })
+        );
         assert!(s.assignment(0, 1, 0).unwrap().is_some());
-        assert!(s.assignment(0, 1, 2).unwrap().is_none(), "epochs = 2 ends the job");
+        assert!(
+            s.assignment(0, 1, 2).unwrap().is_none(),
+            "epochs = 2 ends the job"
+        );
     }
 
     #[test]
@@ -314,8 +410,15 @@ mod tests {
         let mut s = JobState::new(cfg(), 2, 10);
         s.register("a", None).unwrap();
         s.register("b", None).unwrap();
-        assert_eq!(s.report(0, 1, 0, 1.0, 10, 2.0, 0.1, (Some(0.5), Some(1.0))).unwrap(), None);
-        let r = s.report(1, 1, 0, 3.0, 30, 3.0, 0.1, (None, None)).unwrap().unwrap();
+        assert_eq!(
+            s.report(0, 1, 0, 1.0, 10, 2.0, 0.1, (Some(0.5), Some(1.0)))
+                .unwrap(),
+            None
+        );
+        let r = s
+            .report(1, 1, 0, 3.0, 30, 3.0, 0.1, (None, None))
+            .unwrap()
+            .unwrap();
         assert_eq!(r.train_samples, 40);
         assert!((r.train_loss - 2.5).abs() < 1e-12);
         assert_eq!(r.train_seconds, 3.0);
@@ -327,7 +430,17 @@ mod tests {
         let mut s = JobState::new(cfg(), 2, 10);
         s.register("a", None).unwrap();
         s.register("b", None).unwrap();
-        assert_eq!(s.finish(1, 1, false, "collective: peer rank 0 closed", (None, None), String::new()), Ok(false));
+        assert_eq!(
+            s.finish(
+                1,
+                1,
+                false,
+                "collective: peer rank 0 closed",
+                (None, None),
+                String::new()
+            ),
+            Ok(false)
+        );
         assert!(s.failure().unwrap().contains("rank 1 failed"));
         assert!(matches!(s.heartbeat(0, 1), Err(Refusal::JobFailed(_))));
     }
@@ -336,8 +449,13 @@ mod tests {
     fn silent_rank_is_overdue() {
         let mut s = JobState::new(cfg(), 1, 10);
         s.register("a", None).unwrap();
-        assert!(s.overdue(Duration::from_secs(60), Duration::from_secs(60)).is_none());
+        assert!(s
+            .overdue(Duration::from_secs(60), Duration::from_secs(60))
+            .is_none());
         std::thread::sleep(Duration::from_millis(20));
-        assert!(s.overdue(Duration::from_millis(5), Duration::from_secs(60)).unwrap().contains("rank 0"));
+        assert!(s
+            .overdue(Duration::from_millis(5), Duration::from_secs(60))
+            .unwrap()
+            .contains("rank 0"));
     }
 }

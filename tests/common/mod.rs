@@ -23,7 +23,11 @@ pub fn mnist1d() -> PathBuf {
 
 pub fn digits() -> PathBuf {
     let p = repo().join("data/digits/manifest.json");
-    assert!(p.exists(), "{} is missing: run scripts/test.sh (it prepares the data) or `butler data prepare digits`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test.sh (it prepares the data) or `butler data prepare digits`",
+        p.display()
+    );
     p.parent().unwrap().to_path_buf()
 }
 

@@ -25,8 +25,9 @@ pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
 /// Connects, retrying until `wait` has passed (a coordinator may start after its workers on a cluster).
 pub async fn connect(url: &str, token: &str, wait: Duration) -> Result<Client, String> {
-    let value: MetadataValue<_> =
-        format!("Bearer {token}").parse().map_err(|_| "the job token contains characters not allowed in a header".to_string())?;
+    let value: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the job token contains characters not allowed in a header".to_string())?;
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("bad coordinator address {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -39,7 +40,12 @@ pub async fn connect(url: &str, token: &str, wait: Duration) -> Result<Client, S
                 tracing::debug!(error = %e, "coordinator not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(format!("cannot reach the coordinator at {url} within {:.0}s: {e}", wait.as_secs_f64())),
+            Err(e) => {
+                return Err(format!(
+                    "cannot reach the coordinator at {url} within {:.0}s: {e}",
+                    wait.as_secs_f64()
+                ))
+            }
         }
     }
 }
@@ -60,13 +66,25 @@ impl Progress {
     }
 
     pub fn stop_reason(&self) -> Option<String> {
-        self.stop.load(Ordering::SeqCst).then(|| self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        self.stop.load(Ordering::SeqCst).then(|| {
+            self.reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
     }
 }
 
 /// Sends heartbeats until the task is aborted. Asks training to stop when the coordinator says so or
 /// has been unreachable for longer than `give_up`.
-pub async fn heartbeat_loop(mut client: Client, rank: u32, generation: u64, period: Duration, give_up: Duration, progress: Arc<Progress>) {
+pub async fn heartbeat_loop(
+    mut client: Client,
+    rank: u32,
+    generation: u64,
+    period: Duration,
+    give_up: Duration,
+    progress: Arc<Progress>,
+) {
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(period);
     loop {
@@ -87,7 +105,11 @@ pub async fn heartbeat_loop(mut client: Client, rank: u32, generation: u64, peri
                 }
             }
             Err(s) if last_ok.elapsed() > give_up => {
-                progress.request_stop(format!("lost the coordinator for {:.0}s: {}", give_up.as_secs_f64(), s.message()));
+                progress.request_stop(format!(
+                    "lost the coordinator for {:.0}s: {}",
+                    give_up.as_secs_f64(),
+                    s.message()
+                ));
                 return;
             }
             Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed"),

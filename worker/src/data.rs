@@ -23,7 +23,11 @@ impl InMemorySplit {
         shape.extend(manifest.sample_shape.iter().map(|&s| s as i64));
         let x = Tensor::from_slice(&d.x).reshape(shape.as_slice());
         let y = Tensor::from_slice(d.y.as_deref().unwrap_or(&[]));
-        Ok(InMemorySplit { x, y, len: n as u64 })
+        Ok(InMemorySplit {
+            x,
+            y,
+            len: n as u64,
+        })
     }
 
     pub fn from_tensors(x: Tensor, y: Tensor) -> Self {

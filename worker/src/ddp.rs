@@ -23,7 +23,11 @@ impl GradSync {
     pub fn new(params: Vec<Tensor>, bucket_bytes: usize) -> Self {
         // Materialise every gradient as zeros once. Optimizers zero gradients in place afterwards, so from
         // here on every parameter has a defined gradient that the buckets can copy back into.
-        if let Some(total) = params.iter().map(|p| p.sum(Kind::Float)).reduce(|a, b| a + b) {
+        if let Some(total) = params
+            .iter()
+            .map(|p| p.sum(Kind::Float))
+            .reduce(|a, b| a + b)
+        {
             (total * 0.0).backward();
         }
         let cap = (bucket_bytes / 4).max(1) as i64;
@@ -35,7 +39,9 @@ impl GradSync {
                 plan.push(Vec::new());
                 used = 0;
             }
-            plan.last_mut().expect("plan starts non-empty").push((i, used, n));
+            plan.last_mut()
+                .expect("plan starts non-empty")
+                .push((i, used, n));
             used += n;
         }
         let buckets = plan
@@ -43,7 +49,10 @@ impl GradSync {
             .filter(|slots| !slots.is_empty())
             .map(|slots| {
                 let len: i64 = slots.iter().map(|s| s.2).sum();
-                Bucket { flat: Tensor::zeros([len], (Kind::Float, Device::Cpu)), slots }
+                Bucket {
+                    flat: Tensor::zeros([len], (Kind::Float, Device::Cpu)),
+                    slots,
+                }
             })
             .collect();
         GradSync { params, buckets }
@@ -61,7 +70,9 @@ impl GradSync {
         let _guard = tch::no_grad_guard();
         for b in &mut self.buckets {
             for &(i, off, n) in &b.slots {
-                b.flat.narrow(0, off, n).copy_(&self.params[i].detach().reshape([-1]));
+                b.flat
+                    .narrow(0, off, n)
+                    .copy_(&self.params[i].detach().reshape([-1]));
             }
             comm.broadcast(&mut b.flat, 0)?;
             for &(i, off, n) in &b.slots {

@@ -14,7 +14,9 @@ pub mod trainer;
 use butler_common::config::JobConfig;
 use butler_common::fsutil;
 use butler_common::sampler::DistributedSampler;
-use butler_proto::{AssignmentRequest, FinishRequest, MetricsReport, RegisterRequest, RendezvousRequest, Stream};
+use butler_proto::{
+    AssignmentRequest, FinishRequest, MetricsReport, RegisterRequest, RendezvousRequest, Stream,
+};
 use client::{Client, Progress};
 use collective::{RingConfig, RingListener};
 use data::InMemorySplit;
@@ -33,7 +35,11 @@ pub enum Error {
     #[error("collective: {0}")]
     Collective(#[from] collective::CollectiveError),
     #[error("{op}: coordinator answered {code:?}: {message}")]
-    Rpc { op: &'static str, code: tonic::Code, message: String },
+    Rpc {
+        op: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{0}")]
@@ -45,7 +51,11 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 fn rpc(op: &'static str) -> impl FnOnce(tonic::Status) -> Error {
-    move |s| Error::Rpc { op, code: s.code(), message: s.message().to_string() }
+    move |s| Error::Rpc {
+        op,
+        code: s.code(),
+        message: s.message().to_string(),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -78,7 +88,13 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         .enable_all()
         .build()
         .map_err(|e| Error::Setup(format!("cannot start the async runtime: {e}")))?;
-    let mut client = rt.block_on(client::connect(&opts.coordinator, &opts.token, opts.connect_wait)).map_err(Error::Setup)?;
+    let mut client = rt
+        .block_on(client::connect(
+            &opts.coordinator,
+            &opts.token,
+            opts.connect_wait,
+        ))
+        .map_err(Error::Setup)?;
     let reg = rt
         .block_on(client.register(RegisterRequest {
             worker_id: opts.worker_id.clone(),
@@ -91,7 +107,11 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
     let _enter = span.enter();
     info!(world_size = reg.world_size, worker = %opts.worker_id, "registered");
 
-    let threads = if opts.threads > 0 { opts.threads } else { cfg.train.threads };
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        cfg.train.threads
+    };
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
@@ -105,7 +125,15 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         Duration::from_millis(cfg.cluster.heartbeat_timeout_ms),
         progress.clone(),
     ));
-    let ctx = Ctx { rt: &rt, client: client.clone(), rank: reg.rank, world: reg.world_size, generation: reg.generation, progress, run_dir: PathBuf::from(&reg.run_dir) };
+    let ctx = Ctx {
+        rt: &rt,
+        client: client.clone(),
+        rank: reg.rank,
+        world: reg.world_size,
+        generation: reg.generation,
+        progress,
+        run_dir: PathBuf::from(&reg.run_dir),
+    };
     let result = train(&ctx, &cfg, &opts);
     heartbeat.abort();
     let finish = match &result {
@@ -118,17 +146,33 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
             test_loss: Some(*loss),
             checkpoint: ckpt.clone(),
         },
-        Err(e) => FinishRequest { rank: reg.rank, generation: reg.generation, ok: false, error: e.to_string(), ..Default::default() },
+        Err(e) => FinishRequest {
+            rank: reg.rank,
+            generation: reg.generation,
+            ok: false,
+            error: e.to_string(),
+            ..Default::default()
+        },
     };
     // Best effort when failing: the coordinator may itself be gone.
-    let sent = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await });
+    let sent = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await
+    });
     match (&result, sent) {
         (Ok(_), Ok(Err(s))) => return Err(rpc("finish")(s)),
-        (Ok(_), Err(_)) => return Err(Error::Setup("finish: the coordinator did not answer within 10s".into())),
+        (Ok(_), Err(_)) => {
+            return Err(Error::Setup(
+                "finish: the coordinator did not answer within 10s".into(),
+            ))
+        }
         _ => {}
     }
     let (acc, _, _) = result?;
-    Ok(WorkerReport { rank: reg.rank, world_size: reg.world_size, test_accuracy: acc })
+    Ok(WorkerReport {
+        rank: reg.rank,
+        world_size: reg.world_size,
+        test_accuracy: acc,
+    })
 }
 
 struct Ctx<'a> {
@@ -152,13 +196,25 @@ impl Ctx<'_> {
 
 /// Joins the TCP ring: bind, publish the address through the coordinator, connect to the neighbours.
 fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collective::TcpRing> {
-    let ip: IpAddr = if advertise_host == "localhost" { IpAddr::from([127, 0, 0, 1]) } else { advertise_host.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])) };
-    let bind_ip = if ip.is_loopback() { ip } else { IpAddr::from([0, 0, 0, 0]) };
+    let ip: IpAddr = if advertise_host == "localhost" {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        advertise_host.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    };
+    let bind_ip = if ip.is_loopback() {
+        ip
+    } else {
+        IpAddr::from([0, 0, 0, 0])
+    };
     let listener = RingListener::bind(SocketAddr::new(bind_ip, 0))?;
     let endpoint = format!("{advertise_host}:{}", listener.local_addr().port());
     let resp = ctx
         .rt
-        .block_on(ctx.client.clone().rendezvous(RendezvousRequest { rank: ctx.rank, generation: ctx.generation, endpoint: endpoint.into_bytes() }))
+        .block_on(ctx.client.clone().rendezvous(RendezvousRequest {
+            rank: ctx.rank,
+            generation: ctx.generation,
+            endpoint: endpoint.into_bytes(),
+        }))
         .map_err(rpc("rendezvous"))?
         .into_inner();
     let peers = resp
@@ -170,10 +226,18 @@ fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collect
             s.to_socket_addrs()
                 .ok()
                 .and_then(|mut a| a.next())
-                .ok_or_else(|| Error::Setup(format!("rendezvous: rank {r} published an unusable endpoint {s:?}")))
+                .ok_or_else(|| {
+                    Error::Setup(format!(
+                        "rendezvous: rank {r} published an unusable endpoint {s:?}"
+                    ))
+                })
         })
         .collect::<Result<Vec<_>>>()?;
-    let ring_cfg = RingConfig { timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms), generation: ctx.generation, ..Default::default() };
+    let ring_cfg = RingConfig {
+        timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
+        generation: ctx.generation,
+        ..Default::default()
+    };
     Ok(listener.connect(ctx.rank as usize, &peers, ring_cfg)?)
 }
 
@@ -184,12 +248,22 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
     let train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
     let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
     let mut ring = join_ring(ctx, cfg, &opts.advertise_host)?;
-    info!(train = train_set.len, test = test_set.len, "data loaded; ring connected");
+    info!(
+        train = train_set.len,
+        test = test_set.len,
+        "data loaded; ring connected"
+    );
 
     let per_rank_batch = cfg.train.batch_size / ctx.world as usize;
     let per_rank_samples = train_set.len.div_ceil(ctx.world as u64);
     let steps_per_epoch = per_rank_samples.div_ceil(per_rank_batch as u64);
-    let mut trainer = Trainer::new(cfg, &manifest.sample_shape, manifest.num_classes(), cfg.job.seed, steps_per_epoch * cfg.train.epochs)?;
+    let mut trainer = Trainer::new(
+        cfg,
+        &manifest.sample_shape,
+        manifest.num_classes(),
+        cfg.job.seed,
+        steps_per_epoch * cfg.train.epochs,
+    )?;
     trainer.broadcast_parameters(&mut ring)?;
 
     let mut last_eval = None;
@@ -197,13 +271,25 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         ctx.progress.epoch.store(epoch, Ordering::Relaxed);
         let a = ctx
             .rt
-            .block_on(ctx.client.clone().get_assignment(AssignmentRequest { rank: ctx.rank, generation: ctx.generation, epoch, stream: Stream::Labeled as i32 }))
+            .block_on(ctx.client.clone().get_assignment(AssignmentRequest {
+                rank: ctx.rank,
+                generation: ctx.generation,
+                epoch,
+                stream: Stream::Labeled as i32,
+            }))
             .map_err(rpc("get_assignment"))?
             .into_inner();
         if !a.has_epoch {
             break;
         }
-        let sampler = DistributedSampler { dataset_len: a.dataset_len, seed: a.seed, epoch: a.epoch, shuffle: a.shuffle, world_size: a.world_size, rank: a.rank };
+        let sampler = DistributedSampler {
+            dataset_len: a.dataset_len,
+            seed: a.seed,
+            epoch: a.epoch,
+            shuffle: a.shuffle,
+            world_size: a.world_size,
+            rank: a.rank,
+        };
         let indices = sampler.indices_from(a.cursor);
         let t0 = Instant::now();
         let (mut loss_sum, mut seen) = (0.0, 0u64);
@@ -213,11 +299,16 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             let (x, y) = train_set.batch(batch);
             let loss = trainer.step(&x, &y, &mut ring)?;
             if !loss.is_finite() {
-                return Err(Error::Setup(format!("training diverged: loss is {loss} at epoch {epoch} step {}", trainer.steps_taken())));
+                return Err(Error::Setup(format!(
+                    "training diverged: loss is {loss} at epoch {epoch} step {}",
+                    trainer.steps_taken()
+                )));
             }
             loss_sum += loss * batch.len() as f64;
             seen += batch.len() as u64;
-            ctx.progress.step.store(trainer.steps_taken(), Ordering::Relaxed);
+            ctx.progress
+                .step
+                .store(trainer.steps_taken(), Ordering::Relaxed);
         }
         let seconds = t0.elapsed().as_secs_f64();
         let last = epoch + 1 == cfg.train.epochs;
@@ -233,17 +324,27 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             generation: ctx.generation,
             epoch,
             step: trainer.steps_taken(),
-            train_loss: if seen > 0 { loss_sum / seen as f64 } else { 0.0 },
+            train_loss: if seen > 0 {
+                loss_sum / seen as f64
+            } else {
+                0.0
+            },
             train_samples: seen,
             train_seconds: seconds,
             learning_rate: lr,
             test_accuracy: eval.filter(|_| ctx.rank == 0).map(|e| e.accuracy),
             test_loss: eval.filter(|_| ctx.rank == 0).map(|e| e.loss),
         };
-        ctx.rt.block_on(ctx.client.clone().report_metrics(report)).map_err(rpc("report_metrics"))?;
+        ctx.rt
+            .block_on(ctx.client.clone().report_metrics(report))
+            .map_err(rpc("report_metrics"))?;
     }
     let eval = last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))?;
-    let checkpoint = if ctx.rank == 0 { save_checkpoint(&trainer, &ctx.run_dir)? } else { String::new() };
+    let checkpoint = if ctx.rank == 0 {
+        save_checkpoint(&trainer, &ctx.run_dir)?
+    } else {
+        String::new()
+    };
     // Nobody reports success before rank 0's checkpoint is on disk.
     ring.barrier()?;
     info!(test_accuracy = eval.accuracy, "training finished");
@@ -257,7 +358,9 @@ fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<String> {
         std::fs::create_dir_all(dir).map_err(|e| butler_common::Error::io(dir, e))?;
     }
     fsutil::write_atomic_with(&path, |tmp| {
-        trainer.vs.save(tmp).map_err(|e| butler_common::Error::invalid(format!("checkpoint {}", tmp.display()), e.to_string()))
+        trainer.vs.save(tmp).map_err(|e| {
+            butler_common::Error::invalid(format!("checkpoint {}", tmp.display()), e.to_string())
+        })
     })?;
     if let Err(e) = fsutil::sync_parent(&path) {
         warn!(error = %e, "cannot fsync checkpoint directory");

@@ -23,7 +23,14 @@ impl Mlp {
         let layers = dims
             .windows(2)
             .enumerate()
-            .map(|(i, w)| nn::linear(p / format!("fc{i}"), w[0] as i64, w[1] as i64, Default::default()))
+            .map(|(i, w)| {
+                nn::linear(
+                    p / format!("fc{i}"),
+                    w[0] as i64,
+                    w[1] as i64,
+                    Default::default(),
+                )
+            })
             .collect();
         Mlp { layers }
     }
@@ -54,7 +61,11 @@ pub struct ConvBase {
 impl ConvBase {
     pub fn new(p: &nn::Path, length: usize, channels: usize, classes: usize) -> Self {
         let c = channels as i64;
-        let cfg = |padding| nn::ConvConfig { stride: 2, padding, ..Default::default() };
+        let cfg = |padding| nn::ConvConfig {
+            stride: 2,
+            padding,
+            ..Default::default()
+        };
         let out = conv1d_out_len(length, 5, 2, 1)
             .and_then(|l| conv1d_out_len(l, 3, 2, 1))
             .and_then(|l| conv1d_out_len(l, 3, 2, 1))
@@ -63,7 +74,12 @@ impl ConvBase {
             conv1: nn::conv1d(p / "conv1", 1, c, 5, cfg(1)),
             conv2: nn::conv1d(p / "conv2", c, c, 3, cfg(1)),
             conv3: nn::conv1d(p / "conv3", c, c, 3, cfg(1)),
-            linear: nn::linear(p / "linear", c * out as i64, classes as i64, Default::default()),
+            linear: nn::linear(
+                p / "linear",
+                c * out as i64,
+                classes as i64,
+                Default::default(),
+            ),
         }
     }
 }
@@ -80,9 +96,16 @@ impl Model for ConvBase {
 }
 
 /// Builds the configured model under `p`. The config must already have passed `check_input`.
-pub fn build(p: &nn::Path, cfg: &ModelConfig, sample_shape: &[usize], classes: usize) -> Box<dyn Model> {
+pub fn build(
+    p: &nn::Path,
+    cfg: &ModelConfig,
+    sample_shape: &[usize],
+    classes: usize,
+) -> Box<dyn Model> {
     match cfg {
-        ModelConfig::Mlp { hidden, .. } => Box::new(Mlp::new(p, sample_shape.iter().product(), hidden, classes)),
+        ModelConfig::Mlp { hidden, .. } => {
+            Box::new(Mlp::new(p, sample_shape.iter().product(), hidden, classes))
+        }
         ModelConfig::ConvBase { channels, .. } => {
             let length = *sample_shape.last().expect("checked: 1-D samples");
             Box::new(ConvBase::new(p, length, *channels, classes))
@@ -103,7 +126,11 @@ mod tests {
         assert_eq!(out.size(), vec![3, 10]);
         let linear_in = vs.variables()["linear.weight"].size()[1];
         assert_eq!(linear_in, 125);
-        let params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let params: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         // conv1 25·5+25, conv2/conv3 25·25·3+25 each, linear 125·10+10.
         assert_eq!(params, 150 + 2 * 1900 + 1260);
     }
@@ -112,7 +139,10 @@ mod tests {
     fn mlp_flattens() {
         let vs = nn::VarStore::new(Device::Cpu);
         let m = Mlp::new(&vs.root(), 64, &[32, 16], 10);
-        let out = m.forward_t(&Tensor::zeros([2, 1, 8, 8], (Kind::Float, Device::Cpu)), true);
+        let out = m.forward_t(
+            &Tensor::zeros([2, 1, 8, 8], (Kind::Float, Device::Cpu)),
+            true,
+        );
         assert_eq!(out.size(), vec![2, 10]);
     }
 }

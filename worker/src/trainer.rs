@@ -32,24 +32,54 @@ pub struct Evaluation {
 impl Trainer {
     /// Builds the model with parameters drawn from `seed` (only rank 0's draw matters after the
     /// broadcast) and the configured optimizer.
-    pub fn new(cfg: &JobConfig, sample_shape: &[usize], classes: usize, seed: u64, total_steps: u64) -> Result<Trainer> {
+    pub fn new(
+        cfg: &JobConfig,
+        sample_shape: &[usize],
+        classes: usize,
+        seed: u64,
+        total_steps: u64,
+    ) -> Result<Trainer> {
         cfg.model.check_input(sample_shape)?;
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = models::build(&vs.root(), &cfg.model, sample_shape, classes);
         let o = &cfg.optim;
         let opt = match o.kind {
-            OptimKind::Sgd => nn::Sgd { momentum: o.momentum, dampening: 0.0, wd: o.weight_decay, nesterov: o.nesterov }.build(&vs, o.lr),
-            OptimKind::Adam => {
-                nn::Adam { beta1: o.betas[0], beta2: o.betas[1], wd: o.weight_decay, eps: o.eps, amsgrad: false }.build(&vs, o.lr)
+            OptimKind::Sgd => nn::Sgd {
+                momentum: o.momentum,
+                dampening: 0.0,
+                wd: o.weight_decay,
+                nesterov: o.nesterov,
             }
-            OptimKind::Adamw => {
-                nn::AdamW { beta1: o.betas[0], beta2: o.betas[1], wd: o.weight_decay, eps: o.eps, amsgrad: false }.build(&vs, o.lr)
+            .build(&vs, o.lr),
+            OptimKind::Adam => nn::Adam {
+                beta1: o.betas[0],
+                beta2: o.betas[1],
+                wd: o.weight_decay,
+                eps: o.eps,
+                amsgrad: false,
             }
+            .build(&vs, o.lr),
+            OptimKind::Adamw => nn::AdamW {
+                beta1: o.betas[0],
+                beta2: o.betas[1],
+                wd: o.weight_decay,
+                eps: o.eps,
+                amsgrad: false,
+            }
+            .build(&vs, o.lr),
         }?;
         let bucket_bytes = (cfg.cluster.bucket_mb * 1024.0 * 1024.0) as usize;
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
-        Ok(Trainer { vs, model, opt, sync, cfg: cfg.clone(), step: 0, total_steps })
+        Ok(Trainer {
+            vs,
+            model,
+            opt,
+            sync,
+            cfg: cfg.clone(),
+            step: 0,
+            total_steps,
+        })
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -65,7 +95,9 @@ impl Trainer {
     }
 
     pub fn learning_rate(&self) -> f64 {
-        self.cfg.schedule.lr_at(self.cfg.optim.lr, self.step, self.total_steps)
+        self.cfg
+            .schedule
+            .lr_at(self.cfg.optim.lr, self.step, self.total_steps)
     }
 
     /// One synchronous data-parallel step on this rank's share of the global batch; returns the local loss.
@@ -73,7 +105,13 @@ impl Trainer {
         self.opt.set_lr(self.learning_rate());
         self.opt.zero_grad();
         let logits = self.model.forward_t(x, true);
-        let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, self.cfg.train.label_smoothing);
+        let loss = logits.cross_entropy_loss::<Tensor>(
+            y,
+            None,
+            Reduction::Mean,
+            -100,
+            self.cfg.train.label_smoothing,
+        );
         loss.backward();
         self.sync.all_reduce_gradients(comm)?;
         self.opt.step();
@@ -83,7 +121,13 @@ impl Trainer {
 
     /// Accuracy and mean cross-entropy (without smoothing) on `x, y`, each rank taking a strided share and
     /// the counts summed across ranks, so every sample counts exactly once.
-    pub fn evaluate(&self, x: &Tensor, y: &Tensor, comm: &mut dyn Collective, batch: i64) -> Result<Evaluation> {
+    pub fn evaluate(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        comm: &mut dyn Collective,
+        batch: i64,
+    ) -> Result<Evaluation> {
         let n = x.size()[0] as u64;
         let mine = eval_indices(n, comm.world_size() as u32, comm.rank() as u32);
         let (mut correct, mut loss_sum) = (0f64, 0f64);
@@ -92,18 +136,33 @@ impl Trainer {
                 let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
                 let (xb, yb) = (x.index_select(0, &idx), y.index_select(0, &idx));
                 let logits = self.model.forward_t(&xb, false);
-                loss_sum += logits.cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0).double_value(&[]);
-                correct += logits.argmax(-1, false).eq_tensor(&yb).sum(Kind::Float).double_value(&[]);
+                loss_sum += logits
+                    .cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)
+                    .double_value(&[]);
+                correct += logits
+                    .argmax(-1, false)
+                    .eq_tensor(&yb)
+                    .sum(Kind::Float)
+                    .double_value(&[]);
             }
         });
         // f64 sums travel as f32; exact for counts below 2^24 samples per evaluation.
         let mut totals = Tensor::from_slice(&[correct as f32, loss_sum as f32, mine.len() as f32]);
         comm.all_reduce_sum(&mut totals)?;
-        let t: Vec<f32> = Vec::<f32>::try_from(&totals).expect("a 1-D f32 tensor converts to Vec<f32>");
+        let t: Vec<f32> =
+            Vec::<f32>::try_from(&totals).expect("a 1-D f32 tensor converts to Vec<f32>");
         let samples = t[2].round() as u64;
         Ok(Evaluation {
-            accuracy: if samples > 0 { t[0] as f64 / samples as f64 } else { 0.0 },
-            loss: if samples > 0 { t[1] as f64 / samples as f64 } else { 0.0 },
+            accuracy: if samples > 0 {
+                t[0] as f64 / samples as f64
+            } else {
+                0.0
+            },
+            loss: if samples > 0 {
+                t[1] as f64 / samples as f64
+            } else {
+                0.0
+            },
             samples,
         })
     }
@@ -112,7 +171,13 @@ impl Trainer {
     pub fn flat_parameters(&self) -> Vec<f32> {
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let flat = Tensor::cat(&named.iter().map(|(_, t)| t.detach().reshape([-1])).collect::<Vec<_>>(), 0);
+        let flat = Tensor::cat(
+            &named
+                .iter()
+                .map(|(_, t)| t.detach().reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        );
         Vec::<f32>::try_from(&flat).expect("parameters are f32")
     }
 }

@@ -29,11 +29,16 @@ fn config(optim: &str) -> JobConfig {
 fn data() -> InMemorySplit {
     tch::manual_seed(11);
     let n = (GLOBAL_BATCH * STEPS) as i64;
-    InMemorySplit::from_tensors(Tensor::randn([n, 40], (Kind::Float, Device::Cpu)), Tensor::randint(10, [n], (Kind::Int64, Device::Cpu)))
+    InMemorySplit::from_tensors(
+        Tensor::randn([n, 40], (Kind::Float, Device::Cpu)),
+        Tensor::randint(10, [n], (Kind::Int64, Device::Cpu)),
+    )
 }
 
 fn rings(world: usize) -> Vec<TcpRing> {
-    let listeners: Vec<_> = (0..world).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
+    let listeners: Vec<_> = (0..world)
+        .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
+        .collect();
     let peers: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect();
     let handles: Vec<_> = listeners
         .into_iter()
@@ -41,7 +46,15 @@ fn rings(world: usize) -> Vec<TcpRing> {
         .map(|(rank, l)| {
             let peers = peers.clone();
             std::thread::spawn(move || {
-                l.connect(rank, &peers, RingConfig { timeout: Duration::from_secs(20), ..Default::default() }).unwrap()
+                l.connect(
+                    rank,
+                    &peers,
+                    RingConfig {
+                        timeout: Duration::from_secs(20),
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
             })
         })
         .collect();
@@ -57,7 +70,16 @@ fn train(world: usize, optim: &str) -> Vec<Vec<f32>> {
     // Replicas are built one after another: libtorch's seed is process-global. Ranks > 0 get deliberately
     // different initial parameters, which the broadcast from rank 0 must overwrite.
     let trainers: Vec<Trainer> = (0..world)
-        .map(|rank| Trainer::new(&cfg, &[40], 10, cfg.job.seed + rank as u64 * 1000, STEPS as u64).unwrap())
+        .map(|rank| {
+            Trainer::new(
+                &cfg,
+                &[40],
+                10,
+                cfg.job.seed + rank as u64 * 1000,
+                STEPS as u64,
+            )
+            .unwrap()
+        })
         .collect();
     drop(guard);
     let per_rank = GLOBAL_BATCH / world;
@@ -70,7 +92,14 @@ fn train(world: usize, optim: &str) -> Vec<Vec<f32>> {
             std::thread::spawn(move || {
                 let split = InMemorySplit::from_tensors(x, y);
                 trainer.broadcast_parameters(&mut ring).unwrap();
-                let sampler = DistributedSampler { dataset_len: n, seed: 5, epoch: 0, shuffle: true, world_size: world as u32, rank: rank as u32 };
+                let sampler = DistributedSampler {
+                    dataset_len: n,
+                    seed: 5,
+                    epoch: 0,
+                    shuffle: true,
+                    world_size: world as u32,
+                    rank: rank as u32,
+                };
                 let indices = sampler.indices();
                 for batch in indices.chunks(per_rank).take(STEPS) {
                     let (xb, yb) = split.batch(batch);
@@ -85,7 +114,10 @@ fn train(world: usize, optim: &str) -> Vec<Vec<f32>> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn check(optim: &str, world: usize) {
@@ -94,18 +126,29 @@ fn check(optim: &str, world: usize) {
     let initial = {
         let _guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = config(optim);
-        Trainer::new(&cfg, &[40], 10, cfg.job.seed, 1).unwrap().flat_parameters()
+        Trainer::new(&cfg, &[40], 10, cfg.job.seed, 1)
+            .unwrap()
+            .flat_parameters()
     };
-    assert!(max_abs_diff(&single, &initial) > 1e-3, "training did not move the parameters; the test would prove nothing");
+    assert!(
+        max_abs_diff(&single, &initial) > 1e-3,
+        "training did not move the parameters; the test would prove nothing"
+    );
     for (rank, p) in replicas.iter().enumerate() {
         let d = max_abs_diff(&single, p);
-        assert!(d <= 1e-5, "{optim}: rank {rank} of {world} differs from single-process training by {d}");
+        assert!(
+            d <= 1e-5,
+            "{optim}: rank {rank} of {world} differs from single-process training by {d}"
+        );
     }
 }
 
 #[test]
 fn two_workers_equal_one_with_sgd() {
-    check("kind='sgd'\nlr=0.05\nmomentum=0.9\nnesterov=true\nweight_decay=0.001", 2);
+    check(
+        "kind='sgd'\nlr=0.05\nmomentum=0.9\nnesterov=true\nweight_decay=0.001",
+        2,
+    );
 }
 
 #[test]

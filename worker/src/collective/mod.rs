@@ -59,7 +59,9 @@ impl Collective for TcpRing {
         }
         shape[0] *= self.world_size() as i64;
         let mut out = Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu));
-        with_host_f32(&mut input, |src| with_host_f32(&mut out, |dst| self.all_gather_f32(src, dst)))?;
+        with_host_f32(&mut input, |src| {
+            with_host_f32(&mut out, |dst| self.all_gather_f32(src, dst))
+        })?;
         Ok(out.to_device(t.device()).to_kind(t.kind()))
     }
 
