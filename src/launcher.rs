@@ -23,6 +23,9 @@ pub struct RunArgs {
     /// Intra-op threads per worker (default: the machine's cores divided among the workers).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Override the config's `job.seed`.
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 struct Proc {
@@ -66,7 +69,10 @@ fn spawn(
 
 pub fn run(args: RunArgs) -> Result<()> {
     // Validate everything a user can get wrong before any process starts.
-    let cfg = JobConfig::load(&args.config)?;
+    let mut cfg = JobConfig::load(&args.config)?;
+    if let Some(seed) = args.seed {
+        cfg.job.seed = seed;
+    }
     cfg.validate_world(args.workers)?;
     cfg.check_data()?;
     let out = args
@@ -75,6 +81,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.job.name));
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    // The run directory records the exact config the job ran with (overrides applied).
+    let job_file = out.join("job.toml");
+    butler_common::fsutil::write_atomic(&job_file, cfg.to_toml().as_bytes())?;
     let addr_file = out.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -90,7 +99,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         &[
             "coordinator".into(),
             "--config".into(),
-            args.config.display().to_string(),
+            job_file.display().to_string(),
             "--world-size".into(),
             args.workers.to_string(),
             "--listen".into(),
