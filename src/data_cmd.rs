@@ -185,6 +185,7 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
                 num_samples: n as u64,
                 labeled: true,
                 shards,
+                class_counts: Some(class_counts(&ys, classes.len())?),
             },
         );
     }
@@ -205,6 +206,17 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     Ok(())
+}
+
+fn class_counts(labels: &[i64], classes: usize) -> Result<Vec<u64>> {
+    let mut counts = vec![0u64; classes];
+    for &l in labels {
+        match counts.get_mut(usize::try_from(l).unwrap_or(usize::MAX)) {
+            Some(c) => *c += 1,
+            None => bail!("the generator produced label {l}, outside 0..{classes}"),
+        }
+    }
+    Ok(counts)
 }
 
 fn inspect(path: &Path) -> Result<()> {

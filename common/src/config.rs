@@ -16,8 +16,85 @@ pub struct JobConfig {
     #[serde(default)]
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+    /// Data regularizers (all off by default); they compose.
+    #[serde(default)]
+    pub regularize: RegularizeConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegularizeConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix: Option<MixConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifold_mixup: Option<ManifoldMixupConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutout: Option<CutoutConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
+}
+
+/// Input mixing: Mixup (Zhang et al. 2018) and/or CutMix (Yun et al. 2019). With both alphas set, each
+/// mixed batch uses CutMix with probability `switch_prob`, Mixup otherwise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixConfig {
+    /// λ ~ Beta(α, α) for Mixup; 0 disables Mixup.
+    #[serde(default)]
+    pub mixup_alpha: f64,
+    /// λ ~ Beta(α, α) for CutMix; 0 disables CutMix.
+    #[serde(default)]
+    pub cutmix_alpha: f64,
+    #[serde(default = "half")]
+    pub switch_prob: f64,
+    /// Probability that a batch is mixed at all.
+    #[serde(default = "one_f")]
+    pub prob: f64,
+}
+
+/// Manifold Mixup (Verma et al. 2019): mix hidden states at a mix point drawn uniformly from `layers`
+/// (0 = the input; the model's blocks are numbered from 1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifoldMixupConfig {
+    pub alpha: f64,
+    pub layers: Vec<usize>,
+    #[serde(default = "one_f")]
+    pub prob: f64,
+}
+
+/// Cutout (DeVries & Taylor 2017): `holes` zeroed regions of `size` (a segment in 1-D, a square in 2-D),
+/// centred anywhere in the sample and clipped at its borders.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutoutConfig {
+    pub holes: usize,
+    pub size: usize,
+    #[serde(default = "one_f")]
+    pub prob: f64,
+}
+
+/// Knowledge distillation (Hinton et al. 2015):
+/// loss = α·CE(student, y) + (1 − α)·T²·KL(softmax(t/T) ‖ softmax(s/T)).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// A butler checkpoint (`.safetensors`, built with `teacher_model`) or a TorchScript file (`.pt`, `.ts`).
+    pub teacher: PathBuf,
+    /// Architecture of a safetensors teacher (default: the student's `[model]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_model: Option<ModelConfig>,
+    pub alpha: f64,
+    pub temperature: f64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+fn one_f() -> f64 {
+    1.0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,6 +116,12 @@ pub struct DataConfig {
     pub train_split: String,
     #[serde(default = "default_test_split")]
     pub test_split: String,
+    /// Few-label experiments: train on this many labeled samples per class of the train split.
+    #[serde(default)]
+    pub labels_per_class: Option<u64>,
+    /// Seed of the labeled subset (default: `job.seed`, so each seed also draws its own subset).
+    #[serde(default)]
+    pub subset_seed: Option<u64>,
 }
 
 fn default_train_split() -> String {
@@ -361,8 +444,70 @@ impl JobConfig {
                 return Err(bad("model.hidden", "widths must be positive".into()));
             }
         }
+        self.validate_regularizers(&bad)?;
         if let ModelConfig::ConvBase { channels: 0, .. } = &self.model {
             return Err(bad("model.channels", "must be positive".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_regularizers(&self, bad: &dyn Fn(&str, String) -> Error) -> Result<()> {
+        let prob = |key: &str, p: f64| {
+            if (0.0..=1.0).contains(&p) {
+                Ok(())
+            } else {
+                Err(bad(key, format!("{p} is outside [0, 1]")))
+            }
+        };
+        let r = &self.regularize;
+        if let Some(m) = &r.mix {
+            if m.mixup_alpha < 0.0 || m.cutmix_alpha < 0.0 {
+                return Err(bad("regularize.mix", "alphas must be ≥ 0".into()));
+            }
+            if m.mixup_alpha == 0.0 && m.cutmix_alpha == 0.0 {
+                return Err(bad(
+                    "regularize.mix",
+                    "set mixup_alpha and/or cutmix_alpha > 0".into(),
+                ));
+            }
+            prob("regularize.mix.switch_prob", m.switch_prob)?;
+            prob("regularize.mix.prob", m.prob)?;
+        }
+        if let Some(m) = &r.manifold_mixup {
+            if m.alpha <= 0.0 {
+                return Err(bad("regularize.manifold_mixup.alpha", "must be > 0".into()));
+            }
+            if m.layers.is_empty() {
+                return Err(bad(
+                    "regularize.manifold_mixup.layers",
+                    "must list at least one mix point (0 = input)".into(),
+                ));
+            }
+            prob("regularize.manifold_mixup.prob", m.prob)?;
+            if r.mix.is_some() {
+                return Err(bad(
+                    "regularize.manifold_mixup",
+                    "cannot be combined with regularize.mix (both mix the batch)".into(),
+                ));
+            }
+            if r.distill.is_some() {
+                return Err(bad("regularize.manifold_mixup", "cannot be combined with distill (the teacher cannot see the student's mixed hidden state)".into()));
+            }
+        }
+        if let Some(c) = &r.cutout {
+            if c.holes == 0 || c.size == 0 {
+                return Err(bad(
+                    "regularize.cutout",
+                    "holes and size must be ≥ 1".into(),
+                ));
+            }
+            prob("regularize.cutout.prob", c.prob)?;
+        }
+        if let Some(d) = &r.distill {
+            prob("regularize.distill.alpha", d.alpha)?;
+            if !(d.temperature > 0.0 && d.temperature.is_finite()) {
+                return Err(bad("regularize.distill.temperature", "must be > 0".into()));
+            }
         }
         Ok(())
     }
@@ -382,6 +527,32 @@ impl JobConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Number of training samples the sampler covers: the whole train split, or the labeled subset.
+    pub fn train_len(&self, m: &Manifest, file: &Path) -> Result<u64> {
+        let split = m.split(&self.data.train_split, file)?;
+        match self.data.labels_per_class {
+            None => Ok(split.num_samples),
+            Some(0) => Err(Error::invalid(
+                "data.labels_per_class",
+                "must be at least 1",
+            )),
+            Some(k) => {
+                let counts = split.class_counts.as_ref().ok_or_else(|| Error::Manifest {
+                    path: file.to_path_buf(),
+                    message: format!(
+                        "split {:?} has no class_counts, which data.labels_per_class needs (re-run `butler data prepare`)",
+                        self.data.train_split
+                    ),
+                })?;
+                Ok(crate::sampler::subset_len(counts, k))
+            }
+        }
+    }
+
+    pub fn subset_seed(&self) -> u64 {
+        self.data.subset_seed.unwrap_or(self.job.seed)
     }
 
     /// Loads the manifest and checks that the splits exist, are labeled, and fit the model.
@@ -407,6 +578,18 @@ impl JobConfig {
                 },
                 other => other,
             })?;
+        self.train_len(&m, &file)?;
+        if let Some(d) = &self.regularize.distill {
+            if !d.teacher.is_file() {
+                return Err(Error::invalid(
+                    "regularize.distill.teacher",
+                    format!("{} does not exist (train the teacher first; its checkpoint is <run>/checkpoints/final.safetensors)", d.teacher.display()),
+                ));
+            }
+            if let Some(t) = &d.teacher_model {
+                t.check_input(&m.sample_shape)?;
+            }
+        }
         Ok((m, file))
     }
 }

@@ -37,6 +37,10 @@ pub struct Split {
     /// Unlabeled splits carry no `y` tensor.
     pub labeled: bool,
     pub shards: Vec<ShardEntry>,
+    /// Samples per class (labeled splits), so that a labeled subset's size is known without reading
+    /// labels — the coordinator sizes the sampler from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_counts: Option<Vec<u64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,6 +123,17 @@ impl Manifest {
                     "split {name}: shards hold {sum} samples but num_samples is {}",
                     split.num_samples
                 )));
+            }
+            if let Some(counts) = &split.class_counts {
+                if counts.len() != self.classes.len()
+                    || counts.iter().sum::<u64>() != split.num_samples
+                {
+                    return Err(bad(format!(
+                        "split {name}: class_counts {counts:?} do not match {} classes and {} samples",
+                        self.classes.len(),
+                        split.num_samples
+                    )));
+                }
             }
         }
         Ok(())

@@ -97,6 +97,29 @@ impl DistributedSampler {
     }
 }
 
+/// Size of the labeled subset that keeps `per_class` samples of each class (all of a smaller class).
+pub fn subset_len(class_counts: &[u64], per_class: u64) -> u64 {
+    class_counts.iter().map(|&c| c.min(per_class)).sum()
+}
+
+/// The labeled subset for few-label experiments: for each class, the first `per_class` of its samples
+/// in a permutation seeded by `seed`. Returns sorted split indices. A pure function of (labels, seed), so
+/// every worker selects the same subset without exchanging it.
+pub fn labeled_subset(labels: &[i64], per_class: u64, seed: u64) -> Vec<u64> {
+    let order = epoch_permutation(labels.len() as u64, seed, u64::MAX, true);
+    let mut taken: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
+    let mut keep: Vec<u64> = order
+        .into_iter()
+        .filter(|&i| {
+            let n = taken.entry(labels[i as usize]).or_insert(0);
+            *n += 1;
+            *n <= per_class
+        })
+        .collect();
+    keep.sort_unstable();
+    keep
+}
+
 /// Contiguous, unpadded share of `0..len` for rank `r` (strided), used for evaluation where every sample
 /// must be counted exactly once.
 pub fn eval_indices(len: u64, world_size: u32, rank: u32) -> Vec<u64> {
@@ -206,6 +229,22 @@ mod tests {
             rank: 1,
         };
         assert_eq!(s.indices()[10..], s.indices_from(10)[..]);
+    }
+
+    #[test]
+    fn labeled_subset_takes_per_class_and_is_deterministic() {
+        let labels: Vec<i64> = (0..300)
+            .map(|i| (i % 3) as i64)
+            .chain(std::iter::repeat_n(3, 5))
+            .collect();
+        let a = labeled_subset(&labels, 10, 1);
+        assert_eq!(a, labeled_subset(&labels, 10, 1));
+        assert_ne!(a, labeled_subset(&labels, 10, 2));
+        assert_eq!(a.len() as u64, subset_len(&[100, 100, 100, 5], 10));
+        for class in 0..4 {
+            let n = a.iter().filter(|&&i| labels[i as usize] == class).count();
+            assert_eq!(n, if class == 3 { 5 } else { 10 });
+        }
     }
 
     #[test]

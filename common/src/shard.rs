@@ -175,6 +175,7 @@ mod tests {
                 num_samples: entry.num_samples,
                 labeled: true,
                 shards: vec![entry],
+                class_counts: None,
             },
         );
         Manifest {

@@ -284,9 +284,9 @@ fn token_matches(got: &[u8], want: &[u8]) -> bool {
 
 /// Runs the coordinator until the job ends. `on_bound` receives the bound address (port 0 allowed).
 pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) -> Result<Outcome> {
-    let (manifest, _) = opts.config.check_data()?;
+    let (manifest, manifest_file) = opts.config.check_data()?;
     opts.config.validate_world(opts.world_size)?;
-    let train_len = manifest.splits[&opts.config.data.train_split].num_samples;
+    let train_len = opts.config.train_len(&manifest, &manifest_file)?;
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| butler_common::Error::io(&opts.run_dir, e))?;
 

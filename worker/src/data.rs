@@ -35,6 +35,16 @@ impl InMemorySplit {
         InMemorySplit { x, y, len }
     }
 
+    /// The samples at `indices`, as a new split (e.g. the labeled subset of a few-label experiment).
+    pub fn subset(&self, indices: &[u64]) -> Self {
+        let (x, y) = self.batch(indices);
+        InMemorySplit {
+            x,
+            y,
+            len: indices.len() as u64,
+        }
+    }
+
     /// Gathers the samples at `indices` into a batch.
     pub fn batch(&self, indices: &[u64]) -> (Tensor, Tensor) {
         let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());

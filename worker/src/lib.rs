@@ -8,12 +8,15 @@ pub mod client;
 pub mod collective;
 pub mod data;
 pub mod ddp;
+pub mod losses;
+pub mod mixing;
 pub mod models;
+pub mod objectives;
 pub mod trainer;
 
 use butler_common::config::JobConfig;
 use butler_common::fsutil;
-use butler_common::sampler::DistributedSampler;
+use butler_common::sampler::{labeled_subset, DistributedSampler};
 use butler_proto::{
     AssignmentRequest, FinishRequest, MetricsReport, RegisterRequest, RendezvousRequest, Stream,
 };
@@ -245,7 +248,11 @@ fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collect
 fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
     cfg.validate_world(ctx.world)?;
     let (manifest, manifest_file) = cfg.check_data()?;
-    let train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
+    let mut train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
+    if let Some(k) = cfg.data.labels_per_class {
+        let labels = Vec::<i64>::try_from(&train_set.y)?;
+        train_set = train_set.subset(&labeled_subset(&labels, k, cfg.subset_seed()));
+    }
     let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
     let mut ring = join_ring(ctx, cfg, &opts.advertise_host)?;
     info!(
@@ -281,6 +288,12 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             .into_inner();
         if !a.has_epoch {
             break;
+        }
+        if a.dataset_len != train_set.len {
+            return Err(Error::Setup(format!(
+                "the coordinator assigns a training set of {} samples but this worker has {} (different data or config?)",
+                a.dataset_len, train_set.len
+            )));
         }
         let sampler = DistributedSampler {
             dataset_len: a.dataset_len,

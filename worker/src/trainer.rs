@@ -4,16 +4,19 @@
 
 use crate::collective::Collective;
 use crate::ddp::GradSync;
+use crate::mixing::MixRng;
 use crate::models::{self, Model};
+use crate::objectives::{self, Objective, StepCtx};
 use crate::Result;
 use butler_common::config::{JobConfig, OptimKind};
-use butler_common::sampler::eval_indices;
+use butler_common::sampler::{eval_indices, mix};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
 pub struct Trainer {
     pub vs: nn::VarStore,
     model: Box<dyn Model>,
+    objective: Box<dyn Objective>,
     opt: nn::Optimizer,
     sync: GradSync,
     cfg: JobConfig,
@@ -43,6 +46,7 @@ impl Trainer {
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = models::build(&vs.root(), &cfg.model, sample_shape, classes);
+        let objective = objectives::build(cfg, sample_shape, classes, model.mix_points())?;
         let o = &cfg.optim;
         let opt = match o.kind {
             OptimKind::Sgd => nn::Sgd {
@@ -74,6 +78,7 @@ impl Trainer {
         Ok(Trainer {
             vs,
             model,
+            objective,
             opt,
             sync,
             cfg: cfg.clone(),
@@ -104,14 +109,15 @@ impl Trainer {
     pub fn step(&mut self, x: &Tensor, y: &Tensor, comm: &mut dyn Collective) -> Result<f64> {
         self.opt.set_lr(self.learning_rate());
         self.opt.zero_grad();
-        let logits = self.model.forward_t(x, true);
-        let loss = logits.cross_entropy_loss::<Tensor>(
+        // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.
+        let mut rng = MixRng::new(mix(mix(self.cfg.job.seed, self.step), comm.rank() as u64));
+        let loss = self.objective.loss(StepCtx {
+            model: self.model.as_ref(),
+            x,
             y,
-            None,
-            Reduction::Mean,
-            -100,
-            self.cfg.train.label_smoothing,
-        );
+            rng: &mut rng,
+            step: self.step,
+        });
         loss.backward();
         self.sync.all_reduce_gradients(comm)?;
         self.opt.step();

@@ -1,0 +1,118 @@
+//! Knowledge distillation (Hinton et al. 2015): the student matches a frozen teacher's temperature-
+//! softened predictions on the same (possibly mixed) inputs, plus α·CE on the labels.
+//! The teacher is a butler checkpoint (safetensors, rebuilt from a model config) or a TorchScript file
+//! exported from PyTorch; it runs without gradients on every worker beside the student.
+
+use super::{BatchAug, Objective, StepCtx};
+use crate::losses::{kd_loss, one_hot, KdConfig};
+use crate::models::{self, Model};
+use crate::{Error, Result};
+use butler_common::config::{DistillConfig, JobConfig};
+use std::path::Path;
+use tch::{nn, CModule, Device, Tensor};
+
+/// A frozen model that produces logits.
+pub enum Teacher {
+    Native {
+        _vs: nn::VarStore,
+        model: Box<dyn Model>,
+    },
+    TorchScript(CModule),
+}
+
+impl Teacher {
+    /// Loads a teacher; `.pt`/`.ts`/`.torchscript` files are TorchScript, anything else a butler
+    /// safetensors checkpoint built with `model_cfg`.
+    pub fn load(
+        path: &Path,
+        model_cfg: &butler_common::config::ModelConfig,
+        sample_shape: &[usize],
+        classes: usize,
+    ) -> Result<Teacher> {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let fail =
+            |e: tch::TchError| Error::Setup(format!("cannot load teacher {}: {e}", path.display()));
+        if !path.is_file() {
+            return Err(Error::Setup(format!(
+                "teacher {} does not exist",
+                path.display()
+            )));
+        }
+        if matches!(ext, "pt" | "ts" | "torchscript") {
+            let mut m = CModule::load_on_device(path, Device::Cpu).map_err(fail)?;
+            m.set_eval();
+            return Ok(Teacher::TorchScript(m));
+        }
+        model_cfg.check_input(sample_shape)?;
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let model = models::build(&vs.root(), model_cfg, sample_shape, classes);
+        vs.load(path).map_err(fail)?;
+        vs.freeze();
+        Ok(Teacher::Native { _vs: vs, model })
+    }
+
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| match self {
+            Teacher::Native { model, .. } => Ok(model.forward_t(x, false)),
+            Teacher::TorchScript(m) => m
+                .forward_ts(&[x])
+                .map_err(|e| Error::Setup(format!("teacher forward: {e}"))),
+        })
+    }
+}
+
+pub struct Distill {
+    aug: BatchAug,
+    teacher: Teacher,
+    kd: KdConfig,
+    label_smoothing: f64,
+    classes: i64,
+}
+
+impl Distill {
+    pub fn new(
+        cfg: &JobConfig,
+        d: &DistillConfig,
+        aug: BatchAug,
+        sample_shape: &[usize],
+        classes: usize,
+    ) -> Result<Distill> {
+        let teacher_cfg = d.teacher_model.as_ref().unwrap_or(&cfg.model);
+        let teacher = Teacher::load(&d.teacher, teacher_cfg, sample_shape, classes)?;
+        Ok(Distill {
+            aug,
+            teacher,
+            kd: KdConfig {
+                alpha: d.alpha,
+                temperature: d.temperature,
+            },
+            label_smoothing: cfg.train.label_smoothing,
+            classes: classes as i64,
+        })
+    }
+}
+
+impl Objective for Distill {
+    fn name(&self) -> &'static str {
+        "kd"
+    }
+
+    fn loss(&mut self, ctx: StepCtx) -> Tensor {
+        let prepared = self.aug.apply(ctx.x, ctx.y, ctx.rng);
+        let student = prepared.forward(ctx.model);
+        let teacher = self
+            .teacher
+            .logits(&prepared.x)
+            .expect("teacher forward failed on a batch the student accepted");
+        let targets = prepared
+            .soft_targets
+            .unwrap_or_else(|| one_hot(ctx.y, self.classes));
+        kd_loss(
+            &student,
+            &teacher,
+            Some(&targets),
+            &self.kd,
+            self.label_smoothing,
+        )
+    }
+}

@@ -1,0 +1,52 @@
+//! Objectives: one file per method, all behind the same trait, so the trainer's step stays
+//! forward → loss → backward → all-reduce → update whatever the method.
+//!
+//! - `supervised.rs`: cross-entropy with label smoothing and the input regularizers (Cutout, Mixup,
+//!   CutMix, Manifold Mixup);
+//! - `kd.rs`: knowledge distillation from a frozen teacher, composing with the same input regularizers.
+//!
+//! Randomness (which batch is mixed, λ, boxes, holes) comes from a `MixRng` seeded by
+//! (job seed, step, rank): reproducible, and each rank mixes within its own batch.
+
+mod batch_aug;
+pub mod kd;
+pub mod supervised;
+
+pub use batch_aug::{BatchAug, Prepared, Spatial};
+
+use crate::mixing::MixRng;
+use crate::models::Model;
+use crate::Result;
+use butler_common::config::JobConfig;
+use tch::Tensor;
+
+/// Everything one step's loss may need.
+pub struct StepCtx<'a> {
+    pub model: &'a dyn Model,
+    /// This rank's inputs `[b, ...sample_shape]`.
+    pub x: &'a Tensor,
+    /// This rank's labels `[b]`.
+    pub y: &'a Tensor,
+    pub rng: &'a mut MixRng,
+    pub step: u64,
+}
+
+pub trait Objective: Send {
+    fn name(&self) -> &'static str;
+    /// The scalar loss for this rank's batch (averaged over the batch).
+    fn loss(&mut self, ctx: StepCtx) -> Tensor;
+}
+
+/// Builds the objective the config asks for.
+pub fn build(
+    cfg: &JobConfig,
+    sample_shape: &[usize],
+    classes: usize,
+    model_mix_points: usize,
+) -> Result<Box<dyn Objective>> {
+    let aug = BatchAug::new(&cfg.regularize, sample_shape, classes, model_mix_points)?;
+    Ok(match &cfg.regularize.distill {
+        Some(d) => Box::new(kd::Distill::new(cfg, d, aug, sample_shape, classes)?),
+        None => Box::new(supervised::Supervised::new(aug, cfg.train.label_smoothing)),
+    })
+}

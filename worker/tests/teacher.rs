@@ -1,0 +1,79 @@
+//! Knowledge-distillation teachers load from both formats and compute the function they were saved with.
+
+use butler_common::config::ModelConfig;
+use butler_worker::models;
+use butler_worker::objectives::kd::Teacher;
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+fn fixtures() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+}
+
+#[test]
+fn torchscript_teacher_exported_from_pytorch_matches_its_logits() {
+    let tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixtures().join("kd.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let cfg = ModelConfig::Mlp {
+        hidden: vec![16],
+        input_dim: None,
+    };
+    let teacher = Teacher::load(&fixtures().join("teacher.pt"), &cfg, &[40], 10).unwrap();
+    let got = teacher.logits(&tensors["teacher/x"]).unwrap();
+    let diff = (&got - &tensors["teacher/logits"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        diff < 1e-6,
+        "TorchScript teacher differs from PyTorch by {diff}"
+    );
+}
+
+#[test]
+fn butler_checkpoint_teacher_reproduces_the_saved_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::ConvBase {
+        channels: 8,
+        input_length: None,
+    };
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = models::build(&vs.root(), &cfg, &[40], 10);
+    let path = dir.path().join("final.safetensors");
+    vs.save(&path).unwrap();
+    let x = Tensor::randn([4, 40], (Kind::Float, Device::Cpu));
+    let want = tch::no_grad(|| model.forward_t(&x, false));
+    tch::manual_seed(99); // a different init, which loading must overwrite
+    let teacher = Teacher::load(&path, &cfg, &[40], 10).unwrap();
+    let got = teacher.logits(&x).unwrap();
+    assert_eq!((&got - &want).abs().max().double_value(&[]), 0.0);
+    assert!(
+        !got.requires_grad(),
+        "the teacher must run without gradients"
+    );
+}
+
+#[test]
+fn missing_teacher_is_a_clear_error() {
+    let cfg = ModelConfig::ConvBase {
+        channels: 8,
+        input_length: None,
+    };
+    let e = Teacher::load(
+        Path::new("/nonexistent/teacher.safetensors"),
+        &cfg,
+        &[40],
+        10,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("/nonexistent/teacher.safetensors") && e.contains("does not exist"),
+        "{e}"
+    );
+}
