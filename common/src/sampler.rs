@@ -3,11 +3,17 @@
 //! run compute the same order without ever exchanging index lists.
 //!
 //! The permutation of `0..len` for an epoch is a Fisher–Yates shuffle driven by SplitMix64 seeded with
-//! `mix(seed, epoch)`. It is padded by wrapping around to a multiple of the world size (every rank gets the
-//! same number of samples, as DistributedSampler does), and rank `r` takes positions `r, r + w, r + 2w, …`.
-//! With a per-rank batch of `b`, step `k` of all ranks together covers global positions
-//! `k·b·w .. (k+1)·b·w` — exactly the batch a single worker with batch `b·w` takes at step `k`, which is
-//! what makes data-parallel training equal to single-process training.
+//! `mix(seed, epoch)`. Rank `r` of `w` takes positions `start + r, start + r + w, …` — strided, with no
+//! padding, so every sample is seen exactly once per epoch. With a per-rank batch of `b`, step `k` of all
+//! ranks together covers the global positions `start + k·b·w .. start + (k+1)·b·w` — exactly the batch a
+//! single worker with batch `b·w` takes at step `k`, which is what makes data-parallel training equal to
+//! single-process training. Ranks may hold one sample more or less than each other; every rank runs the
+//! same number of steps, and a short (even empty) last batch is weighted by its size when gradients are
+//! averaged (`global_batch_len`).
+//!
+//! `start` is the global position where the current membership period of the epoch began: after `k`
+//! synchronous steps the consumed samples are exactly the positions before `start + k·b·w`, so a resumed
+//! or re-sharded job (a different world size) continues from there and still sees each sample once.
 
 /// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, statistically fine for shuffling, and simple enough
 /// to reimplement anywhere, which keeps the order a documented function rather than a library detail.
@@ -69,31 +75,61 @@ pub struct DistributedSampler {
     pub shuffle: bool,
     pub world_size: u32,
     pub rank: u32,
+    /// Global position where this membership period of the epoch starts (0 for a fresh epoch).
+    pub start: u64,
 }
 
 impl DistributedSampler {
-    /// ceil(len / world): every rank takes the same number of samples.
-    pub fn samples_per_rank(&self) -> u64 {
-        self.dataset_len.div_ceil(self.world_size.max(1) as u64)
+    fn w(&self) -> u64 {
+        self.world_size.max(1) as u64
     }
 
-    /// This rank's sample indices for the epoch, starting at `cursor` (a position in this rank's own
-    /// sequence, so that a resumed run continues where it stopped).
-    pub fn indices_from(&self, cursor: u64) -> Vec<u64> {
-        if self.dataset_len == 0 {
-            return Vec::new();
-        }
+    fn remaining(&self) -> u64 {
+        self.dataset_len.saturating_sub(self.start)
+    }
+
+    /// Samples this rank reads in the rest of the epoch.
+    pub fn samples_for_rank(&self) -> u64 {
+        let (rem, w, r) = (self.remaining(), self.w(), self.rank as u64);
+        rem / w + u64::from(r < rem % w)
+    }
+
+    /// Steps every rank runs in the rest of the epoch with per-rank batch `b`.
+    pub fn steps(&self, b: u64) -> u64 {
+        self.remaining().div_ceil(self.w()).div_ceil(b.max(1))
+    }
+
+    /// Samples all ranks together take at step `k` (the last global batch may be short).
+    pub fn global_batch_len(&self, k: u64, b: u64) -> u64 {
+        let lo = k * b * self.w();
+        self.remaining().min(lo + b * self.w()).saturating_sub(lo)
+    }
+
+    /// Global position consumed after `k` synchronous steps: where a resumed period starts.
+    pub fn position_after(&self, k: u64, b: u64) -> u64 {
+        (self.start + k * b * self.w()).min(self.dataset_len)
+    }
+
+    /// This rank's batches for the rest of the epoch: `steps(b)` lists of split indices (the last ones may
+    /// be shorter or empty on some ranks).
+    pub fn batches(&self, b: u64) -> Vec<Vec<u64>> {
         let perm = epoch_permutation(self.dataset_len, self.seed, self.epoch, self.shuffle);
-        let w = self.world_size as u64;
-        let total = self.samples_per_rank() * w;
-        (cursor..self.samples_per_rank())
-            .map(|i| i * w + self.rank as u64)
-            .map(|pos| perm[(pos % total.max(1) % self.dataset_len) as usize])
+        let (w, r) = (self.w(), self.rank as u64);
+        (0..self.steps(b))
+            .map(|k| {
+                (0..b)
+                    .map(|j| self.start + (k * b + j) * w + r)
+                    .take_while(|&pos| pos < self.dataset_len)
+                    .map(|pos| perm[pos as usize])
+                    .collect()
+            })
             .collect()
     }
 
+    /// All of this rank's indices for the rest of the epoch, in order.
     pub fn indices(&self) -> Vec<u64> {
-        self.indices_from(0)
+        let perm = epoch_permutation(self.dataset_len, self.seed, self.epoch, self.shuffle);
+        (self.start + self.rank as u64..self.dataset_len).step_by(self.w() as usize).map(|p| perm[p as usize]).collect()
     }
 }
 
@@ -145,90 +181,79 @@ mod tests {
         assert_eq!(epoch_permutation(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
     }
 
+    fn sampler(len: u64, world: u32, rank: u32, start: u64) -> DistributedSampler {
+        DistributedSampler { dataset_len: len, seed: 3, epoch: 2, shuffle: true, world_size: world, rank, start }
+    }
+
     #[test]
-    fn ranks_cover_every_sample_with_equal_counts() {
+    fn ranks_cover_every_sample_exactly_once_in_equal_steps() {
         for world in 1..=4u32 {
-            for len in [1u64, 2, 3, 7, 100, 101] {
-                let mut seen = BTreeMap::new();
-                let mut counts = Vec::new();
-                for rank in 0..world {
-                    let s = DistributedSampler {
-                        dataset_len: len,
-                        seed: 3,
-                        epoch: 2,
-                        shuffle: true,
-                        world_size: world,
-                        rank,
-                    };
-                    let idx = s.indices();
-                    counts.push(idx.len());
-                    for i in idx {
-                        *seen.entry(i).or_insert(0) += 1;
+            for len in [0u64, 1, 2, 3, 7, 100, 101] {
+                for b in [1u64, 3, 8] {
+                    let mut seen = vec![0u32; len as usize];
+                    let steps: Vec<_> = (0..world).map(|r| sampler(len, world, r, 0).batches(b).len()).collect();
+                    assert!(steps.iter().all(|&s| s == steps[0]), "unequal steps {steps:?}");
+                    for rank in 0..world {
+                        let s = sampler(len, world, rank, 0);
+                        let batches = s.batches(b);
+                        assert_eq!(batches.concat(), s.indices());
+                        assert_eq!(s.indices().len() as u64, s.samples_for_rank());
+                        for i in batches.concat() {
+                            seen[i as usize] += 1;
+                        }
+                    }
+                    assert!(seen.iter().all(|&c| c == 1), "world {world} len {len} b {b}: {seen:?}");
+                    for k in 0..steps[0] as u64 {
+                        let total: usize = (0..world).map(|r| sampler(len, world, r, 0).batches(b)[k as usize].len()).sum();
+                        assert_eq!(total as u64, sampler(len, world, 0, 0).global_batch_len(k, b));
                     }
                 }
-                assert!(
-                    counts.iter().all(|&c| c == counts[0]),
-                    "unequal counts {counts:?}"
-                );
-                assert_eq!(seen.len() as u64, len, "world {world} len {len}");
-                let padding: u64 = seen.values().map(|&c| c - 1).sum();
-                assert!(
-                    padding < world as u64,
-                    "padding {padding} for world {world} len {len}"
-                );
             }
         }
     }
 
     #[test]
     fn per_rank_batches_union_to_the_single_worker_batch() {
-        let (len, world, b) = (96u64, 3u32, 4usize);
-        let single = DistributedSampler {
-            dataset_len: len,
-            seed: 1,
-            epoch: 5,
-            shuffle: true,
-            world_size: 1,
-            rank: 0,
-        }
-        .indices();
-        let per_rank: Vec<Vec<u64>> = (0..world)
-            .map(|rank| {
-                DistributedSampler {
-                    dataset_len: len,
-                    seed: 1,
-                    epoch: 5,
-                    shuffle: true,
-                    world_size: world,
-                    rank,
-                }
-                .indices()
-            })
-            .collect();
-        for step in 0..(len as usize / (b * world as usize)) {
-            let mut union: Vec<u64> = per_rank
-                .iter()
-                .flat_map(|r| r[step * b..(step + 1) * b].to_vec())
-                .collect();
-            let mut want =
-                single[step * b * world as usize..(step + 1) * b * world as usize].to_vec();
+        let (len, world, b) = (97u64, 3u32, 4u64);
+        let single = sampler(len, 1, 0, 0).batches(b * world as u64);
+        let per_rank: Vec<_> = (0..world).map(|r| sampler(len, world, r, 0).batches(b)).collect();
+        assert_eq!(single.len(), per_rank[0].len());
+        for (k, want) in single.iter().enumerate() {
+            let mut union: Vec<u64> = per_rank.iter().flat_map(|r| r[k].clone()).collect();
+            let mut want = want.clone();
             union.sort();
             want.sort();
-            assert_eq!(union, want, "step {step}");
+            assert_eq!(union, want, "step {k}");
         }
     }
 
     #[test]
-    fn cursor_resumes_the_same_sequence() {
-        let s = DistributedSampler {
-            dataset_len: 50,
-            seed: 9,
-            epoch: 1,
-            shuffle: true,
-            world_size: 2,
-            rank: 1,
-        };
-        assert_eq!(s.indices()[10..], s.indices_from(10)[..]);
+    fn resharding_mid_epoch_keeps_exactly_once() {
+        let (len, b) = (103u64, 4u64);
+        for (w0, w1) in [(2u32, 3u32), (4, 1), (3, 2), (1, 4)] {
+            let k = 5; // steps taken before the world changed
+            let mut seen = vec![0u32; len as usize];
+            for r in 0..w0 {
+                for i in sampler(len, w0, r, 0).batches(b).into_iter().take(k).flatten() {
+                    seen[i as usize] += 1;
+                }
+            }
+            let start = sampler(len, w0, 0, 0).position_after(k as u64, b);
+            for r in 0..w1 {
+                for i in sampler(len, w1, r, start).indices() {
+                    seen[i as usize] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{w0}→{w1}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn resuming_at_a_position_continues_the_same_sequence() {
+        let (len, b) = (50u64, 5u64);
+        let full = sampler(len, 2, 1, 0).batches(b);
+        let start = sampler(len, 2, 1, 0).position_after(3, b);
+        assert_eq!(sampler(len, 2, 1, start).batches(b), full[3..].to_vec());
     }
 
     #[test]

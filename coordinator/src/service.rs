@@ -156,8 +156,8 @@ impl Coordinator for Service {
                 dataset_len: s.dataset_len,
                 world_size: s.world_size,
                 rank: s.rank,
-                samples_per_rank: s.samples_per_rank(),
-                cursor: 0,
+                samples_for_rank: s.samples_for_rank(),
+                start: s.start,
                 has_epoch: true,
             },
             None => AssignmentResponse {

@@ -203,6 +203,7 @@ impl JobState {
             shuffle: self.cfg.train.shuffle,
             world_size: self.world_size,
             rank,
+            start: 0,
         }))
     }
 

@@ -261,9 +261,9 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         "data loaded; ring connected"
     );
 
-    let per_rank_batch = cfg.train.batch_size / ctx.world as usize;
-    let per_rank_samples = train_set.len.div_ceil(ctx.world as u64);
-    let steps_per_epoch = per_rank_samples.div_ceil(per_rank_batch as u64);
+    let per_rank_batch = (cfg.train.batch_size / ctx.world as usize) as u64;
+    // Every rank runs the same number of steps: ceil(ceil(n / world) / per-rank batch).
+    let steps_per_epoch = train_set.len.div_ceil(ctx.world as u64).div_ceil(per_rank_batch);
     let mut trainer = Trainer::new(
         cfg,
         &manifest.sample_shape,
@@ -302,15 +302,16 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             shuffle: a.shuffle,
             world_size: a.world_size,
             rank: a.rank,
+            start: a.start,
         };
-        let indices = sampler.indices_from(a.cursor);
         let t0 = Instant::now();
         let (mut loss_sum, mut seen) = (0.0, 0u64);
         let lr = trainer.learning_rate();
-        for batch in indices.chunks(per_rank_batch) {
+        for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
             ctx.check_stop()?;
             let (x, y) = train_set.batch(batch);
-            let loss = trainer.step(&x, &y, &mut ring)?;
+            let global = sampler.global_batch_len(k as u64, per_rank_batch);
+            let loss = trainer.step(&x, &y, global, &mut ring)?;
             if !loss.is_finite() {
                 return Err(Error::Setup(format!(
                     "training diverged: loss is {loss} at epoch {epoch} step {}",

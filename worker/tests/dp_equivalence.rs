@@ -26,9 +26,8 @@ fn config(optim: &str) -> JobConfig {
     JobConfig::from_toml(&text, Path::new("dp.toml")).unwrap()
 }
 
-fn data() -> InMemorySplit {
+fn data(n: i64) -> InMemorySplit {
     tch::manual_seed(11);
-    let n = (GLOBAL_BATCH * STEPS) as i64;
     InMemorySplit::from_tensors(
         Tensor::randn([n, 40], (Kind::Float, Device::Cpu)),
         Tensor::randint(10, [n], (Kind::Int64, Device::Cpu)),
@@ -62,10 +61,10 @@ fn rings(world: usize) -> Vec<TcpRing> {
 }
 
 /// Trains `world` replicas for STEPS steps and returns every replica's final parameters.
-fn train(world: usize, optim: &str) -> Vec<Vec<f32>> {
+fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
     let cfg = config(optim);
     let guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
-    let data = data();
+    let data = data(n);
     let n = data.len;
     // Replicas are built one after another: libtorch's seed is process-global. Ranks > 0 get deliberately
     // different initial parameters, which the broadcast from rank 0 must overwrite.
@@ -76,7 +75,8 @@ fn train(world: usize, optim: &str) -> Vec<Vec<f32>> {
                 &[40],
                 10,
                 cfg.job.seed + rank as u64 * 1000,
-                STEPS as u64,
+                // A schedule longer than the test, so the last (uneven) step still has a real learning rate.
+                4 * STEPS as u64,
             )
             .unwrap()
         })
@@ -92,18 +92,10 @@ fn train(world: usize, optim: &str) -> Vec<Vec<f32>> {
             std::thread::spawn(move || {
                 let split = InMemorySplit::from_tensors(x, y);
                 trainer.broadcast_parameters(&mut ring).unwrap();
-                let sampler = DistributedSampler {
-                    dataset_len: n,
-                    seed: 5,
-                    epoch: 0,
-                    shuffle: true,
-                    world_size: world as u32,
-                    rank: rank as u32,
-                };
-                let indices = sampler.indices();
-                for batch in indices.chunks(per_rank).take(STEPS) {
+                let sampler = DistributedSampler { dataset_len: n, seed: 5, epoch: 0, shuffle: true, world_size: world as u32, rank: rank as u32, start: 0 };
+                for (k, batch) in sampler.batches(per_rank as u64).iter().enumerate().take(STEPS) {
                     let (xb, yb) = split.batch(batch);
-                    trainer.step(&xb, &yb, &mut ring).unwrap();
+                    trainer.step(&xb, &yb, sampler.global_batch_len(k as u64, per_rank as u64), &mut ring).unwrap();
                 }
                 trainer.flat_parameters()
             })
@@ -120,9 +112,11 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn check(optim: &str, world: usize) {
-    let single = train(1, optim).remove(0);
-    let replicas = train(world, optim);
+/// `n` samples: a multiple of the global batch, or not (the 20th step is then short and uneven across
+/// ranks, which the loss weighting must make exact).
+fn check(optim: &str, world: usize, n: i64) {
+    let single = train(1, optim, n).remove(0);
+    let replicas = train(world, optim, n);
     let initial = {
         let _guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = config(optim);
@@ -148,15 +142,22 @@ fn two_workers_equal_one_with_sgd() {
     check(
         "kind='sgd'\nlr=0.05\nmomentum=0.9\nnesterov=true\nweight_decay=0.001",
         2,
+        960,
     );
 }
 
 #[test]
 fn three_workers_equal_one_with_sgd() {
-    check("kind='sgd'\nlr=0.05\nmomentum=0.9", 3);
+    check("kind='sgd'\nlr=0.05\nmomentum=0.9", 3, 960);
 }
 
 #[test]
 fn two_workers_equal_one_with_adamw() {
-    check("kind='adamw'\nlr=0.003\nweight_decay=0.01", 2);
+    check("kind='adamw'\nlr=0.003\nweight_decay=0.01", 2, 960);
+}
+
+#[test]
+fn three_workers_equal_one_when_the_last_batch_is_short_and_uneven() {
+    // 950 = 19 full global batches of 48 + 38: the ranks hold 13, 13 and 12 samples at the last step.
+    check("kind='sgd'\nlr=0.05\nmomentum=0.9", 3, 950);
 }
