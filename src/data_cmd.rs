@@ -1,15 +1,16 @@
-//! `butler data`: turns the reference generators' output into butler shards plus a manifest, and checks
-//! existing datasets.
+//! `butler data`: turns the reference generators' output into butler shards plus a manifest, imports
+//! datasets in other formats (`import.rs`), and checks existing datasets.
 
+use crate::import::{ClassOrigin, ClassSpec, SplitSpec, SplitWriter};
 use anyhow::{bail, Context, Result};
 use butler_common::manifest::{
-    Manifest, ShardEntry, Split, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
+    Manifest, ShardEntry, ShardFormat, Split, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
 };
-use butler_common::shard::{read_shard, write_shard, ShardData};
+use butler_common::shard::{read_shard_checked, write_shard, CorruptPolicy, ShardData};
 use safetensors::tensor::{Dtype, SafeTensors};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 
 const DATAGEN: &str = include_str!("../scripts/datagen.py");
 
@@ -28,10 +29,33 @@ pub enum DataCommand {
         /// Python with the generator packages (default: $BUTLER_PYTHON, then .venv/bin/python, then python3).
         #[arg(long)]
         python: Option<PathBuf>,
+        /// mnist1d only: instead of rebuilding train/test, add an unlabeled split of this many freshly
+        /// generated samples to the existing dataset (generated 100,000 at a time).
+        #[arg(long)]
+        num_samples: Option<u64>,
+        /// Name of the unlabeled split that --num-samples writes (default: unlabeled).
+        #[arg(long)]
+        split: Option<String>,
+        /// With --num-samples: generator seed of the first 100,000-sample chunk; chunk k uses
+        /// seed + k. The range must not include 42, the seed of train/test.
+        #[arg(long, default_value_t = POOL_SEED)]
+        seed: u64,
     },
+    /// Import a dataset from .npy/.npz, an image folder, CIFAR-10/100 binaries or MNIST IDX files.
+    Import(crate::import::ImportArgs),
     /// Print a dataset's summary and verify every shard's checksum and shapes.
-    Inspect { path: PathBuf },
+    Inspect {
+        path: PathBuf,
+        /// Fail on the first corrupt sample instead of counting and listing the skipped ones.
+        #[arg(long)]
+        strict: bool,
+    },
 }
+
+/// Default seed of the first chunk of `prepare mnist1d --num-samples` (chunk k: POOL_SEED + k).
+const POOL_SEED: u64 = 1000;
+/// Samples generated per generator run for `prepare mnist1d --num-samples`.
+const POOL_CHUNK: u64 = 100_000;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Dataset {
@@ -57,11 +81,29 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             out,
             shard_size,
             python,
+            num_samples,
+            split,
+            seed,
         } => {
             let out = out.unwrap_or_else(|| PathBuf::from("data").join(dataset.name()));
-            prepare(dataset, &out, shard_size, python)
+            match num_samples {
+                Some(n) => {
+                    if !matches!(dataset, Dataset::Mnist1d) {
+                        bail!("--num-samples is only for mnist1d");
+                    }
+                    let split = split.unwrap_or_else(|| "unlabeled".into());
+                    prepare_pool(&out, n, &split, seed, shard_size, python)
+                }
+                None => {
+                    if split.is_some() {
+                        bail!("--split names the unlabeled split of --num-samples; give both or neither");
+                    }
+                    prepare(dataset, &out, shard_size, python)
+                }
+            }
         }
-        DataCommand::Inspect { path } => inspect(&path),
+        DataCommand::Import(args) => crate::import::run(args),
+        DataCommand::Inspect { path, strict } => inspect(&path, strict),
     }
 }
 
@@ -105,7 +147,158 @@ fn prepare(dataset: Dataset, out: &Path, shard_size: usize, python: Option<PathB
         .with_context(|| format!("moving the new dataset into {}", out.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     println!("wrote {}", out.join(MANIFEST_FILE).display());
-    inspect(out)
+    inspect(out, true)
+}
+
+/// Removes a scratch file when dropped (the generator's raw output, on success or error).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Generator processes still running; on an early return they are stopped before their scratch files
+/// are removed, so nothing is written after we are gone.
+struct Generators(VecDeque<(Child, Scratch)>);
+
+impl Drop for Generators {
+    fn drop(&mut self) {
+        for (child, _) in self.0.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `prepare mnist1d --num-samples N`: adds an unlabeled split of N samples from the same generator
+/// to the existing dataset. The generator runs once per 100,000-sample chunk (chunk k with seed
+/// `seed + k`, up to two runs at a time), and each chunk is written shard by shard and dropped before
+/// the next is read, so memory stays at one chunk however large N is.
+fn prepare_pool(
+    out: &Path,
+    n: u64,
+    split: &str,
+    seed: u64,
+    shard_size: usize,
+    python: Option<PathBuf>,
+) -> Result<()> {
+    if n == 0 {
+        bail!("--num-samples must be at least 1");
+    }
+    if !out.join(MANIFEST_FILE).is_file() {
+        bail!(
+            "{} has no dataset yet: run `butler data prepare mnist1d` first (the unlabeled split is added to it)",
+            out.display()
+        );
+    }
+    let (base, _) = Manifest::load(out)?;
+    if base.splits.get(split).is_some_and(|s| s.labeled) {
+        bail!(
+            "split {split:?} of {} is labeled; choose another --split for the unlabeled samples",
+            out.display()
+        );
+    }
+    let chunks = n.div_ceil(POOL_CHUNK);
+    let last_seed = seed
+        .checked_add(chunks - 1)
+        .context("--seed is too large")?;
+    if (seed..=last_seed).contains(&42) {
+        bail!("--seed {seed}: chunk seeds {seed}..={last_seed} include 42, the seed of train/test, so the pool would repeat their samples");
+    }
+    let python = find_python(python);
+    let mut source = BTreeMap::new();
+    source.insert(
+        "generator".into(),
+        "mnist1d.data.make_dataset (x and x_test of each chunk; labels discarded)".into(),
+    );
+    source.insert(
+        "chunks".into(),
+        format!("{chunks} of up to {POOL_CHUNK} samples, default arguments except num_samples and seed; chunk k uses seed {seed}+k"),
+    );
+    source.insert("num_samples".into(), n.to_string());
+    let numel = base.sample_numel();
+    let mut writer = SplitWriter::begin(
+        out,
+        SplitSpec {
+            split: split.to_string(),
+            sample_shape: base.sample_shape.clone(),
+            classes: ClassSpec {
+                names: base.classes.clone(),
+                origin: ClassOrigin::Default,
+            },
+            labeled: false,
+            format: ShardFormat::Safetensors,
+            shard_size,
+            name: None,
+            source,
+        },
+    )?;
+    let scratch_dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let parallel = std::thread::available_parallelism().map_or(1, |p| p.get().min(2)) as u64;
+    let chunk_len = |k: u64| POOL_CHUNK.min(n - k * POOL_CHUNK);
+    let start = |k: u64| -> Result<(Child, Scratch)> {
+        let raw =
+            Scratch(scratch_dir.join(format!(".pool-{}-{k}.safetensors", std::process::id())));
+        let child = Command::new(&python)
+            .arg("-c")
+            .arg(DATAGEN)
+            .arg("mnist1d-pool")
+            .arg(&raw.0)
+            .arg(chunk_len(k).to_string())
+            .arg((seed + k).to_string())
+            .spawn()
+            .with_context(|| format!("running {} (set --python or BUTLER_PYTHON to a python with the generator packages)", python.display()))?;
+        Ok((child, raw))
+    };
+    let mut running = Generators(VecDeque::new());
+    let mut next = 0;
+    let mut done = 0u64;
+    for k in 0..chunks {
+        while next < chunks && running.0.len() < parallel as usize {
+            running.0.push_back(start(next)?);
+            next += 1;
+        }
+        let (mut child, raw) = running.0.pop_front().expect("started above");
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("the mnist1d generator failed on chunk {k} ({status}); see its output above");
+        }
+        let bytes =
+            std::fs::read(&raw.0).with_context(|| format!("reading {}", raw.0.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .context("the generator wrote an invalid safetensors file")?;
+        let x = st.tensor("x").context("the generator wrote no x")?;
+        let mut want = vec![chunk_len(k) as usize];
+        want.extend_from_slice(&base.sample_shape);
+        if x.dtype() != Dtype::F32 || x.shape() != want.as_slice() {
+            bail!(
+                "generator wrote x as {:?}{:?}, expected F32{want:?}",
+                x.dtype(),
+                x.shape()
+            );
+        }
+        let mut sample = vec![0f32; numel];
+        for row in x.data().chunks_exact(numel * 4) {
+            for (v, c) in sample.iter_mut().zip(row.chunks_exact(4)) {
+                *v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+            writer.push(&sample, None)?;
+        }
+        drop(raw);
+        done += chunk_len(k);
+        eprintln!("generated {done}/{n} samples");
+    }
+    writer.finish()?;
+    println!(
+        "wrote split {split:?} to {}",
+        out.join(MANIFEST_FILE).display()
+    );
+    inspect(out, true)
 }
 
 fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Result<()> {
@@ -173,6 +366,7 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
             let sha256 = write_shard(&dir.join(&name), &sample_shape, &data)?;
             shards.push(ShardEntry {
                 path: name,
+                format: ShardFormat::Safetensors,
                 num_samples: (end - start) as u64,
                 sha256,
                 first_id: next_id + start as u64,
@@ -219,7 +413,7 @@ fn class_counts(labels: &[i64], classes: usize) -> Result<Vec<u64>> {
     Ok(counts)
 }
 
-fn inspect(path: &Path) -> Result<()> {
+fn inspect(path: &Path, strict: bool) -> Result<()> {
     let (m, file) = Manifest::load(path)?;
     let dir = file.parent().unwrap_or(Path::new("."));
     println!(
@@ -229,18 +423,35 @@ fn inspect(path: &Path) -> Result<()> {
         m.dtype,
         m.num_classes()
     );
+    let policy = if strict {
+        CorruptPolicy::Fail
+    } else {
+        CorruptPolicy::Skip
+    };
+    let mut total_skipped = 0;
     for (name, split) in &m.splits {
         let mut counts = vec![0u64; m.num_classes()];
+        let mut skipped = Vec::new();
         for entry in &split.shards {
-            let d = read_shard(dir, &m, entry, split.labeled)?;
+            let (d, sk) = read_shard_checked(dir, &m, entry, split.labeled, policy)?;
             for &l in d.y.iter().flatten() {
                 counts[l as usize] += 1;
             }
+            skipped.extend(sk);
         }
+        let formats: std::collections::BTreeSet<String> =
+            split.shards.iter().map(|e| e.format.to_string()).collect();
+        let ids = match (split.shards.first(), split.shards.last()) {
+            (Some(a), Some(b)) if split.num_samples > 0 => {
+                format!(", ids {}..{}", a.first_id, b.first_id + b.num_samples - 1)
+            }
+            _ => String::new(),
+        };
         println!(
-            "  {name}: {} samples in {} shards, {}, checksums ok{}",
+            "  {name}: {} samples in {} {} shards, {}{ids}, checksums ok{}{}",
             split.num_samples,
             split.shards.len(),
+            formats.into_iter().collect::<Vec<_>>().join("+"),
             if split.labeled {
                 "labeled"
             } else {
@@ -250,8 +461,23 @@ fn inspect(path: &Path) -> Result<()> {
                 format!(", per class {counts:?}")
             } else {
                 String::new()
+            },
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", {} corrupt samples skipped", skipped.len())
             }
         );
+        for s in skipped.iter().take(10) {
+            println!("    skipped {s}");
+        }
+        if skipped.len() > 10 {
+            println!("    … and {} more", skipped.len() - 10);
+        }
+        total_skipped += skipped.len();
+    }
+    if total_skipped > 0 {
+        println!("{total_skipped} corrupt samples in all: readers with the skip policy leave them out; `inspect --strict` fails on them");
     }
     Ok(())
 }

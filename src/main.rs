@@ -2,7 +2,9 @@
 //! `data` (prepare / inspect), `bench`.
 
 mod bench;
+mod bench_stream;
 mod data_cmd;
+mod import;
 mod launcher;
 
 use anyhow::{Context, Result};

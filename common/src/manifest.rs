@@ -43,11 +43,41 @@ pub struct Split {
     pub class_counts: Option<Vec<u64>>,
 }
 
+/// How a shard file stores its samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardFormat {
+    /// butler's native shard: decoded `x` (f32), `id` and (labeled splits) `y` tensors.
+    #[default]
+    Safetensors,
+    /// A WebDataset-style tar of encoded images (`KEY.png`/`KEY.jpg` + `KEY.cls`), decoded on read.
+    Tar,
+}
+
+impl ShardFormat {
+    /// The file extension butler gives shards of this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ShardFormat::Safetensors => "safetensors",
+            ShardFormat::Tar => "tar",
+        }
+    }
+}
+
+impl std::fmt::Display for ShardFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.extension())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardEntry {
     /// Relative to the manifest's directory.
     pub path: String,
+    /// Absent in manifests written before tar shards existed: those are all safetensors.
+    #[serde(default)]
+    pub format: ShardFormat,
     pub num_samples: u64,
     /// Hex SHA-256 of the whole shard file.
     pub sha256: String,
@@ -124,6 +154,9 @@ impl Manifest {
                     split.num_samples
                 )));
             }
+            if !split.labeled && split.class_counts.is_some() {
+                return Err(bad(format!("split {name}: unlabeled but has class_counts")));
+            }
             if let Some(counts) = &split.class_counts {
                 if counts.len() != self.classes.len()
                     || counts.iter().sum::<u64>() != split.num_samples
@@ -136,7 +169,48 @@ impl Manifest {
                 }
             }
         }
+        // Ids are unique across the whole dataset: no two shards' id ranges may overlap.
+        let mut ranges: Vec<(u64, u64, &str, &str)> = self
+            .splits
+            .iter()
+            .flat_map(|(name, split)| {
+                split
+                    .shards
+                    .iter()
+                    .filter(|s| s.num_samples > 0)
+                    .map(move |s| {
+                        (
+                            s.first_id,
+                            s.first_id.saturating_add(s.num_samples),
+                            name.as_str(),
+                            s.path.as_str(),
+                        )
+                    })
+            })
+            .collect();
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            let ((_, end, split_a, path_a), (start, _, split_b, path_b)) = (w[0], w[1]);
+            if start < end {
+                return Err(bad(format!(
+                    "sample ids overlap: shard {path_a} (split {split_a}) and shard {path_b} \
+                     (split {split_b}) both hold id {start}; ids must be unique across splits"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The first id after every id used by the splits other than `except` — where a new (or
+    /// replaced) split's ids start so that ids stay unique across the dataset.
+    pub fn next_free_id(&self, except: Option<&str>) -> u64 {
+        self.splits
+            .iter()
+            .filter(|(name, _)| Some(name.as_str()) != except)
+            .flat_map(|(_, split)| &split.shards)
+            .map(|s| s.first_id + s.num_samples)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Checks that every shard of `split` exists on disk, without reading it (a stat per shard), so a
@@ -163,5 +237,66 @@ impl Manifest {
                 self.splits.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = r#"{
+      "format": "butler-shards", "version": 1, "name": "t", "sample_shape": [2], "dtype": "f32",
+      "classes": ["a", "b"],
+      "splits": {
+        "train": {"num_samples": 3, "labeled": true, "class_counts": [1, 2],
+                  "shards": [{"path": "train-00000.safetensors", "num_samples": 3, "sha256": "00", "first_id": 0}]},
+        "pool": {"num_samples": 2, "labeled": false,
+                 "shards": [{"path": "pool-00000.tar", "format": "tar", "num_samples": 2, "sha256": "00", "first_id": 3}]}
+      }
+    }"#;
+
+    fn parse(text: &str) -> Result<Manifest> {
+        let m: Manifest = serde_json::from_str(text).map_err(|e| Error::Manifest {
+            path: "m.json".into(),
+            message: e.to_string(),
+        })?;
+        m.validate(Path::new("m.json"))?;
+        Ok(m)
+    }
+
+    #[test]
+    fn format_defaults_to_safetensors_and_round_trips() {
+        let m = parse(OLD).unwrap();
+        assert_eq!(m.splits["train"].shards[0].format, ShardFormat::Safetensors);
+        assert_eq!(m.splits["pool"].shards[0].format, ShardFormat::Tar);
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains(r#""format":"tar""#) && text.contains(r#""format":"safetensors""#));
+        assert_eq!(parse(&text).unwrap(), m);
+        assert_eq!(m.next_free_id(None), 5);
+        assert_eq!(m.next_free_id(Some("pool")), 3);
+    }
+
+    #[test]
+    fn unknown_format_and_unknown_keys_are_rejected() {
+        let e = parse(&OLD.replace(r#""format": "tar""#, r#""format": "zip""#)).unwrap_err();
+        assert!(e.to_string().contains("zip"), "{e}");
+        let e =
+            parse(&OLD.replace(r#""first_id": 3"#, r#""first_id": 3, "frist": 1"#)).unwrap_err();
+        assert!(e.to_string().contains("frist"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_ids_and_unlabeled_class_counts_are_rejected() {
+        let e = parse(&OLD.replace(r#""first_id": 3"#, r#""first_id": 2"#)).unwrap_err();
+        assert!(e.to_string().contains("ids overlap"), "{e}");
+        let e = parse(&OLD.replace(
+            r#""labeled": false,"#,
+            r#""labeled": false, "class_counts": [1, 1],"#,
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("unlabeled but has class_counts"),
+            "{e}"
+        );
     }
 }

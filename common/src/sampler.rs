@@ -129,7 +129,10 @@ impl DistributedSampler {
     /// All of this rank's indices for the rest of the epoch, in order.
     pub fn indices(&self) -> Vec<u64> {
         let perm = epoch_permutation(self.dataset_len, self.seed, self.epoch, self.shuffle);
-        (self.start + self.rank as u64..self.dataset_len).step_by(self.w() as usize).map(|p| perm[p as usize]).collect()
+        (self.start + self.rank as u64..self.dataset_len)
+            .step_by(self.w() as usize)
+            .map(|p| perm[p as usize])
+            .collect()
     }
 }
 
@@ -167,7 +170,6 @@ pub fn eval_indices(len: u64, world_size: u32, rank: u32) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     #[test]
     fn permutation_is_a_permutation_and_depends_on_epoch() {
@@ -182,7 +184,15 @@ mod tests {
     }
 
     fn sampler(len: u64, world: u32, rank: u32, start: u64) -> DistributedSampler {
-        DistributedSampler { dataset_len: len, seed: 3, epoch: 2, shuffle: true, world_size: world, rank, start }
+        DistributedSampler {
+            dataset_len: len,
+            seed: 3,
+            epoch: 2,
+            shuffle: true,
+            world_size: world,
+            rank,
+            start,
+        }
     }
 
     #[test]
@@ -191,8 +201,13 @@ mod tests {
             for len in [0u64, 1, 2, 3, 7, 100, 101] {
                 for b in [1u64, 3, 8] {
                     let mut seen = vec![0u32; len as usize];
-                    let steps: Vec<_> = (0..world).map(|r| sampler(len, world, r, 0).batches(b).len()).collect();
-                    assert!(steps.iter().all(|&s| s == steps[0]), "unequal steps {steps:?}");
+                    let steps: Vec<_> = (0..world)
+                        .map(|r| sampler(len, world, r, 0).batches(b).len())
+                        .collect();
+                    assert!(
+                        steps.iter().all(|&s| s == steps[0]),
+                        "unequal steps {steps:?}"
+                    );
                     for rank in 0..world {
                         let s = sampler(len, world, rank, 0);
                         let batches = s.batches(b);
@@ -202,10 +217,18 @@ mod tests {
                             seen[i as usize] += 1;
                         }
                     }
-                    assert!(seen.iter().all(|&c| c == 1), "world {world} len {len} b {b}: {seen:?}");
+                    assert!(
+                        seen.iter().all(|&c| c == 1),
+                        "world {world} len {len} b {b}: {seen:?}"
+                    );
                     for k in 0..steps[0] as u64 {
-                        let total: usize = (0..world).map(|r| sampler(len, world, r, 0).batches(b)[k as usize].len()).sum();
-                        assert_eq!(total as u64, sampler(len, world, 0, 0).global_batch_len(k, b));
+                        let total: usize = (0..world)
+                            .map(|r| sampler(len, world, r, 0).batches(b)[k as usize].len())
+                            .sum();
+                        assert_eq!(
+                            total as u64,
+                            sampler(len, world, 0, 0).global_batch_len(k, b)
+                        );
                     }
                 }
             }
@@ -216,7 +239,9 @@ mod tests {
     fn per_rank_batches_union_to_the_single_worker_batch() {
         let (len, world, b) = (97u64, 3u32, 4u64);
         let single = sampler(len, 1, 0, 0).batches(b * world as u64);
-        let per_rank: Vec<_> = (0..world).map(|r| sampler(len, world, r, 0).batches(b)).collect();
+        let per_rank: Vec<_> = (0..world)
+            .map(|r| sampler(len, world, r, 0).batches(b))
+            .collect();
         assert_eq!(single.len(), per_rank[0].len());
         for (k, want) in single.iter().enumerate() {
             let mut union: Vec<u64> = per_rank.iter().flat_map(|r| r[k].clone()).collect();
@@ -234,7 +259,12 @@ mod tests {
             let k = 5; // steps taken before the world changed
             let mut seen = vec![0u32; len as usize];
             for r in 0..w0 {
-                for i in sampler(len, w0, r, 0).batches(b).into_iter().take(k).flatten() {
+                for i in sampler(len, w0, r, 0)
+                    .batches(b)
+                    .into_iter()
+                    .take(k)
+                    .flatten()
+                {
                     seen[i as usize] += 1;
                 }
             }

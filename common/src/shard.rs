@@ -1,11 +1,12 @@
 //! butler's native shard: one safetensors file holding `x` (f32, `[n, ...sample_shape]`), `id` (u64, `[n]`,
-//! stable per-sample ids) and, for labeled splits, `y` (i64, `[n]`).
+//! stable per-sample ids) and, for labeled splits, `y` (i64, `[n]`). Reading also dispatches to the
+//! WebDataset tar shards of [`crate::webdataset`], and applies the corrupt-sample policy.
 
-use crate::manifest::{Manifest, ShardEntry};
+use crate::manifest::{Manifest, ShardEntry, ShardFormat};
 use crate::{fsutil, Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The samples of one shard (or of a whole split, once concatenated).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -73,20 +74,80 @@ pub fn write_shard(path: &Path, sample_shape: &[usize], data: &ShardData) -> Res
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
+/// What a reader does with a corrupt sample (one that does not decode, has the wrong shape, or has a
+/// missing, unreadable or out-of-range label). A shard that is corrupt as a whole (missing, checksum
+/// mismatch, unreadable container, wrong sample count) is always an error, whatever the policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CorruptPolicy {
+    /// Leave the sample out and report it in the returned list.
+    Skip,
+    /// Fail with an error naming the shard file and the sample's index in it.
+    #[default]
+    Fail,
+}
+
+/// A sample left out under [`CorruptPolicy::Skip`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedSample {
+    /// The shard file (the manifest's directory joined with the entry's path).
+    pub shard: PathBuf,
+    /// Position of the sample within the shard (its id is the shard's `first_id + index`).
+    pub index: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for SkippedSample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "shard {}: sample {}: {}",
+            self.shard.display(),
+            self.index,
+            self.reason
+        )
+    }
+}
+
 /// Reads one shard listed in `manifest`, verifying its checksum, tensor names, dtypes and shapes.
-/// Every error names the shard file.
+/// Every error names the shard file. A corrupt sample is an error (see [`read_shard_checked`]).
 pub fn read_shard(
     dir: &Path,
     manifest: &Manifest,
     entry: &ShardEntry,
     labeled: bool,
 ) -> Result<ShardData> {
+    read_shard_checked(dir, manifest, entry, labeled, CorruptPolicy::Fail).map(|(d, _)| d)
+}
+
+/// Reads one shard of either format (safetensors or WebDataset tar, as the entry says), verifying
+/// its checksum against the manifest first. Corrupt samples are handled by `policy`; the skipped ones
+/// are returned (always empty under [`CorruptPolicy::Fail`]). The kept samples keep their ids.
+pub fn read_shard_checked(
+    dir: &Path,
+    manifest: &Manifest,
+    entry: &ShardEntry,
+    labeled: bool,
+    policy: CorruptPolicy,
+) -> Result<(ShardData, Vec<SkippedSample>)> {
     let path = dir.join(&entry.path);
+    let bytes = read_verified(&path, entry)?;
+    match entry.format {
+        ShardFormat::Safetensors => {
+            read_safetensors(&path, &bytes, manifest, entry, labeled, policy)
+        }
+        ShardFormat::Tar => {
+            crate::webdataset::read_tar_shard(&path, &bytes, manifest, entry, labeled, policy)
+        }
+    }
+}
+
+/// The shard's bytes, once their SHA-256 matches the manifest's.
+fn read_verified(path: &Path, entry: &ShardEntry) -> Result<Vec<u8>> {
     let bad = |message: String| Error::Shard {
-        path: path.clone(),
+        path: path.to_path_buf(),
         message,
     };
-    let bytes = match std::fs::read(&path) {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(bad("listed in the manifest but missing on disk".into()))
@@ -100,7 +161,22 @@ pub fn read_shard(
             entry.sha256
         )));
     }
-    let st = SafeTensors::deserialize(&bytes)
+    Ok(bytes)
+}
+
+fn read_safetensors(
+    path: &Path,
+    bytes: &[u8],
+    manifest: &Manifest,
+    entry: &ShardEntry,
+    labeled: bool,
+    policy: CorruptPolicy,
+) -> Result<(ShardData, Vec<SkippedSample>)> {
+    let bad = |message: String| Error::Shard {
+        path: path.to_path_buf(),
+        message,
+    };
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let n = entry.num_samples as usize;
     let tensor = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>> {
@@ -118,47 +194,82 @@ pub fn read_shard(
     };
     let mut x_shape = vec![n];
     x_shape.extend_from_slice(&manifest.sample_shape);
-    let x = tensor("x", Dtype::F32, &x_shape)?
+    let mut x: Vec<f32> = tensor("x", Dtype::F32, &x_shape)?
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("chunks_exact(4) yields 4 bytes")))
         .collect();
-    let ids = tensor("id", Dtype::U64, &[n])?
+    let mut ids: Vec<u64> = tensor("id", Dtype::U64, &[n])?
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("chunks_exact(8) yields 8 bytes")))
         .collect();
-    let y = if labeled {
-        let y: Vec<i64> = tensor("y", Dtype::I64, &[n])?
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("chunks_exact(8) yields 8 bytes")))
-            .collect();
-        let k = manifest.num_classes() as i64;
-        if let Some(bad_label) = y.iter().find(|&&l| l < 0 || l >= k) {
-            return Err(bad(format!("label {bad_label} outside 0..{k}")));
+    if !labeled {
+        return Ok((ShardData { x, y: None, ids }, Vec::new()));
+    }
+    let mut y: Vec<i64> = tensor("y", Dtype::I64, &[n])?
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("chunks_exact(8) yields 8 bytes")))
+        .collect();
+    let k = manifest.num_classes() as i64;
+    let bad_rows: Vec<usize> = (0..n).filter(|&i| y[i] < 0 || y[i] >= k).collect();
+    let mut skipped = Vec::new();
+    if let Some(&first) = bad_rows.first() {
+        if policy == CorruptPolicy::Fail {
+            return Err(bad(format!(
+                "sample {first}: label {} outside 0..{k}",
+                y[first]
+            )));
         }
-        Some(y)
-    } else {
-        None
-    };
-    Ok(ShardData { x, y, ids })
+        let numel = manifest.sample_numel();
+        let (mut kx, mut ky, mut kid) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next_bad = bad_rows.iter().peekable();
+        for i in 0..n {
+            if next_bad.next_if_eq(&&i).is_some() {
+                skipped.push(SkippedSample {
+                    shard: path.to_path_buf(),
+                    index: i,
+                    reason: format!("label {} outside 0..{k}", y[i]),
+                });
+                continue;
+            }
+            kx.extend_from_slice(&x[i * numel..(i + 1) * numel]);
+            ky.push(y[i]);
+            kid.push(ids[i]);
+        }
+        (x, y, ids) = (kx, ky, kid);
+    }
+    Ok((ShardData { x, y: Some(y), ids }, skipped))
 }
 
-/// Reads every shard of a split into memory, in manifest order.
+/// Reads every shard of a split into memory, in manifest order; a corrupt sample is an error.
 pub fn read_split(manifest_file: &Path, manifest: &Manifest, split: &str) -> Result<ShardData> {
+    read_split_checked(manifest_file, manifest, split, CorruptPolicy::Fail).map(|(d, _)| d)
+}
+
+/// Reads every shard of a split into memory, in manifest order, handling corrupt samples by `policy`
+/// and returning the skipped ones.
+pub fn read_split_checked(
+    manifest_file: &Path,
+    manifest: &Manifest,
+    split: &str,
+    policy: CorruptPolicy,
+) -> Result<(ShardData, Vec<SkippedSample>)> {
     let dir = manifest_file.parent().unwrap_or(Path::new("."));
     let s = manifest.split(split, manifest_file)?;
     let mut out = ShardData {
         y: s.labeled.then(Vec::new),
         ..Default::default()
     };
+    let mut skipped = Vec::new();
     for entry in &s.shards {
-        let d = read_shard(dir, manifest, entry, s.labeled)?;
+        let (d, sk) = read_shard_checked(dir, manifest, entry, s.labeled, policy)?;
         out.x.extend_from_slice(&d.x);
         out.ids.extend_from_slice(&d.ids);
         if let (Some(all), Some(y)) = (out.y.as_mut(), d.y) {
             all.extend(y);
         }
+        skipped.extend(sk);
     }
-    Ok(out)
+    Ok((out, skipped))
 }
 
 #[cfg(test)]
@@ -204,6 +315,7 @@ mod tests {
         let sha = write_shard(&dir.path().join("s0.safetensors"), &[3], &sample()).unwrap();
         let entry = ShardEntry {
             path: "s0.safetensors".into(),
+            format: ShardFormat::Safetensors,
             num_samples: 2,
             sha256: sha,
             first_id: 10,
@@ -218,6 +330,7 @@ mod tests {
         let sha = write_shard(&dir.path().join("s0.safetensors"), &[3], &sample()).unwrap();
         let entry = ShardEntry {
             path: "s0.safetensors".into(),
+            format: ShardFormat::Safetensors,
             num_samples: 2,
             sha256: sha.clone(),
             first_id: 10,
@@ -270,5 +383,73 @@ mod tests {
             e.contains("s0.safetensors") && e.contains("expected F32[2, 4]"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn out_of_range_labels_are_skipped_or_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = ShardData {
+            x: (0..9).map(|v| v as f32).collect(),
+            y: Some(vec![0, 5, 1]),
+            ids: vec![10, 11, 12],
+        };
+        let sha = write_shard(&dir.path().join("s0.safetensors"), &[3], &data).unwrap();
+        let entry = ShardEntry {
+            path: "s0.safetensors".into(),
+            format: ShardFormat::Safetensors,
+            num_samples: 3,
+            sha256: sha,
+            first_id: 10,
+        };
+        let m = manifest_for(entry.clone());
+        let (d, skipped) =
+            read_shard_checked(dir.path(), &m, &entry, true, CorruptPolicy::Skip).unwrap();
+        assert_eq!(d.x, vec![0., 1., 2., 6., 7., 8.]);
+        assert_eq!(d.y, Some(vec![0, 1]));
+        assert_eq!(d.ids, vec![10, 12]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].index, 1);
+        assert_eq!(skipped[0].shard, dir.path().join("s0.safetensors"));
+        assert!(skipped[0].reason.contains("label 5 outside 0..2"));
+        let e = read_shard(dir.path(), &m, &entry, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s0.safetensors") && e.contains("sample 1"),
+            "{e}"
+        );
+        // Unlabeled reading never looks at labels.
+        let d = read_shard(dir.path(), &m, &entry, false).unwrap();
+        assert_eq!((d.len(), d.y), (3, None));
+
+        let file = dir.path().join("manifest.json");
+        let (all, skipped) = read_split_checked(&file, &m, "train", CorruptPolicy::Skip).unwrap();
+        assert_eq!((all.len(), skipped.len()), (2, 1));
+        assert!(read_split(&file, &m, "train").is_err());
+    }
+
+    #[test]
+    fn unlabeled_shards_round_trip_without_y() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = ShardData {
+            y: None,
+            ..sample()
+        };
+        let sha = write_shard(&dir.path().join("u.safetensors"), &[3], &data).unwrap();
+        let entry = ShardEntry {
+            path: "u.safetensors".into(),
+            format: ShardFormat::Safetensors,
+            num_samples: 2,
+            sha256: sha,
+            first_id: 10,
+        };
+        let mut m = manifest_for(entry.clone());
+        m.splits.get_mut("train").unwrap().labeled = false;
+        assert_eq!(read_shard(dir.path(), &m, &entry, false).unwrap(), data);
+        // Reading it as labeled names the missing tensor.
+        let e = read_shard(dir.path(), &m, &entry, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("u.safetensors") && e.contains("\"y\""), "{e}");
     }
 }

@@ -4,14 +4,17 @@
 //! Architecture Invariant: training runs on one plain thread (tch `Tensor` is `Send` but not `Sync`);
 //! the async runtime only carries RPCs and the heartbeat.
 
+pub mod augment;
 pub mod client;
 pub mod collective;
 pub mod data;
 pub mod ddp;
+pub mod loader;
 pub mod losses;
 pub mod mixing;
 pub mod models;
 pub mod objectives;
+pub mod streams;
 pub mod trainer;
 
 use butler_common::config::JobConfig;
@@ -263,7 +266,10 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
 
     let per_rank_batch = (cfg.train.batch_size / ctx.world as usize) as u64;
     // Every rank runs the same number of steps: ceil(ceil(n / world) / per-rank batch).
-    let steps_per_epoch = train_set.len.div_ceil(ctx.world as u64).div_ceil(per_rank_batch);
+    let steps_per_epoch = train_set
+        .len
+        .div_ceil(ctx.world as u64)
+        .div_ceil(per_rank_batch);
     let mut trainer = Trainer::new(
         cfg,
         &manifest.sample_shape,

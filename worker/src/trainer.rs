@@ -111,7 +111,13 @@ impl Trainer {
     /// `global_len` is the number of samples all ranks together hold at this step. Each rank scales its
     /// mean loss by `local·world / global` before the gradients are averaged, so the update is the
     /// gradient of the mean over the global batch even when the last batches of an epoch are uneven.
-    pub fn step(&mut self, x: &Tensor, y: &Tensor, global_len: u64, comm: &mut dyn Collective) -> Result<f64> {
+    pub fn step(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        global_len: u64,
+        comm: &mut dyn Collective,
+    ) -> Result<f64> {
         self.opt.set_lr(self.learning_rate());
         self.opt.zero_grad();
         let local = x.size()[0];
@@ -119,7 +125,13 @@ impl Trainer {
         if local > 0 {
             // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.
             let mut rng = MixRng::new(mix(mix(self.cfg.job.seed, self.step), comm.rank() as u64));
-            let loss = self.objective.loss(StepCtx { model: self.model.as_ref(), x, y, rng: &mut rng, step: self.step });
+            let loss = self.objective.loss(StepCtx {
+                model: self.model.as_ref(),
+                x,
+                y,
+                rng: &mut rng,
+                step: self.step,
+            });
             value = loss.double_value(&[]);
             let weight = local as f64 * comm.world_size() as f64 / global_len.max(1) as f64;
             (loss * weight).backward();

@@ -92,10 +92,30 @@ fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
             std::thread::spawn(move || {
                 let split = InMemorySplit::from_tensors(x, y);
                 trainer.broadcast_parameters(&mut ring).unwrap();
-                let sampler = DistributedSampler { dataset_len: n, seed: 5, epoch: 0, shuffle: true, world_size: world as u32, rank: rank as u32, start: 0 };
-                for (k, batch) in sampler.batches(per_rank as u64).iter().enumerate().take(STEPS) {
+                let sampler = DistributedSampler {
+                    dataset_len: n,
+                    seed: 5,
+                    epoch: 0,
+                    shuffle: true,
+                    world_size: world as u32,
+                    rank: rank as u32,
+                    start: 0,
+                };
+                for (k, batch) in sampler
+                    .batches(per_rank as u64)
+                    .iter()
+                    .enumerate()
+                    .take(STEPS)
+                {
                     let (xb, yb) = split.batch(batch);
-                    trainer.step(&xb, &yb, sampler.global_batch_len(k as u64, per_rank as u64), &mut ring).unwrap();
+                    trainer
+                        .step(
+                            &xb,
+                            &yb,
+                            sampler.global_batch_len(k as u64, per_rank as u64),
+                            &mut ring,
+                        )
+                        .unwrap();
                 }
                 trainer.flat_parameters()
             })

@@ -1,0 +1,119 @@
+//! The unlabeled stream as the training loop sees it: an endless sequence of per-rank batches over a
+//! sharded split, with its own epochs independent of the labeled stream's. Semi-supervised methods take
+//! μ·b unlabeled samples per b labeled ones, so the two streams finish their epochs at different steps.
+//! The cursor (epoch, step within the epoch) is all it takes to resume at the same sample with the same
+//! augmentation.
+
+use crate::loader::{LoadedBatch, LoaderSpec, StreamLoader, ViewMaker};
+use crate::{Error, Result};
+use butler_common::assign::ShardedOrder;
+use std::sync::Arc;
+
+/// Where a stream is: the epoch, and the steps already taken in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub step: u64,
+}
+
+pub struct UnlabeledStream {
+    spec: LoaderSpec,
+    sizes: Vec<u64>,
+    seed: u64,
+    shuffle_buffer: usize,
+    world: u32,
+    rank: u32,
+    views: Arc<dyn ViewMaker>,
+    cursor: Cursor,
+    steps_in_epoch: u64,
+    loader: Option<StreamLoader>,
+}
+
+impl UnlabeledStream {
+    /// `spec.batch` is this rank's unlabeled batch (μ times the labeled one); `spec.epoch` is ignored in
+    /// favour of `from.epoch`.
+    pub fn new(
+        spec: LoaderSpec,
+        seed: u64,
+        shuffle_buffer: usize,
+        world: u32,
+        rank: u32,
+        views: Arc<dyn ViewMaker>,
+        from: Cursor,
+    ) -> Result<Self> {
+        let split =
+            spec.manifest.splits.get(&spec.split).ok_or_else(|| {
+                Error::Setup(format!("no split {:?} in the manifest", spec.split))
+            })?;
+        if split.num_samples < world as u64 {
+            return Err(Error::Setup(format!(
+                "split {:?} has {} samples, fewer than the {world} ranks",
+                spec.split, split.num_samples
+            )));
+        }
+        let sizes = split.shards.iter().map(|s| s.num_samples).collect();
+        let mut s = UnlabeledStream {
+            spec,
+            sizes,
+            seed,
+            shuffle_buffer,
+            world,
+            rank,
+            views,
+            cursor: from,
+            steps_in_epoch: 0,
+            loader: None,
+        };
+        s.open()?;
+        Ok(s)
+    }
+
+    fn open(&mut self) -> Result<()> {
+        let order = ShardedOrder {
+            shard_sizes: &self.sizes,
+            seed: self.seed,
+            epoch: self.cursor.epoch,
+            shuffle_buffer: self.shuffle_buffer,
+            history: &[],
+        };
+        let batch = self.spec.batch as u64;
+        self.steps_in_epoch = order.steps(self.world, batch);
+        let sequence = Arc::new(order.rank_sequence(self.world, self.rank));
+        let spec = LoaderSpec {
+            epoch: self.cursor.epoch,
+            ..self.spec.clone()
+        };
+        self.loader = Some(StreamLoader::start(
+            spec,
+            sequence,
+            self.cursor.step,
+            self.steps_in_epoch,
+            self.views.clone(),
+        )?);
+        Ok(())
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// The next batch, moving to the next epoch (a new order) when this one is exhausted.
+    pub fn next_batch(&mut self) -> Result<LoadedBatch> {
+        if self.cursor.step >= self.steps_in_epoch {
+            self.cursor = Cursor {
+                epoch: self.cursor.epoch + 1,
+                step: 0,
+            };
+            self.open()?;
+        }
+        let batch = self
+            .loader
+            .as_mut()
+            .and_then(|l| l.next())
+            .ok_or_else(|| {
+                Error::Setup("the unlabeled loader ended before its planned steps".into())
+            })??;
+        self.cursor.step += 1;
+        Ok(batch)
+    }
+}
