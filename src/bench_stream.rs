@@ -29,7 +29,7 @@ pub struct StreamArgs {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     #[arg(long, default_value_t = 10_000)]
-    shuffle_buffer: usize,
+    shuffle_window: usize,
     #[arg(long, default_value_t = 4)]
     cache_shards: usize,
     /// Stop after this many samples per rank (0: the whole epoch).
@@ -73,8 +73,8 @@ pub fn stream(a: &StreamArgs) -> Result<()> {
                 a.threads.to_string(),
             ]);
             args.extend([
-                "--shuffle-buffer".into(),
-                a.shuffle_buffer.to_string(),
+                "--shuffle-window".into(),
+                a.shuffle_window.to_string(),
                 "--cache-shards".into(),
                 a.cache_shards.to_string(),
             ]);
@@ -98,14 +98,16 @@ fn stream_rank(a: &StreamArgs, rank: u32) -> Result<()> {
         shard_sizes: &sizes,
         seed: 0,
         epoch: 0,
-        shuffle_buffer: a.shuffle_buffer,
+        shuffle_window: a.shuffle_window,
         history: &[],
     };
-    let mut seq = order.rank_sequence(a.world, rank);
-    if a.limit > 0 {
-        seq.truncate(a.limit as usize);
-    }
-    let steps = (seq.len() as u64).div_ceil(a.batch as u64);
+    let seq = order.rank_sequence(a.world, rank);
+    let samples = if a.limit > 0 {
+        seq.len().min(a.limit)
+    } else {
+        seq.len()
+    };
+    let steps = samples.div_ceil(a.batch as u64);
     let len = *manifest
         .sample_shape
         .last()

@@ -12,7 +12,7 @@
 //! fails it, with an error naming the file.
 
 use crate::{Error, Result};
-use butler_common::assign::SampleRef;
+use butler_common::assign::RankSequence;
 use butler_common::manifest::Manifest;
 use butler_common::shard::{read_shard_checked, CorruptPolicy, ShardData, SkippedSample};
 use std::collections::{HashMap, VecDeque};
@@ -170,7 +170,7 @@ impl StreamLoader {
     /// short or empty at the end).
     pub fn start(
         spec: LoaderSpec,
-        sequence: Arc<Vec<SampleRef>>,
+        sequence: Arc<RankSequence>,
         from: u64,
         steps: u64,
         views: Arc<dyn ViewMaker>,
@@ -227,25 +227,26 @@ impl StreamLoader {
 fn build(
     spec: &LoaderSpec,
     cache: &ShardCache,
-    sequence: &[SampleRef],
+    sequence: &RankSequence,
     step: u64,
     views: &dyn ViewMaker,
     labeled: bool,
 ) -> Result<LoadedBatch> {
-    let lo = (step as usize)
-        .saturating_mul(spec.batch)
-        .min(sequence.len());
-    let hi = (lo + spec.batch).min(sequence.len());
+    let b = spec.batch as u64;
+    let refs = sequence.slice(
+        step.saturating_mul(b),
+        step.saturating_mul(b).saturating_add(b),
+    );
     let shape = &spec.manifest.sample_shape;
     let numel = spec.manifest.sample_numel();
     let mut out = LoadedBatch {
         step,
-        ids: Vec::with_capacity(hi - lo),
+        ids: Vec::with_capacity(refs.len()),
         labels: labeled.then(Vec::new),
-        views: vec![Vec::with_capacity((hi - lo) * numel); views.num_views()],
+        views: vec![Vec::with_capacity(refs.len() * numel); views.num_views()],
         skipped: Vec::new(),
     };
-    for s in &sequence[lo..hi] {
+    for s in &refs {
         let shard = cache.get(s.shard)?;
         let Some(&pos) = shard.position.get(&(s.index as u64)) else {
             let reason = shard

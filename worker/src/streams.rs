@@ -20,7 +20,7 @@ pub struct UnlabeledStream {
     spec: LoaderSpec,
     sizes: Vec<u64>,
     seed: u64,
-    shuffle_buffer: usize,
+    shuffle_window: usize,
     world: u32,
     rank: u32,
     views: Arc<dyn ViewMaker>,
@@ -35,7 +35,7 @@ impl UnlabeledStream {
     pub fn new(
         spec: LoaderSpec,
         seed: u64,
-        shuffle_buffer: usize,
+        shuffle_window: usize,
         world: u32,
         rank: u32,
         views: Arc<dyn ViewMaker>,
@@ -56,7 +56,7 @@ impl UnlabeledStream {
             spec,
             sizes,
             seed,
-            shuffle_buffer,
+            shuffle_window,
             world,
             rank,
             views,
@@ -73,7 +73,7 @@ impl UnlabeledStream {
             shard_sizes: &self.sizes,
             seed: self.seed,
             epoch: self.cursor.epoch,
-            shuffle_buffer: self.shuffle_buffer,
+            shuffle_window: self.shuffle_window,
             history: &[],
         };
         let batch = self.spec.batch as u64;

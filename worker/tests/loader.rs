@@ -109,7 +109,7 @@ fn loader_follows_the_plan_and_covers_the_pool_once() {
         shard_sizes: &sizes,
         seed: 1,
         epoch: 3,
-        shuffle_buffer: 8,
+        shuffle_window: 8,
         history: &[],
     };
     let b = 4;
@@ -133,6 +133,7 @@ fn loader_follows_the_plan_and_covers_the_pool_once() {
         let ids: Vec<u64> = batches.iter().flat_map(|b| b.ids.clone()).collect();
         let offsets = [0u64, 17, 22, 22, 45, 54];
         let planned: Vec<u64> = seq
+            .to_vec()
             .iter()
             .map(|s| offsets[s.shard as usize] + s.index as u64)
             .collect();
@@ -160,7 +161,7 @@ fn resumed_stream_equals_the_uninterrupted_one_including_augmentation() {
         shard_sizes: &sizes,
         seed: 7,
         epoch: 3,
-        shuffle_buffer: 16,
+        shuffle_window: 16,
         history: &[],
     };
     let seq = Arc::new(order.rank_sequence(2, 1));
@@ -203,7 +204,7 @@ fn corrupt_sample_is_skipped_and_named_or_fails_by_policy() {
         shard_sizes: &sizes,
         seed: 2,
         epoch: 3,
-        shuffle_buffer: 0,
+        shuffle_window: 0,
         history: &[],
     };
     let seq = Arc::new(order.rank_sequence(1, 0));
@@ -258,7 +259,7 @@ fn corrupt_shard_fails_the_stream_naming_the_file_under_any_policy() {
         shard_sizes: &sizes,
         seed: 2,
         epoch: 3,
-        shuffle_buffer: 0,
+        shuffle_window: 0,
         history: &[],
     };
     let seq = Arc::new(order.rank_sequence(1, 0));
