@@ -424,8 +424,14 @@ impl JobConfig {
                 "needs kind = \"sgd\" and momentum > 0".into(),
             ));
         }
-        if self.optim.weight_decay < 0.0 {
-            return Err(bad("optim.weight_decay", "must be ≥ 0".into()));
+        if !(self.optim.weight_decay >= 0.0 && self.optim.weight_decay.is_finite()) {
+            return Err(bad(
+                "optim.weight_decay",
+                "must be a finite number ≥ 0".into(),
+            ));
+        }
+        if !(self.optim.eps > 0.0 && self.optim.eps.is_finite()) {
+            return Err(bad("optim.eps", "must be a finite number > 0".into()));
         }
         if self.optim.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(bad(
@@ -436,8 +442,36 @@ impl JobConfig {
         if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
             return Err(bad("schedule.min_lr_ratio", "must lie in [0, 1]".into()));
         }
-        if self.cluster.bucket_mb <= 0.0 {
+        if !(self.cluster.bucket_mb > 0.0 && self.cluster.bucket_mb.is_finite()) {
             return Err(bad("cluster.bucket_mb", "must be positive".into()));
+        }
+        for (key, ms) in [
+            (
+                "cluster.heartbeat_interval_ms",
+                self.cluster.heartbeat_interval_ms,
+            ),
+            (
+                "cluster.heartbeat_timeout_ms",
+                self.cluster.heartbeat_timeout_ms,
+            ),
+            (
+                "cluster.collective_timeout_ms",
+                self.cluster.collective_timeout_ms,
+            ),
+            (
+                "cluster.rendezvous_timeout_ms",
+                self.cluster.rendezvous_timeout_ms,
+            ),
+        ] {
+            if ms == 0 {
+                return Err(bad(key, "must be at least 1 ms".into()));
+            }
+        }
+        if self.cluster.heartbeat_timeout_ms <= self.cluster.heartbeat_interval_ms {
+            return Err(bad(
+                "cluster.heartbeat_timeout_ms",
+                "must exceed cluster.heartbeat_interval_ms".into(),
+            ));
         }
         if let ModelConfig::Mlp { hidden, .. } = &self.model {
             if hidden.contains(&0) {
@@ -461,7 +495,11 @@ impl JobConfig {
         };
         let r = &self.regularize;
         if let Some(m) = &r.mix {
-            if m.mixup_alpha < 0.0 || m.cutmix_alpha < 0.0 {
+            if !(m.mixup_alpha >= 0.0
+                && m.mixup_alpha.is_finite()
+                && m.cutmix_alpha >= 0.0
+                && m.cutmix_alpha.is_finite())
+            {
                 return Err(bad("regularize.mix", "alphas must be ≥ 0".into()));
             }
             if m.mixup_alpha == 0.0 && m.cutmix_alpha == 0.0 {
@@ -474,7 +512,7 @@ impl JobConfig {
             prob("regularize.mix.prob", m.prob)?;
         }
         if let Some(m) = &r.manifold_mixup {
-            if m.alpha <= 0.0 {
+            if !(m.alpha > 0.0 && m.alpha.is_finite()) {
                 return Err(bad("regularize.manifold_mixup.alpha", "must be > 0".into()));
             }
             if m.layers.is_empty() {
@@ -663,6 +701,32 @@ batch_size = 100
             .to_string()
             .contains("not divisible by 3"));
         assert!(c.validate_world(4).is_ok());
+    }
+
+    #[test]
+    fn non_finite_and_zero_values_are_named() {
+        for (from, to, key) in [
+            ("lr = 0.01", "lr = nan", "optim.lr"),
+            ("lr = 0.01", "lr = 0.01\neps = 0.0", "optim.eps"),
+            (
+                "lr = 0.01",
+                "lr = 0.01\nweight_decay = inf",
+                "optim.weight_decay",
+            ),
+            (
+                "batch_size = 100\n",
+                "batch_size = 100\n[regularize.mix]\nmixup_alpha = inf\n",
+                "regularize.mix",
+            ),
+            (
+                "batch_size = 100\n",
+                "batch_size = 100\n[cluster]\ncollective_timeout_ms = 0\n",
+                "cluster.collective_timeout_ms",
+            ),
+        ] {
+            let e = parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            assert!(e.contains(key), "{to}: {e}");
+        }
     }
 
     #[test]

@@ -147,7 +147,23 @@ impl Manifest {
             return Err(bad("classes is empty".into()));
         }
         for (name, split) in &self.splits {
-            let sum: u64 = split.shards.iter().map(|s| s.num_samples).sum();
+            let sum = split
+                .shards
+                .iter()
+                .try_fold(0u64, |acc, s| acc.checked_add(s.num_samples));
+            let Some(sum) = sum else {
+                return Err(bad(format!("split {name}: shard sample counts overflow")));
+            };
+            if let Some(s) = split
+                .shards
+                .iter()
+                .find(|s| s.first_id.checked_add(s.num_samples).is_none())
+            {
+                return Err(bad(format!(
+                    "split {name}: shard {} has first_id + num_samples past 2^64",
+                    s.path
+                )));
+            }
             if sum != split.num_samples {
                 return Err(bad(format!(
                     "split {name}: shards hold {sum} samples but num_samples is {}",
@@ -208,7 +224,7 @@ impl Manifest {
             .iter()
             .filter(|(name, _)| Some(name.as_str()) != except)
             .flat_map(|(_, split)| &split.shards)
-            .map(|s| s.first_id + s.num_samples)
+            .map(|s| s.first_id.saturating_add(s.num_samples))
             .max()
             .unwrap_or(0)
     }

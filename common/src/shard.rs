@@ -202,6 +202,15 @@ fn read_safetensors(
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("chunks_exact(8) yields 8 bytes")))
         .collect();
+    // The manifest promises sample i of the shard has id first_id + i; readers index by it.
+    if let Some(i) = (0..n).find(|&i| entry.first_id.checked_add(i as u64) != Some(ids[i])) {
+        return Err(bad(format!(
+            "sample {i} has id {} but the manifest's first_id {} says {}",
+            ids[i],
+            entry.first_id,
+            entry.first_id.saturating_add(i as u64)
+        )));
+    }
     if !labeled {
         return Ok((ShardData { x, y: None, ids }, Vec::new()));
     }
@@ -322,6 +331,28 @@ mod tests {
         };
         let m = manifest_for(entry.clone());
         assert_eq!(read_shard(dir.path(), &m, &entry, true).unwrap(), sample());
+    }
+
+    #[test]
+    fn ids_that_disagree_with_first_id_name_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = write_shard(&dir.path().join("s0.safetensors"), &[3], &sample()).unwrap();
+        // The shard stores ids 10, 11; a manifest claiming first_id 12 is inconsistent.
+        let entry = ShardEntry {
+            path: "s0.safetensors".into(),
+            format: ShardFormat::Safetensors,
+            num_samples: 2,
+            sha256: sha,
+            first_id: 12,
+        };
+        let m = manifest_for(entry.clone());
+        let e = read_shard(dir.path(), &m, &entry, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s0.safetensors") && e.contains("sample 0 has id 10"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ pub struct EpochRecord {
     pub epoch: u64,
     /// Sample-weighted mean of the ranks' training losses.
     pub train_loss: f64,
-    /// Samples processed by all ranks together (including the sampler's padding).
+    /// Samples processed by all ranks together (each training sample once per epoch).
     pub train_samples: u64,
     /// The slowest rank's training time for the epoch (the step time of synchronous data parallelism).
     pub train_seconds: f64,

@@ -21,6 +21,10 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
+/// Upper bound on any single RPC, rendezvous's long poll included (its own deadline is
+/// `cluster.rendezvous_timeout_ms`, 120 s by default).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
 /// Connects, retrying until `wait` has passed (a coordinator may start after its workers on a cluster).
@@ -31,7 +35,14 @@ pub async fn connect(url: &str, token: &str, wait: Duration) -> Result<Client, S
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("bad coordinator address {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A coordinator that vanishes without closing the connection (a killed node, a partition) is
+        // noticed by HTTP/2 pings rather than by a call that waits forever; the overall request timeout
+        // bounds every call, rendezvous's long poll included.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .timeout(REQUEST_TIMEOUT);
     let start = Instant::now();
     loop {
         match endpoint.connect().await {
@@ -95,7 +106,16 @@ pub async fn heartbeat_loop(
             epoch: progress.epoch.load(Ordering::Relaxed),
             step: progress.step.load(Ordering::Relaxed),
         };
-        match client.heartbeat(req).await {
+        let answer = match tokio::time::timeout(
+            period.max(Duration::from_secs(1)) * 5,
+            client.heartbeat(req),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Status::deadline_exceeded("no heartbeat answer")),
+        };
+        match answer {
             Ok(r) => {
                 last_ok = Instant::now();
                 let r = r.into_inner();

@@ -21,8 +21,10 @@ pub struct GradSync {
 impl GradSync {
     /// `params` are the trainable tensors in registration order (shallow clones sharing storage).
     pub fn new(params: Vec<Tensor>, bucket_bytes: usize) -> Self {
-        // Materialise every gradient as zeros once. Optimizers zero gradients in place afterwards, so from
-        // here on every parameter has a defined gradient that the buckets can copy back into.
+        // Materialise every gradient as zeros once. From here on gradients are zeroed in place
+        // (`zero_grad` below), never reset to undefined as libtorch's optimizers do by default, so every
+        // parameter always has a gradient the buckets can copy back into — also on a rank whose share of
+        // the last batch is empty and that therefore runs no backward pass.
         if let Some(total) = params
             .iter()
             .map(|p| p.sum(Kind::Float))
@@ -56,6 +58,13 @@ impl GradSync {
             })
             .collect();
         GradSync { params, buckets }
+    }
+
+    /// Zeroes every gradient in place (keeping it defined; see `new`).
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.zero_grad();
+        }
     }
 
     pub fn num_buckets(&self) -> usize {

@@ -202,18 +202,26 @@ impl Ctx<'_> {
 
 /// Joins the TCP ring: bind, publish the address through the coordinator, connect to the neighbours.
 fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collective::TcpRing> {
-    let ip: IpAddr = if advertise_host == "localhost" {
-        IpAddr::from([127, 0, 0, 1])
+    // An IP literal is published as a socket address (brackets for IPv6); a host name (a pod's DNS
+    // name) as "name:port", resolved by each peer. The listener binds the loopback address itself when
+    // advertised, else every interface of the advertised family.
+    let host = if advertise_host == "localhost" {
+        "127.0.0.1"
     } else {
-        advertise_host.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+        advertise_host
     };
-    let bind_ip = if ip.is_loopback() {
-        ip
-    } else {
-        IpAddr::from([0, 0, 0, 0])
+    let (bind_ip, literal) = match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => (ip, Some(ip)),
+        Ok(ip @ IpAddr::V6(_)) => (IpAddr::from([0u16; 8]), Some(ip)),
+        Ok(ip) => (IpAddr::from([0, 0, 0, 0]), Some(ip)),
+        Err(_) => (IpAddr::from([0, 0, 0, 0]), None),
     };
     let listener = RingListener::bind(SocketAddr::new(bind_ip, 0))?;
-    let endpoint = format!("{advertise_host}:{}", listener.local_addr().port());
+    let port = listener.local_addr().port();
+    let endpoint = match literal {
+        Some(ip) => SocketAddr::new(ip, port).to_string(),
+        None => format!("{host}:{port}"),
+    };
     let resp = ctx
         .rt
         .block_on(ctx.client.clone().rendezvous(RendezvousRequest {
@@ -229,9 +237,10 @@ fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collect
         .enumerate()
         .map(|(r, e)| {
             let s = String::from_utf8_lossy(e);
+            // Prefer IPv4 among a name's addresses: listeners on host names bind IPv4.
             s.to_socket_addrs()
                 .ok()
-                .and_then(|mut a| a.next())
+                .and_then(|a| a.min_by_key(|addr| addr.is_ipv6()))
                 .ok_or_else(|| {
                     Error::Setup(format!(
                         "rendezvous: rank {r} published an unusable endpoint {s:?}"

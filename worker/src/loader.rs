@@ -143,7 +143,7 @@ impl ShardCache {
             .ids
             .iter()
             .enumerate()
-            .map(|(pos, &id)| (id - entry.first_id, pos))
+            .filter_map(|(pos, &id)| Some((id.checked_sub(entry.first_id)?, pos)))
             .collect();
         let skipped = skipped.into_iter().map(|s| (s.index, s)).collect();
         Ok(CachedShard {
@@ -249,16 +249,17 @@ fn build(
     for s in &refs {
         let shard = cache.get(s.shard)?;
         let Some(&pos) = shard.position.get(&(s.index as u64)) else {
-            let reason = shard
-                .skipped
-                .get(&(s.index as usize))
-                .cloned()
-                .unwrap_or_else(|| SkippedSample {
-                    shard: spec.dir.join(format!("shard #{}", s.shard)),
-                    index: s.index as usize,
-                    reason: "sample missing from the shard".into(),
-                });
-            out.skipped.push(reason);
+            // Only a sample the reader skipped under the Skip policy may be absent; anything else means
+            // the shard does not hold what the manifest says, which must not pass silently.
+            match shard.skipped.get(&(s.index as usize)) {
+                Some(reason) => out.skipped.push(reason.clone()),
+                None => {
+                    return Err(Error::Setup(format!(
+                        "shard #{} of split {:?} has no sample {} although the manifest lists it",
+                        s.shard, spec.split, s.index
+                    )))
+                }
+            }
             continue;
         };
         let id = shard.first_id + s.index as u64;

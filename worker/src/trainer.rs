@@ -119,7 +119,7 @@ impl Trainer {
         comm: &mut dyn Collective,
     ) -> Result<f64> {
         self.opt.set_lr(self.learning_rate());
-        self.opt.zero_grad();
+        self.sync.zero_grad();
         let local = x.size()[0];
         let mut value = 0.0;
         if local > 0 {

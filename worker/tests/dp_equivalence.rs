@@ -92,30 +92,30 @@ fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
             std::thread::spawn(move || {
                 let split = InMemorySplit::from_tensors(x, y);
                 trainer.broadcast_parameters(&mut ring).unwrap();
-                let sampler = DistributedSampler {
-                    dataset_len: n,
-                    seed: 5,
-                    epoch: 0,
-                    shuffle: true,
-                    world_size: world as u32,
-                    rank: rank as u32,
-                    start: 0,
-                };
-                for (k, batch) in sampler
-                    .batches(per_rank as u64)
-                    .iter()
-                    .enumerate()
-                    .take(STEPS)
-                {
-                    let (xb, yb) = split.batch(batch);
-                    trainer
-                        .step(
-                            &xb,
-                            &yb,
-                            sampler.global_batch_len(k as u64, per_rank as u64),
-                            &mut ring,
-                        )
-                        .unwrap();
+                // STEPS steps, crossing into the next epoch when the first one is shorter.
+                let mut taken = 0;
+                for epoch in 0.. {
+                    let sampler = DistributedSampler {
+                        dataset_len: n,
+                        seed: 5,
+                        epoch,
+                        shuffle: true,
+                        world_size: world as u32,
+                        rank: rank as u32,
+                        start: 0,
+                    };
+                    for (k, batch) in sampler.batches(per_rank as u64).iter().enumerate() {
+                        if taken == STEPS {
+                            break;
+                        }
+                        let (xb, yb) = split.batch(batch);
+                        let global = sampler.global_batch_len(k as u64, per_rank as u64);
+                        trainer.step(&xb, &yb, global, &mut ring).unwrap();
+                        taken += 1;
+                    }
+                    if taken == STEPS {
+                        break;
+                    }
                 }
                 trainer.flat_parameters()
             })
@@ -180,4 +180,15 @@ fn two_workers_equal_one_with_adamw() {
 fn three_workers_equal_one_when_the_last_batch_is_short_and_uneven() {
     // 950 = 19 full global batches of 48 + 38: the ranks hold 13, 13 and 12 samples at the last step.
     check("kind='sgd'\nlr=0.05\nmomentum=0.9", 3, 950);
+}
+
+#[test]
+fn three_workers_equal_one_when_two_ranks_have_nothing_at_the_last_step() {
+    // 865 = 18 full global batches of 48 + 1: at step 18 only rank 0 holds a sample and ranks 1 and 2 run
+    // no backward pass; the 20th step is in the next epoch, so optimizer state after it is compared too.
+    check(
+        "kind='sgd'\nlr=0.05\nmomentum=0.9\nweight_decay=0.001",
+        3,
+        865,
+    );
 }

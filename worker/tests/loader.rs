@@ -241,7 +241,7 @@ fn corrupt_sample_is_skipped_and_named_or_fails_by_policy() {
     .expect("the Fail policy must fail the stream")
     .to_string();
     assert!(
-        err.contains("pool-00001.safetensors") && err.contains('3'),
+        err.contains("pool-00001.safetensors") && err.contains("sample 3"),
         "{err}"
     );
 }

@@ -77,3 +77,33 @@ fn missing_teacher_is_a_clear_error() {
         "{e}"
     );
 }
+
+#[test]
+fn teacher_that_does_not_fit_the_data_fails_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // A ConvBase checkpoint with 10 classes, loaded as a teacher for 4 classes.
+    let cfg = ModelConfig::ConvBase {
+        channels: 8,
+        input_length: None,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = models::build(&vs.root(), &cfg, &[40], 10);
+    let path = dir.path().join("final.safetensors");
+    vs.save(&path).unwrap();
+    assert!(
+        Teacher::load(&path, &cfg, &[40], 4).is_err(),
+        "a 10-class checkpoint loaded as a 4-class teacher"
+    );
+    // The TorchScript fixture takes 40 inputs and has 10 outputs: wrong class count and wrong length.
+    let ts = fixtures().join("teacher.pt");
+    let e = Teacher::load(&ts, &cfg, &[40], 4)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("teacher.pt") && e.contains("[1, 4]"), "{e}");
+    let e = Teacher::load(&ts, &cfg, &[12], 10)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("teacher.pt"), "{e}");
+}

@@ -38,17 +38,40 @@ impl Teacher {
                 path.display()
             )));
         }
-        if matches!(ext, "pt" | "ts" | "torchscript") {
+        let teacher = if matches!(ext, "pt" | "ts" | "torchscript") {
             let mut m = CModule::load_on_device(path, Device::Cpu).map_err(fail)?;
             m.set_eval();
-            return Ok(Teacher::TorchScript(m));
+            Teacher::TorchScript(m)
+        } else {
+            model_cfg.check_input(sample_shape)?;
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let model = models::build(&vs.root(), model_cfg, sample_shape, classes);
+            vs.load(path).map_err(fail)?;
+            vs.freeze();
+            Teacher::Native { _vs: vs, model }
+        };
+        // One forward on a dummy batch now, so a teacher that does not fit the data (wrong input shape,
+        // wrong number of classes, a tuple output) fails at setup with its file named, not mid-training.
+        let mut shape = vec![1i64];
+        shape.extend(sample_shape.iter().map(|&d| d as i64));
+        let probe = tch::Tensor::zeros(shape.as_slice(), (tch::Kind::Float, Device::Cpu));
+        let cannot_run = |why: String| {
+            Error::Setup(format!(
+                "teacher {} cannot run on samples of shape {sample_shape:?}: {why}",
+                path.display()
+            ))
+        };
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| teacher.logits(&probe)))
+            .map_err(|_| cannot_run("libtorch raised an error".into()))?
+            .map_err(|e| cannot_run(e.to_string()))?;
+        if out.size() != [1, classes as i64] {
+            return Err(Error::Setup(format!(
+                "teacher {} outputs {:?} for one sample; the student needs [1, {classes}] logits",
+                path.display(),
+                out.size()
+            )));
         }
-        model_cfg.check_input(sample_shape)?;
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let model = models::build(&vs.root(), model_cfg, sample_shape, classes);
-        vs.load(path).map_err(fail)?;
-        vs.freeze();
-        Ok(Teacher::Native { _vs: vs, model })
+        Ok(teacher)
     }
 
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
