@@ -269,3 +269,18 @@ fn killed_worker_fails_the_job_without_hanging() {
     );
     assert!(!run.join("summary.json").exists());
 }
+
+#[test]
+fn unlabeled_split_without_a_method_that_uses_it_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        small_config(&mnist1d(), "").replace("[model]", "unlabeled_split = \"train\"\n[model]");
+    let cfg = write(dir.path(), "job.toml", &text);
+    let o = run_job(&cfg, &dir.path().join("run"), 1);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("data.unlabeled_split"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -44,3 +44,42 @@ fn mnist1d_supervised_two_workers_reaches_94_percent() {
         "test accuracy {acc} is below the paper's CNN (0.94)"
     );
 }
+
+/// Knowledge distillation on the unlabeled stream: a teacher trained on all labels, then a student with
+/// 20 labels per class that distills on the whole train split streamed as unlabeled data.
+#[test]
+fn distillation_on_the_unlabeled_stream_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher_cfg = write(dir.path(), "teacher.toml", &small_config(&mnist1d(), ""));
+    let teacher_run = dir.path().join("teacher");
+    let o = butler()
+        .arg("run")
+        .arg(&teacher_cfg)
+        .args(["--workers", "2", "--out"])
+        .arg(&teacher_run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "teacher: {}", stderr(&o));
+    let student = small_config(&mnist1d(), "").replace(
+        "[model]",
+        &format!(
+            "labels_per_class = 20\nunlabeled_split = \"train\"\nunlabeled_ratio = 3\n[regularize.distill]\nteacher = \"{}\"\nalpha = 0.5\ntemperature = 4.0\n[model]",
+            teacher_run.join("checkpoints/final.safetensors").display()
+        ),
+    );
+    let student_cfg = write(dir.path(), "student.toml", &student);
+    let out = dir.path().join("student");
+    let o = butler()
+        .arg("run")
+        .arg(&student_cfg)
+        .args(["--workers", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "student: {}", stderr(&o));
+    let log = std::fs::read_to_string(out.join("logs/worker-1.log")).unwrap();
+    assert!(log.contains("unlabeled stream assigned"), "{log}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.0);
+}

@@ -20,6 +20,8 @@ pub struct JobConfig {
     #[serde(default)]
     pub regularize: RegularizeConfig,
     #[serde(default)]
+    pub loader: LoaderConfig,
+    #[serde(default)]
     pub cluster: ClusterConfig,
 }
 
@@ -88,6 +90,10 @@ pub struct DistillConfig {
     pub teacher_model: Option<ModelConfig>,
     pub alpha: f64,
     pub temperature: f64,
+    /// Weight of the distillation term on the unlabeled stream (`data.unlabeled_split`), which has no CE
+    /// term: λ·T²·KL(softmax(t/T) ‖ softmax(s/T)) over each unlabeled batch.
+    #[serde(default = "one_f")]
+    pub unlabeled_weight: f64,
 }
 
 fn half() -> f64 {
@@ -122,6 +128,66 @@ pub struct DataConfig {
     /// Seed of the labeled subset (default: `job.seed`, so each seed also draws its own subset).
     #[serde(default)]
     pub subset_seed: Option<u64>,
+    /// A split streamed as unlabeled data (its labels, if any, are ignored) by the methods that use
+    /// unlabeled data; read shard by shard through the streaming loader, so it may be far larger than RAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabeled_split: Option<String>,
+    /// μ: unlabeled samples per labeled sample in a step.
+    #[serde(default = "one")]
+    pub unlabeled_ratio: u64,
+}
+
+/// The streaming loader (unlabeled stream).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoaderConfig {
+    #[serde(default = "one_usize")]
+    pub threads: usize,
+    /// Batches each loader thread builds ahead.
+    #[serde(default = "two_usize")]
+    pub prefetch: usize,
+    /// Decoded shards kept in memory.
+    #[serde(default = "four_usize")]
+    pub cache_shards: usize,
+    /// Within-rank shuffle window, in samples.
+    #[serde(default = "default_window")]
+    pub shuffle_window: usize,
+    /// What to do with a corrupt sample: "skip" (count it, warn naming shard and index) or "fail".
+    #[serde(default)]
+    pub corrupt: CorruptSamples,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorruptSamples {
+    #[default]
+    Skip,
+    Fail,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            threads: 1,
+            prefetch: 2,
+            cache_shards: 4,
+            shuffle_window: default_window(),
+            corrupt: CorruptSamples::Skip,
+        }
+    }
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn two_usize() -> usize {
+    2
+}
+fn four_usize() -> usize {
+    4
+}
+fn default_window() -> usize {
+    10_000
 }
 
 fn default_train_split() -> String {
@@ -396,6 +462,15 @@ impl JobConfig {
         if self.train.batch_size == 0 {
             return Err(bad("train.batch_size", "must be at least 1".into()));
         }
+        if self.data.unlabeled_ratio == 0 {
+            return Err(bad("data.unlabeled_ratio", "must be at least 1".into()));
+        }
+        if self.loader.threads == 0 || self.loader.prefetch == 0 || self.loader.cache_shards == 0 {
+            return Err(bad(
+                "loader",
+                "threads, prefetch and cache_shards must be at least 1".into(),
+            ));
+        }
         if self.train.eval_every == 0 {
             return Err(bad("train.eval_every", "must be at least 1".into()));
         }
@@ -543,6 +618,12 @@ impl JobConfig {
         }
         if let Some(d) = &r.distill {
             prob("regularize.distill.alpha", d.alpha)?;
+            if !(d.unlabeled_weight >= 0.0 && d.unlabeled_weight.is_finite()) {
+                return Err(bad(
+                    "regularize.distill.unlabeled_weight",
+                    "must be a finite number ≥ 0".into(),
+                ));
+            }
             if !(d.temperature > 0.0 && d.temperature.is_finite()) {
                 return Err(bad("regularize.distill.temperature", "must be > 0".into()));
             }
@@ -617,6 +698,16 @@ impl JobConfig {
                 other => other,
             })?;
         self.train_len(&m, &file)?;
+        if let Some(u) = &self.data.unlabeled_split {
+            m.split(u, &file)?;
+            m.check_shards_exist(u, &file)?;
+            if self.regularize.distill.is_none() {
+                return Err(Error::invalid(
+                    "data.unlabeled_split",
+                    "is set but no configured method uses unlabeled data (today: regularize.distill)",
+                ));
+            }
+        }
         if let Some(d) = &self.regularize.distill {
             if !d.teacher.is_file() {
                 return Err(Error::invalid(

@@ -135,12 +135,39 @@ impl Coordinator for Service {
         req: Request<AssignmentRequest>,
     ) -> std::result::Result<Response<AssignmentResponse>, Status> {
         let r = req.into_inner();
-        if r.stream() != Stream::Labeled {
-            return Err(Status::unimplemented(
-                "only the labeled stream exists in this version",
-            ));
-        }
         let mut st = self.0.lock();
+        match r.stream() {
+            Stream::Labeled => {}
+            Stream::Unlabeled => {
+                let (split, len) = st
+                    .unlabeled_assignment(r.rank, r.generation, r.epoch)
+                    .map_err(status)?
+                    .ok_or_else(|| {
+                        Status::failed_precondition(
+                            "this job has no unlabeled stream (data.unlabeled_split)",
+                        )
+                    })?;
+                let (lo, hi) = butler_common::assign::part_bounds(len, st.world_size, r.rank);
+                return Ok(Response::new(AssignmentResponse {
+                    generation: st.generation,
+                    epoch: r.epoch,
+                    split,
+                    seed: st.cfg.job.seed,
+                    shuffle: true,
+                    dataset_len: len,
+                    world_size: st.world_size,
+                    rank: r.rank,
+                    samples_for_rank: hi - lo,
+                    start: 0,
+                    has_epoch: true,
+                }));
+            }
+            Stream::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "assignment request names no stream",
+                ))
+            }
+        }
         let generation = st.generation;
         let split = st.cfg.data.train_split.clone();
         let a = st
@@ -287,6 +314,10 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
     let (manifest, manifest_file) = opts.config.check_data()?;
     opts.config.validate_world(opts.world_size)?;
     let train_len = opts.config.train_len(&manifest, &manifest_file)?;
+    let unlabeled_len = match &opts.config.data.unlabeled_split {
+        Some(u) => Some(manifest.split(u, &manifest_file)?.num_samples),
+        None => None,
+    };
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| butler_common::Error::io(&opts.run_dir, e))?;
 
@@ -304,7 +335,11 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
     let (done_tx, mut done_rx) = watch::channel(None);
     let shared = Arc::new(Shared {
         job_toml: opts.config.to_toml(),
-        state: Mutex::new(JobState::new(opts.config, opts.world_size, train_len)),
+        state: Mutex::new({
+            let mut st = JobState::new(opts.config, opts.world_size, train_len);
+            st.unlabeled_len = unlabeled_len;
+            st
+        }),
         rendezvous: Notify::new(),
         done: done_tx,
         run_dir: opts.run_dir.clone(),

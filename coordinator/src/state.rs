@@ -69,6 +69,8 @@ pub struct JobState {
     pub world_size: u32,
     pub generation: u64,
     pub train_len: u64,
+    /// Samples in the unlabeled stream's split, when the job has one.
+    pub unlabeled_len: Option<u64>,
     members: Vec<Option<Member>>,
     endpoints: Vec<Option<Vec<u8>>>,
     epochs: BTreeMap<u64, EpochAgg>,
@@ -85,6 +87,7 @@ impl JobState {
             world_size,
             generation: 1,
             train_len,
+            unlabeled_len: None,
             members: vec![None; n],
             endpoints: vec![None; n],
             epochs: BTreeMap::new(),
@@ -205,6 +208,26 @@ impl JobState {
             rank,
             start: 0,
         }))
+    }
+
+    /// The unlabeled stream's assignment for `epoch`: a sharded order (`common::assign`) the worker
+    /// computes from (seed, epoch, world size), starting at its beginning. The stream has no end of its
+    /// own — its epochs run on while the labeled stream sets the job's length.
+    pub fn unlabeled_assignment(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        epoch: u64,
+    ) -> Result<Option<(String, u64)>, Refusal> {
+        self.check(rank, generation)?;
+        self.touch(rank);
+        let _ = epoch;
+        Ok(self
+            .cfg
+            .data
+            .unlabeled_split
+            .clone()
+            .zip(self.unlabeled_len))
     }
 
     fn touch(&mut self, rank: u32) {

@@ -287,6 +287,8 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         steps_per_epoch * cfg.train.epochs,
     )?;
     trainer.broadcast_parameters(&mut ring)?;
+    let mut unlabeled = open_unlabeled_stream(ctx, cfg, &manifest, &manifest_file, per_rank_batch)?;
+    let mut skipped_total = 0usize;
 
     let mut last_eval = None;
     for epoch in 0.. {
@@ -326,7 +328,26 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             ctx.check_stop()?;
             let (x, y) = train_set.batch(batch);
             let global = sampler.global_batch_len(k as u64, per_rank_batch);
-            let loss = trainer.step(&x, &y, global, &mut ring)?;
+            let u = match unlabeled.as_mut() {
+                Some(stream) => {
+                    let (b, global_u) = stream.next_batch()?;
+                    for s in &b.skipped {
+                        warn!(shard = %s.shard.display(), index = s.index, reason = %s.reason, "skipped a corrupt unlabeled sample");
+                    }
+                    skipped_total += b.skipped.len();
+                    let mut shape = vec![b.len() as i64];
+                    shape.extend(manifest.sample_shape.iter().map(|&d| d as i64));
+                    Some((
+                        tch::Tensor::from_slice(&b.views[0]).reshape(shape.as_slice()),
+                        global_u,
+                    ))
+                }
+                None => None,
+            };
+            let u_batch = u
+                .as_ref()
+                .map(|(x, g)| trainer::UnlabeledBatch { x, global_len: *g });
+            let loss = trainer.step(&x, &y, global, u_batch, &mut ring)?;
             if !loss.is_finite() {
                 return Err(Error::Setup(format!(
                     "training diverged: loss is {loss} at epoch {epoch} step {}",
@@ -376,8 +397,73 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
     };
     // Nobody reports success before rank 0's checkpoint is on disk.
     ring.barrier()?;
-    info!(test_accuracy = eval.accuracy, "training finished");
+    info!(
+        test_accuracy = eval.accuracy,
+        skipped_unlabeled = skipped_total,
+        "training finished"
+    );
     Ok((eval.accuracy, eval.loss, checkpoint))
+}
+
+/// The unlabeled stream, when the job has one: its assignment comes from the coordinator (split, seed,
+/// world, rank — never sample lists), the order and the reading happen here.
+fn open_unlabeled_stream(
+    ctx: &Ctx,
+    cfg: &JobConfig,
+    manifest: &butler_common::manifest::Manifest,
+    manifest_file: &Path,
+    per_rank_batch: u64,
+) -> Result<Option<streams::UnlabeledStream>> {
+    if cfg.data.unlabeled_split.is_none() {
+        return Ok(None);
+    }
+    let a = ctx
+        .rt
+        .block_on(ctx.client.clone().get_assignment(AssignmentRequest {
+            rank: ctx.rank,
+            generation: ctx.generation,
+            epoch: 0,
+            stream: Stream::Unlabeled as i32,
+        }))
+        .map_err(rpc("get_assignment(unlabeled)"))?
+        .into_inner();
+    let l = &cfg.loader;
+    let spec = loader::LoaderSpec {
+        dir: manifest_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
+        manifest: Arc::new(manifest.clone()),
+        split: a.split.clone(),
+        epoch: a.epoch,
+        batch: (per_rank_batch * cfg.data.unlabeled_ratio) as usize,
+        threads: l.threads,
+        prefetch: l.prefetch,
+        cache_shards: l.cache_shards,
+        policy: match l.corrupt {
+            butler_common::config::CorruptSamples::Skip => {
+                butler_common::shard::CorruptPolicy::Skip
+            }
+            butler_common::config::CorruptSamples::Fail => {
+                butler_common::shard::CorruptPolicy::Fail
+            }
+        },
+        timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
+    };
+    info!(split = %a.split, samples = a.dataset_len, ratio = cfg.data.unlabeled_ratio, "unlabeled stream assigned");
+    let stream = streams::UnlabeledStream::new(
+        spec,
+        a.seed,
+        l.shuffle_window,
+        a.world_size,
+        a.rank,
+        Arc::new(loader::Identity),
+        streams::Cursor {
+            epoch: a.epoch,
+            step: a.start,
+        },
+    )?;
+    Ok(Some(stream))
 }
 
 fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<String> {

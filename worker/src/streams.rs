@@ -97,8 +97,9 @@ impl UnlabeledStream {
         self.cursor
     }
 
-    /// The next batch, moving to the next epoch (a new order) when this one is exhausted.
-    pub fn next_batch(&mut self) -> Result<LoadedBatch> {
+    /// The next batch, moving to the next epoch (a new order) when this one is exhausted, and the number
+    /// of samples all ranks together hold at that step (an epoch's last batch may be short and uneven).
+    pub fn next_batch(&mut self) -> Result<(LoadedBatch, u64)> {
         if self.cursor.step >= self.steps_in_epoch {
             self.cursor = Cursor {
                 epoch: self.cursor.epoch + 1,
@@ -106,6 +107,14 @@ impl UnlabeledStream {
             };
             self.open()?;
         }
+        let order = ShardedOrder {
+            shard_sizes: &self.sizes,
+            seed: self.seed,
+            epoch: self.cursor.epoch,
+            shuffle_window: self.shuffle_window,
+            history: &[],
+        };
+        let global = order.global_batch_len(self.world, self.cursor.step, self.spec.batch as u64);
         let batch = self
             .loader
             .as_mut()
@@ -114,6 +123,6 @@ impl UnlabeledStream {
                 Error::Setup("the unlabeled loader ended before its planned steps".into())
             })??;
         self.cursor.step += 1;
-        Ok(batch)
+        Ok((batch, global))
     }
 }

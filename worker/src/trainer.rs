@@ -24,6 +24,12 @@ pub struct Trainer {
     total_steps: u64,
 }
 
+/// This rank's share of a step's unlabeled batch, and the size of that batch over all ranks.
+pub struct UnlabeledBatch<'a> {
+    pub x: &'a Tensor,
+    pub global_len: u64,
+}
+
 /// Result of evaluating on a split, summed over all ranks.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Evaluation {
@@ -106,35 +112,49 @@ impl Trainer {
     }
 
     /// One synchronous data-parallel step on this rank's share of the global batch; returns the local
-    /// (unweighted) mean loss, or 0 for an empty share.
+    /// (unweighted) mean labeled loss, or 0 for an empty share.
     ///
-    /// `global_len` is the number of samples all ranks together hold at this step. Each rank scales its
-    /// mean loss by `local·world / global` before the gradients are averaged, so the update is the
-    /// gradient of the mean over the global batch even when the last batches of an epoch are uneven.
+    /// `global_len` is the number of labeled samples all ranks together hold at this step. Each rank scales
+    /// its mean loss by `local·world / global` before the gradients are averaged, so the update is the
+    /// gradient of the mean over the global batch even when the last batches of an epoch are uneven. The
+    /// unlabeled part, when there is one, is weighted the same way with its own stream's counts.
     pub fn step(
         &mut self,
         x: &Tensor,
         y: &Tensor,
         global_len: u64,
+        unlabeled: Option<UnlabeledBatch<'_>>,
         comm: &mut dyn Collective,
     ) -> Result<f64> {
         self.opt.set_lr(self.learning_rate());
         self.sync.zero_grad();
-        let local = x.size()[0];
+        let world = comm.world_size() as f64;
+        let share = |local: i64, global: u64| local as f64 * world / global.max(1) as f64;
+        // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.
+        let mut rng = MixRng::new(mix(mix(self.cfg.job.seed, self.step), comm.rank() as u64));
+        let parts = self.objective.loss(StepCtx {
+            model: self.model.as_ref(),
+            x,
+            y,
+            rng: &mut rng,
+            step: self.step,
+            unlabeled: unlabeled.as_ref().map(|u| u.x),
+        });
         let mut value = 0.0;
-        if local > 0 {
-            // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.
-            let mut rng = MixRng::new(mix(mix(self.cfg.job.seed, self.step), comm.rank() as u64));
-            let loss = self.objective.loss(StepCtx {
-                model: self.model.as_ref(),
-                x,
-                y,
-                rng: &mut rng,
-                step: self.step,
+        let mut total: Option<Tensor> = None;
+        if let Some(l) = parts.labeled {
+            value = l.double_value(&[]);
+            total = Some(l * share(x.size()[0], global_len));
+        }
+        if let (Some(l), Some(u)) = (parts.unlabeled, &unlabeled) {
+            let weighted = l * share(u.x.size()[0], u.global_len);
+            total = Some(match total {
+                Some(t) => t + weighted,
+                None => weighted,
             });
-            value = loss.double_value(&[]);
-            let weight = local as f64 * comm.world_size() as f64 / global_len.max(1) as f64;
-            (loss * weight).backward();
+        }
+        if let Some(t) = total {
+            t.backward();
         }
         self.sync.all_reduce_gradients(comm)?;
         self.opt.step();

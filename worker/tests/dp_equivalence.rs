@@ -110,7 +110,7 @@ fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
                         }
                         let (xb, yb) = split.batch(batch);
                         let global = sampler.global_batch_len(k as u64, per_rank as u64);
-                        trainer.step(&xb, &yb, global, &mut ring).unwrap();
+                        trainer.step(&xb, &yb, global, None, &mut ring).unwrap();
                         taken += 1;
                     }
                     if taken == STEPS {

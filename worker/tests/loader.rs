@@ -303,7 +303,7 @@ fn unlabeled_stream_rolls_epochs_and_resumes_from_its_cursor() {
     let mut batches = Vec::new();
     for _ in 0..15 {
         let epoch = s.cursor().epoch + u64::from(s.cursor().step == 6);
-        let b = s.next_batch().unwrap();
+        let (b, _) = s.next_batch().unwrap();
         per_epoch
             .entry(epoch)
             .or_default()
@@ -325,6 +325,6 @@ fn unlabeled_stream_rolls_epochs_and_resumes_from_its_cursor() {
     // Resume mid-epoch 1 from a cursor: the same batches follow.
     let mut resumed = stream(Cursor { epoch: 1, step: 2 });
     for want in &batches[8..15] {
-        assert_eq!(&resumed.next_batch().unwrap(), want);
+        assert_eq!(&resumed.next_batch().unwrap().0, want);
     }
 }

@@ -107,3 +107,72 @@ fn teacher_that_does_not_fit_the_data_fails_at_load() {
         .to_string();
     assert!(e.contains("teacher.pt"), "{e}");
 }
+
+/// Distillation on unlabeled data has no CE term: its part is λ·T²·KL(teacher ‖ student) on the
+/// unlabeled batch, and the labeled part is unchanged by its presence.
+#[test]
+fn distillation_on_unlabeled_data_is_the_kd_term_alone() {
+    use butler_common::config::JobConfig;
+    use butler_worker::losses::{kd_loss, KdConfig};
+    use butler_worker::mixing::MixRng;
+    use butler_worker::objectives::{self, StepCtx};
+
+    let text = format!(
+        "[job]\nname='kd'\n[data]\nmanifest='unused'\n[model]\nkind='mlp'\nhidden=[8]\n[optim]\nkind='sgd'\nlr=0.1\n\
+         [train]\nepochs=1\nbatch_size=4\n[regularize.distill]\nteacher='{}'\nalpha=0.3\ntemperature=2.0\nunlabeled_weight=0.7\n",
+        fixtures().join("teacher.pt").display()
+    );
+    let cfg = JobConfig::from_toml(&text, Path::new("kd.toml")).unwrap();
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let student = models::build(&vs.root(), &cfg.model, &[40], 10);
+    let mut objective = objectives::build(&cfg, &[40], 10, student.mix_points()).unwrap();
+    let x = Tensor::randn([4, 40], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[1i64, 2, 3, 4]);
+    let u = Tensor::randn([6, 40], (Kind::Float, Device::Cpu));
+    let mut rng = MixRng::new(0);
+    let parts = objective.loss(StepCtx {
+        model: student.as_ref(),
+        x: &x,
+        y: &y,
+        rng: &mut rng,
+        step: 0,
+        unlabeled: Some(&u),
+    });
+
+    let teacher = Teacher::load(&fixtures().join("teacher.pt"), &cfg.model, &[40], 10).unwrap();
+    let kd = KdConfig {
+        alpha: 0.3,
+        temperature: 2.0,
+    };
+    let want_u = kd_loss(
+        &student.forward_t(&u, true),
+        &teacher.logits(&u).unwrap(),
+        None,
+        &kd,
+        0.0,
+    ) * 0.7;
+    let got_u = parts.unlabeled.expect("an unlabeled part");
+    assert!((got_u.double_value(&[]) - want_u.double_value(&[])).abs() < 1e-6);
+    let targets = butler_worker::losses::one_hot(&y, 10);
+    let want_l = kd_loss(
+        &student.forward_t(&x, true),
+        &teacher.logits(&x).unwrap(),
+        Some(&targets),
+        &kd,
+        0.0,
+    );
+    assert!((parts.labeled.unwrap().double_value(&[]) - want_l.double_value(&[])).abs() < 1e-6);
+
+    // An empty unlabeled share contributes no part.
+    let empty = Tensor::zeros([0, 40], (Kind::Float, Device::Cpu));
+    let parts = objective.loss(StepCtx {
+        model: student.as_ref(),
+        x: &x,
+        y: &y,
+        rng: &mut rng,
+        step: 1,
+        unlabeled: Some(&empty),
+    });
+    assert!(parts.unlabeled.is_none());
+}

@@ -3,7 +3,7 @@
 //! The teacher is a butler checkpoint (safetensors, rebuilt from a model config) or a TorchScript file
 //! exported from PyTorch; it runs without gradients on every worker beside the student.
 
-use super::{BatchAug, Objective, StepCtx};
+use super::{non_empty, BatchAug, LossParts, Objective, StepCtx};
 use crate::losses::{kd_loss, one_hot, KdConfig};
 use crate::models::{self, Model};
 use crate::{Error, Result};
@@ -90,6 +90,7 @@ pub struct Distill {
     kd: KdConfig,
     label_smoothing: f64,
     classes: i64,
+    unlabeled_weight: f64,
 }
 
 impl Distill {
@@ -111,6 +112,7 @@ impl Distill {
             },
             label_smoothing: cfg.train.label_smoothing,
             classes: classes as i64,
+            unlabeled_weight: d.unlabeled_weight,
         })
     }
 }
@@ -120,22 +122,34 @@ impl Objective for Distill {
         "kd"
     }
 
-    fn loss(&mut self, ctx: StepCtx) -> Tensor {
-        let prepared = self.aug.apply(ctx.x, ctx.y, ctx.rng);
-        let student = prepared.forward(ctx.model);
-        let teacher = self
-            .teacher
-            .logits(&prepared.x)
-            .expect("teacher forward failed on a batch the student accepted");
-        let targets = prepared
-            .soft_targets
-            .unwrap_or_else(|| one_hot(ctx.y, self.classes));
-        kd_loss(
-            &student,
-            &teacher,
-            Some(&targets),
-            &self.kd,
-            self.label_smoothing,
-        )
+    fn loss(&mut self, ctx: StepCtx) -> LossParts {
+        let labeled = non_empty(ctx.x).then(|| {
+            let prepared = self.aug.apply(ctx.x, ctx.y, ctx.rng);
+            let student = prepared.forward(ctx.model);
+            let teacher = self
+                .teacher
+                .logits(&prepared.x)
+                .expect("the teacher was probed on this sample shape at load");
+            let targets = prepared
+                .soft_targets
+                .unwrap_or_else(|| one_hot(ctx.y, self.classes));
+            kd_loss(
+                &student,
+                &teacher,
+                Some(&targets),
+                &self.kd,
+                self.label_smoothing,
+            )
+        });
+        // On unlabeled data there is no CE term: λ·T²·KL(teacher ‖ student) alone.
+        let unlabeled = ctx.unlabeled.filter(|u| non_empty(u)).map(|u| {
+            let student = ctx.model.forward_t(u, true);
+            let teacher = self
+                .teacher
+                .logits(u)
+                .expect("the teacher was probed on this sample shape at load");
+            kd_loss(&student, &teacher, None, &self.kd, 0.0) * self.unlabeled_weight
+        });
+        LossParts { labeled, unlabeled }
     }
 }

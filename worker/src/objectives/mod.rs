@@ -29,12 +29,28 @@ pub struct StepCtx<'a> {
     pub y: &'a Tensor,
     pub rng: &'a mut MixRng,
     pub step: u64,
+    /// This rank's unlabeled batch `[u, ...sample_shape]`, when the job streams unlabeled data.
+    pub unlabeled: Option<&'a Tensor>,
+}
+
+/// A step's loss in parts, each averaged over its own batch; the trainer weights each part by this rank's
+/// share of the global batch of that stream before backward.
+pub struct LossParts {
+    /// Absent when this rank's labeled share is empty.
+    pub labeled: Option<Tensor>,
+    /// Absent when the method uses no unlabeled data or this rank's unlabeled share is empty.
+    pub unlabeled: Option<Tensor>,
 }
 
 pub trait Objective: Send {
     fn name(&self) -> &'static str;
-    /// The scalar loss for this rank's batch (averaged over the batch).
-    fn loss(&mut self, ctx: StepCtx) -> Tensor;
+    /// The loss parts for this rank's batches.
+    fn loss(&mut self, ctx: StepCtx) -> LossParts;
+}
+
+/// True when `t` holds at least one sample.
+pub(crate) fn non_empty(t: &Tensor) -> bool {
+    t.size().first().is_some_and(|&n| n > 0)
 }
 
 /// Builds the objective the config asks for.

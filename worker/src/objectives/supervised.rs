@@ -1,9 +1,8 @@
 //! Supervised cross-entropy with torch's label smoothing, after the batch regularizers. With no
 //! regularizer active it is exactly `F.cross_entropy(logits, y, label_smoothing=ε)`.
 
-use super::{BatchAug, Objective, StepCtx};
+use super::{non_empty, BatchAug, LossParts, Objective, StepCtx};
 use crate::losses::{cross_entropy, soft_cross_entropy};
-use tch::Tensor;
 
 pub struct Supervised {
     aug: BatchAug,
@@ -24,12 +23,22 @@ impl Objective for Supervised {
         "supervised"
     }
 
-    fn loss(&mut self, ctx: StepCtx) -> Tensor {
+    fn loss(&mut self, ctx: StepCtx) -> LossParts {
+        if !non_empty(ctx.x) {
+            return LossParts {
+                labeled: None,
+                unlabeled: None,
+            };
+        }
         let prepared = self.aug.apply(ctx.x, ctx.y, ctx.rng);
         let logits = prepared.forward(ctx.model);
-        match &prepared.soft_targets {
+        let loss = match &prepared.soft_targets {
             Some(q) => soft_cross_entropy(&logits, q, self.label_smoothing),
             None => cross_entropy(&logits, ctx.y, self.label_smoothing),
+        };
+        LossParts {
+            labeled: Some(loss),
+            unlabeled: None,
         }
     }
 }
