@@ -38,6 +38,7 @@ ROWS = [
     ("Manifold Mixup α=2 (input + every block)", "[regularize.manifold_mixup]\nalpha = 2.0\nlayers = {layers}\n"),
     ("CutMix + label smoothing", "@ls[regularize.mix]\ncutmix_alpha = 1.0\n"),
     ("KD (T=4, α=0.5) from all-label teacher", "[regularize.distill]\nteacher = \"{teacher}\"\nalpha = 0.5\ntemperature = 4.0\n"),
+    ("KD + distillation on all train inputs as unlabeled (μ=4)", "@unl[regularize.distill]\nteacher = \"{teacher}\"\nalpha = 0.5\ntemperature = 4.0\n"),
 ]
 
 
@@ -71,8 +72,12 @@ def main():
                 if extra.startswith("@ls"):
                     text = text.replace("[train]\n", "[train]\nlabel_smoothing = 0.1\n", 1)
                     extra = extra[3:]
+                if extra.startswith("@unl"):
+                    # The train split's inputs, labels ignored, streamed as the unlabeled data.
+                    text = text.replace("[model]\n", "unlabeled_split = \"train\"\nunlabeled_ratio = 4\n\n[model]\n", 1)
+                    extra = extra[4:]
                 text += "\n" + extra.format(teacher=teacher, cutout=b["cutout"], layers=b["layers"])
-                slug = row.split(" ")[0].lower() + ("-ls" if "+" in row else "")
+                slug = row.split(" ")[0].lower() + ("-ls" if "smoothing" in row and "+" in row else "") + ("-unlabeled" if "unlabeled" in row else "")
                 out = f"{args.out}/{dataset}/{slug}/seed-{seed}"
                 os.makedirs(out, exist_ok=True)
                 cfg = f"{out}/job-input.toml"
