@@ -39,13 +39,13 @@ pub struct StreamArgs {
     rank: Option<u32>,
 }
 
-/// Peak resident set size of this process (VmHWM), in MiB.
-pub fn peak_rss_mib() -> f64 {
+/// A memory figure of this process from /proc/self/status (`VmHWM` = peak RSS, `VmRSS` = current), in MiB.
+fn proc_status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kib| kib / 1024.0)
@@ -90,7 +90,7 @@ pub fn stream(a: &StreamArgs) -> Result<()> {
 }
 
 fn stream_rank(a: &StreamArgs, rank: u32) -> Result<()> {
-    let rss_start = peak_rss_mib();
+    let rss_start = proc_status_mib("VmHWM:");
     let (manifest, file) = Manifest::load(&a.manifest)?;
     let split = manifest.split(&a.split, &file)?;
     let sizes: Vec<u64> = split.shards.iter().map(|s| s.num_samples).collect();
@@ -143,7 +143,7 @@ fn stream_rank(a: &StreamArgs, rank: u32) -> Result<()> {
             "bench": "stream", "rank": rank, "world": a.world, "split": a.split, "pool": order.total(),
             "samples": samples, "seconds": secs, "samples_per_second": samples as f64 / secs,
             "loader_threads": a.threads, "views": "weak+strong (1-D)",
-            "rss_before_mib": rss_start, "peak_rss_mib": peak_rss_mib(), "checksum": checksum,
+            "rss_before_mib": rss_start, "peak_rss_mib": proc_status_mib("VmHWM:"), "checksum": checksum,
         })
     );
     Ok(())
@@ -176,11 +176,11 @@ pub fn manifest(a: &ManifestArgs) -> Result<()> {
     let path = dir.join("manifest.json");
     std::fs::write(&path, serde_json::to_vec(&m)?)?;
     let bytes = std::fs::metadata(&path)?.len();
-    let rss0 = current_rss_mib();
+    let rss0 = proc_status_mib("VmRSS:");
     let t0 = Instant::now();
     let (loaded, _) = Manifest::load(&path)?;
     let secs = t0.elapsed().as_secs_f64();
-    let rss1 = current_rss_mib();
+    let rss1 = proc_status_mib("VmRSS:");
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "{}",
@@ -188,15 +188,4 @@ pub fn manifest(a: &ManifestArgs) -> Result<()> {
             "file_bytes": bytes, "load_seconds": secs, "rss_growth_mib": rss1 - rss0})
     );
     Ok(())
-}
-
-fn current_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
 }

@@ -140,7 +140,7 @@ impl Coordinator for Service {
             Stream::Labeled => {}
             Stream::Unlabeled => {
                 let (split, len) = st
-                    .unlabeled_assignment(r.rank, r.generation, r.epoch)
+                    .unlabeled_assignment(r.rank, r.generation)
                     .map_err(status)?
                     .ok_or_else(|| {
                         Status::failed_precondition(

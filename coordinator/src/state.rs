@@ -210,18 +210,16 @@ impl JobState {
         }))
     }
 
-    /// The unlabeled stream's assignment for `epoch`: a sharded order (`common::assign`) the worker
+    /// The unlabeled stream's assignment: a sharded order (`common::assign`) the worker
     /// computes from (seed, epoch, world size), starting at its beginning. The stream has no end of its
     /// own — its epochs run on while the labeled stream sets the job's length.
     pub fn unlabeled_assignment(
         &mut self,
         rank: u32,
         generation: u64,
-        epoch: u64,
     ) -> Result<Option<(String, u64)>, Refusal> {
         self.check(rank, generation)?;
         self.touch(rank);
-        let _ = epoch;
         Ok(self
             .cfg
             .data

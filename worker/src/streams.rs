@@ -68,17 +68,22 @@ impl UnlabeledStream {
         Ok(s)
     }
 
-    fn open(&mut self) -> Result<()> {
-        let order = ShardedOrder {
+    /// The order of the cursor's epoch (a fresh period: membership does not change yet).
+    fn order(&self) -> ShardedOrder<'_> {
+        ShardedOrder {
             shard_sizes: &self.sizes,
             seed: self.seed,
             epoch: self.cursor.epoch,
             shuffle_window: self.shuffle_window,
             history: &[],
-        };
-        let batch = self.spec.batch as u64;
-        self.steps_in_epoch = order.steps(self.world, batch);
+        }
+    }
+
+    fn open(&mut self) -> Result<()> {
+        let order = self.order();
+        let steps = order.steps(self.world, self.spec.batch as u64);
         let sequence = Arc::new(order.rank_sequence(self.world, self.rank));
+        self.steps_in_epoch = steps;
         let spec = LoaderSpec {
             epoch: self.cursor.epoch,
             ..self.spec.clone()
@@ -107,13 +112,7 @@ impl UnlabeledStream {
             };
             self.open()?;
         }
-        let order = ShardedOrder {
-            shard_sizes: &self.sizes,
-            seed: self.seed,
-            epoch: self.cursor.epoch,
-            shuffle_window: self.shuffle_window,
-            history: &[],
-        };
+        let order = self.order();
         let global = order.global_batch_len(self.world, self.cursor.step, self.spec.batch as u64);
         let batch = self
             .loader
