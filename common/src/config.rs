@@ -23,6 +23,15 @@ pub struct JobConfig {
     pub loader: LoaderConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Consistency training on the unlabeled stream (UDA, FixMatch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl: Option<crate::semi::SslConfig>,
+    /// Per-sample augmentation of the labeled batch.
+    #[serde(default)]
+    pub augment: crate::semi::AugmentConfig,
+    /// Pseudo-label refresh rounds, run by the coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pseudo_label: Option<crate::semi::PseudoLabelConfig>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -554,6 +563,7 @@ impl JobConfig {
             }
         }
         self.validate_regularizers(&bad)?;
+        crate::semi::validate(self, &bad)?;
         if let ModelConfig::ConvBase { channels: 0, .. } = &self.model {
             return Err(bad("model.channels", "must be positive".into()));
         }

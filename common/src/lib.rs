@@ -7,7 +7,9 @@ pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod manifest;
+pub mod pseudo;
 pub mod sampler;
+pub mod semi;
 pub mod shard;
 pub mod webdataset;
 

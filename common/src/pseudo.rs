@@ -1,0 +1,424 @@
+//! Pseudo-label rounds, the parts both sides share: the per-shard **sidecar** a worker writes when it
+//! labels a shard (INFER), the per-class **confidence histogram** it reports, and the **selection** the
+//! coordinator makes from the histograms alone (SELECT) — it never sees a sample.
+//!
+//! A selection is a rule, not a list: sample (predicted class c, confidence p) is selected iff
+//! `bin(p) ≥ min_bin[c]`, with `bin(p) = min(⌊p·B⌋, B − 1)` over B equal bins of [0, 1]. The coordinator
+//! picks `min_bin` per class from the histograms (threshold, top-k, balance), so the rule selects exactly
+//! the counts it recorded, and a worker applies it to the sidecars while training. The rule being
+//! a pure function of the histograms makes SELECT deterministic and idempotent: a restarted coordinator
+//! re-derives the same set from the same persisted histograms.
+
+use crate::{fsutil, Error, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// Confidence bins of the histograms (resolution of thresholds and top-k cut-offs: 0.001).
+pub const BINS: usize = 1000;
+
+/// The confidence bin of a probability. An f32 just below a bin edge (0.95f32 is 0.949999988…) counts in
+/// the bin above: the slack, 1e-3 of a bin, is far above f32 rounding and far below a bin.
+pub fn bin_of(p: f32) -> usize {
+    ((p as f64 * BINS as f64 + 1e-3).floor().max(0.0) as usize).min(BINS - 1)
+}
+
+/// One shard's predictions: for each sample, its id, the predicted class and its probability, and
+/// optionally the whole probability vector (`[n, classes]`, for soft pseudo-labels).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sidecar {
+    pub ids: Vec<u64>,
+    pub class: Vec<u32>,
+    pub confidence: Vec<f32>,
+    pub probs: Option<Vec<f32>>,
+    pub classes: usize,
+}
+
+impl Sidecar {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Writes atomically; returns the file's hex SHA-256.
+    pub fn write(&self, path: &Path) -> Result<String> {
+        let n = self.len();
+        let bad = |m: String| Error::Shard {
+            path: path.into(),
+            message: m,
+        };
+        if self.class.len() != n || self.confidence.len() != n {
+            return Err(bad("ids, class and confidence differ in length".into()));
+        }
+        let ids: Vec<u8> = self.ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let class: Vec<u8> = self.class.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let conf: Vec<u8> = self.confidence.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let probs: Option<Vec<u8>> = self
+            .probs
+            .as_ref()
+            .map(|p| p.iter().flat_map(|v| v.to_le_bytes()).collect());
+        fn view<'a>(
+            dtype: Dtype,
+            shape: Vec<usize>,
+            bytes: &'a [u8],
+            path: &Path,
+        ) -> Result<TensorView<'a>> {
+            TensorView::new(dtype, shape, bytes).map_err(|e| Error::Shard {
+                path: path.into(),
+                message: format!("cannot encode the sidecar: {e}"),
+            })
+        }
+        let mut tensors = vec![
+            ("id".to_string(), view(Dtype::U64, vec![n], &ids, path)?),
+            ("class".to_string(), view(Dtype::U32, vec![n], &class, path)?),
+            (
+                "confidence".to_string(),
+                view(Dtype::F32, vec![n], &conf, path)?,
+            ),
+        ];
+        if let Some(p) = &probs {
+            tensors.push((
+                "probs".to_string(),
+                view(Dtype::F32, vec![n, self.classes], p, path)?,
+            ));
+        }
+        let meta = [("classes".to_string(), self.classes.to_string())]
+            .into_iter()
+            .collect();
+        let bytes = safetensors::serialize(tensors, Some(meta))
+            .map_err(|e| bad(format!("cannot encode the sidecar: {e}")))?;
+        fsutil::write_atomic(path, &bytes)?;
+        Ok(hex::encode(Sha256::digest(&bytes)))
+    }
+
+    /// Reads and checks a sidecar; every error names the file.
+    pub fn read(path: &Path) -> Result<Sidecar> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::decode(&bytes).map_err(|m| Error::Shard {
+            path: path.into(),
+            message: format!("corrupt pseudo-label sidecar: {m}"),
+        })
+    }
+
+    fn decode(bytes: &[u8]) -> std::result::Result<Sidecar, String> {
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+        let classes: usize = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("classes"))
+            .and_then(|c| c.parse().ok())
+            .ok_or("no `classes` in its metadata")?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+        let get = |name: &str, dtype: Dtype| -> std::result::Result<TensorView<'_>, String> {
+            let t = st.tensor(name).map_err(|_| format!("no `{name}` tensor"))?;
+            if t.dtype() != dtype {
+                return Err(format!("`{name}` is {:?}, expected {dtype:?}", t.dtype()));
+            }
+            Ok(t)
+        };
+        fn words<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            b.chunks_exact(N)
+                .map(|c| f(c.try_into().expect("exact chunk")))
+                .collect()
+        }
+        let ids = words(get("id", Dtype::U64)?.data(), u64::from_le_bytes);
+        let class = words(get("class", Dtype::U32)?.data(), u32::from_le_bytes);
+        let confidence = words(get("confidence", Dtype::F32)?.data(), f32::from_le_bytes);
+        let n = ids.len();
+        if class.len() != n || confidence.len() != n {
+            return Err("id, class and confidence differ in length".into());
+        }
+        if let Some(c) = class.iter().find(|&&c| c as usize >= classes) {
+            return Err(format!("class {c} is out of range for {classes} classes"));
+        }
+        if let Some(p) = confidence.iter().find(|p| !(0.0..=1.0).contains(*p)) {
+            return Err(format!("confidence {p} is outside [0, 1]"));
+        }
+        let probs = match st.tensor("probs") {
+            Ok(t) if t.dtype() == Dtype::F32 && t.shape() == [n, classes] => {
+                Some(words(t.data(), f32::from_le_bytes))
+            }
+            Ok(t) => {
+                return Err(format!(
+                    "`probs` is {:?} {:?}, expected F32 [{n}, {classes}]",
+                    t.dtype(),
+                    t.shape()
+                ))
+            }
+            Err(_) => None,
+        };
+        Ok(Sidecar {
+            ids,
+            class,
+            confidence,
+            probs,
+            classes,
+        })
+    }
+
+    /// The histogram of this sidecar's predictions.
+    pub fn histogram(&self) -> Histogram {
+        let mut h = Histogram::new(self.classes);
+        for (&c, &p) in self.class.iter().zip(&self.confidence) {
+            h.add(c as usize, p);
+        }
+        h
+    }
+}
+
+/// Per predicted class, how many samples fall in each confidence bin: `counts[c·BINS + bin]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub classes: usize,
+    pub counts: Vec<u64>,
+}
+
+impl Histogram {
+    pub fn new(classes: usize) -> Self {
+        Histogram {
+            classes,
+            counts: vec![0; classes * BINS],
+        }
+    }
+
+    pub fn add(&mut self, class: usize, p: f32) {
+        self.counts[class * BINS + bin_of(p)] += 1;
+    }
+
+    pub fn merge(&mut self, other: &Histogram) -> Result<()> {
+        if other.classes != self.classes || other.counts.len() != self.counts.len() {
+            return Err(Error::invalid(
+                "pseudo-label histogram",
+                format!(
+                    "cannot merge {} classes into {}",
+                    other.classes, self.classes
+                ),
+            ));
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    /// Samples of class `c` in bins `from..`.
+    pub fn at_or_above(&self, c: usize, from: usize) -> u64 {
+        self.counts[c * BINS + from.min(BINS)..(c + 1) * BINS]
+            .iter()
+            .sum()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// How to choose (see `PseudoLabelConfig`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SelectRule {
+    pub threshold: f64,
+    pub top_k_per_class: Option<u64>,
+    pub balance: bool,
+}
+
+/// A pseudo-label set: per class the lowest selected confidence bin (`BINS` = none selected), with the
+/// counts it selects. Recorded by the coordinator as `round-R/selection.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selection {
+    /// The set's version: the round whose TRAIN phase uses it (set 1 is made after round 0).
+    pub round: u32,
+    pub bins: usize,
+    pub min_bin: Vec<usize>,
+    /// Samples selected per class.
+    pub selected: Vec<u64>,
+    /// Samples predicted as each class (before selection).
+    pub predicted: Vec<u64>,
+}
+
+impl Selection {
+    /// Applies `rule` to the merged histogram. Whole bins only: a class's cut-off is the lowest bin at
+    /// or above the threshold whose inclusion keeps the class within its cap, so a class never exceeds
+    /// `top_k_per_class` (or, with `balance`, the rarest class's count above the threshold).
+    pub fn choose(round: u32, h: &Histogram, rule: &SelectRule) -> Selection {
+        let first = (rule.threshold * BINS as f64 - 1e-9).ceil().max(0.0) as usize;
+        let first = first.min(BINS);
+        let above: Vec<u64> = (0..h.classes).map(|c| h.at_or_above(c, first)).collect();
+        let mut cap = rule.top_k_per_class.unwrap_or(u64::MAX);
+        if rule.balance {
+            cap = cap.min(above.iter().copied().min().unwrap_or(0));
+        }
+        let mut min_bin = Vec::with_capacity(h.classes);
+        let mut selected = Vec::with_capacity(h.classes);
+        for c in 0..h.classes {
+            // Walk down from the most confident bin while the total stays within the cap.
+            let (mut b, mut n) = (BINS, 0u64);
+            while b > first {
+                let next = n + h.counts[c * BINS + b - 1];
+                if next > cap {
+                    break;
+                }
+                n = next;
+                b -= 1;
+            }
+            min_bin.push(b);
+            selected.push(n);
+        }
+        Selection {
+            round,
+            bins: BINS,
+            min_bin,
+            selected,
+            predicted: (0..h.classes).map(|c| h.at_or_above(c, 0)).collect(),
+        }
+    }
+
+    /// Whether a sample predicted as `class` with probability `p` is in the set.
+    pub fn selects(&self, class: u32, p: f32) -> bool {
+        self.min_bin
+            .get(class as usize)
+            .is_some_and(|&m| m < BINS && bin_of(p) >= m)
+    }
+
+    pub fn total_selected(&self) -> u64 {
+        self.selected.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(samples: &[(usize, f32)]) -> Histogram {
+        let mut h = Histogram::new(3);
+        for &(c, p) in samples {
+            h.add(c, p);
+        }
+        h
+    }
+
+    fn rule(threshold: f64, top_k: Option<u64>, balance: bool) -> SelectRule {
+        SelectRule {
+            threshold,
+            top_k_per_class: top_k,
+            balance,
+        }
+    }
+
+    /// Applying the rule to the samples selects exactly the counts recorded.
+    fn check_counts(samples: &[(usize, f32)], s: &Selection) {
+        let mut n = [0u64; 3];
+        for &(c, p) in samples {
+            if s.selects(c as u32, p) {
+                n[c] += 1;
+            }
+        }
+        assert_eq!(n.to_vec(), s.selected);
+    }
+
+    #[test]
+    fn threshold_keeps_confident_samples() {
+        let samples = [
+            (0, 0.99),
+            (0, 0.95),
+            (0, 0.5),
+            (1, 0.949),
+            (1, 0.97),
+            (2, 0.2),
+        ];
+        let s = Selection::choose(1, &hist(&samples), &rule(0.95, None, false));
+        assert_eq!(s.selected, vec![2, 1, 0]);
+        assert_eq!(s.predicted, vec![3, 2, 1]);
+        assert!(s.selects(0, 0.95) && !s.selects(1, 0.949) && !s.selects(2, 0.2));
+        check_counts(&samples, &s);
+        // Threshold 0 with no cap keeps everything.
+        let all = Selection::choose(1, &hist(&samples), &rule(0.0, None, false));
+        assert_eq!(all.total_selected(), samples.len() as u64);
+        check_counts(&samples, &all);
+    }
+
+    #[test]
+    fn top_k_takes_the_most_confident_whole_bins() {
+        let samples = [
+            (0, 0.99),
+            (0, 0.98),
+            (0, 0.97),
+            (0, 0.97),
+            (1, 0.6),
+            (1, 0.7),
+        ];
+        let s = Selection::choose(2, &hist(&samples), &rule(0.5, Some(3), false));
+        // Class 0: 0.99, 0.98 fit; the 0.97 bin holds two, which would make 4 > 3: the bin is left out.
+        assert_eq!(s.selected, vec![2, 2, 0]);
+        check_counts(&samples, &s);
+        let s1 = Selection::choose(2, &hist(&samples), &rule(0.5, Some(1), false));
+        assert_eq!(s1.selected, vec![1, 1, 0]);
+        assert!(s1.selects(0, 0.99) && !s1.selects(0, 0.98) && s1.selects(1, 0.7));
+        check_counts(&samples, &s1);
+    }
+
+    #[test]
+    fn balance_caps_every_class_at_the_rarest() {
+        let samples = [
+            (0, 0.99),
+            (0, 0.98),
+            (0, 0.97),
+            (1, 0.9),
+            (1, 0.95),
+            (2, 0.91),
+            (2, 0.3),
+        ];
+        let s = Selection::choose(1, &hist(&samples), &rule(0.8, None, true));
+        assert_eq!(s.selected, vec![1, 1, 1]);
+        assert!(s.selects(0, 0.99) && s.selects(1, 0.95) && s.selects(2, 0.91));
+        check_counts(&samples, &s);
+    }
+
+    #[test]
+    fn selection_is_deterministic_and_order_free() {
+        let mut samples: Vec<(usize, f32)> = (0..500)
+            .map(|i| (i % 3, ((i * 7919) % 1000) as f32 / 1000.0))
+            .collect();
+        let a = Selection::choose(1, &hist(&samples), &rule(0.3, Some(40), true));
+        samples.reverse();
+        let b = Selection::choose(1, &hist(&samples), &rule(0.3, Some(40), true));
+        assert_eq!(a, b);
+        assert!(a.selected.iter().all(|&n| n <= 40));
+        check_counts(&samples, &a);
+        // Merging per-shard histograms equals one histogram of everything.
+        let mut merged = hist(&samples[..200]);
+        merged.merge(&hist(&samples[200..])).unwrap();
+        assert_eq!(merged, hist(&samples));
+    }
+
+    #[test]
+    fn sidecar_round_trips_and_rejects_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.plab");
+        let s = Sidecar {
+            ids: vec![10, 11, 12],
+            class: vec![2, 0, 1],
+            confidence: vec![0.5, 0.9, 1.0],
+            probs: Some(vec![0.2, 0.3, 0.5, 0.9, 0.05, 0.05, 0.0, 1.0, 0.0]),
+            classes: 3,
+        };
+        s.write(&path).unwrap();
+        assert_eq!(Sidecar::read(&path).unwrap(), s);
+        assert_eq!(s.histogram().total(), 3);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let e = Sidecar::read(&path).unwrap_err().to_string();
+        assert!(e.contains("s.plab") && e.contains("corrupt"), "{e}");
+        let bad = Sidecar {
+            class: vec![3, 0, 1],
+            probs: None,
+            ..s
+        };
+        bad.write(&path).unwrap();
+        let e = Sidecar::read(&path).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+    }
+}
