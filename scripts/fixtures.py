@@ -12,6 +12,7 @@ butler trains in) and in float64 from the same inputs cast to float64 (a much ti
 formula itself).
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -201,6 +202,65 @@ def cutout():
     return out
 
 
+def tsa_threshold(schedule, step, total, k):
+    """UDA's Training Signal Annealing threshold (Xie et al. 2020, section 3.2)."""
+    frac = min(step / total, 1.0)
+    alpha = {"linear": frac, "log": 1.0 - math.exp(-5.0 * frac), "exp": math.exp(5.0 * (frac - 1.0))}[schedule]
+    return alpha * (1.0 - 1.0 / k) + 1.0 / k
+
+
+def masked_means(per_example, mask):
+    """The two normalisations of a masked loss: over the whole batch, and over the unmasked examples."""
+    return (per_example * mask).mean(), (per_example * mask).sum() / torch.clamp(mask.sum(), min=1.0)
+
+
+def ssl():
+    """UDA (TSA-masked supervised loss, sharpened and confidence-masked consistency) and FixMatch's
+    unlabeled loss, from torch's own F.cross_entropy / F.kl_div / softmax."""
+    torch.manual_seed(2024)
+    b, u, k = 8, 12, 10
+    logits = torch.randn(b, k) * 3.0
+    labels = torch.randint(0, k, (b,))
+    clean = torch.randn(u, k) * 3.0
+    aug = clean + torch.randn(u, k)
+    out = {"logits": logits, "labels": labels, "clean": clean, "aug": aug}
+    for schedule in ["linear", "log", "exp"]:
+        for step in [0, 30, 60, 100]:
+            eta = tsa_threshold(schedule, step, 100, k)
+            out[f"tsa/{schedule}/{step}/eta"] = torch.tensor(eta, dtype=torch.float64)
+            for name, dtype in [("f32", torch.float32), ("f64", torch.float64)]:
+                z = logits.to(dtype)
+                p_correct = torch.softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
+                mask = (p_correct <= eta).to(dtype)
+                ce = F.cross_entropy(z, labels, reduction="none")
+                out[f"tsa/{schedule}/{step}/mask/{name}"] = mask
+                out[f"tsa/{schedule}/{step}/loss/{name}"] = scalar((ce * mask).sum() / torch.clamp(mask.sum(), min=1.0))
+    for temp in ["1", "0.4"]:
+        for beta in ["0", "0.8"]:
+            for name, dtype in [("f32", torch.float32), ("f64", torch.float64)]:
+                c, a = clean.to(dtype), aug.to(dtype)
+                log_target = F.log_softmax(c / float(temp), -1)
+                kl = F.kl_div(F.log_softmax(a, -1), log_target, reduction="none", log_target=True).sum(-1)
+                mask = (torch.softmax(c, -1).max(-1).values > float(beta)).to(dtype)
+                batch, masked = masked_means(kl, mask)
+                key = f"uda/T{temp}/b{beta}/{name}"
+                out[f"{key}/mask"] = mask
+                out[f"{key}/batch"] = scalar(batch)
+                out[f"{key}/masked"] = scalar(masked)
+    for tau in ["0.5", "0.95"]:
+        for name, dtype in [("f32", torch.float32), ("f64", torch.float64)]:
+            w, s = clean.to(dtype), aug.to(dtype)
+            conf, pseudo = torch.softmax(w, -1).max(-1)
+            mask = (conf >= float(tau)).to(dtype)
+            ce = F.cross_entropy(s, pseudo, reduction="none")
+            batch, masked = masked_means(ce, mask)
+            key = f"fixmatch/tau{tau}/{name}"
+            out[f"{key}/mask"] = mask
+            out[f"{key}/batch"] = scalar(batch)
+            out[f"{key}/masked"] = scalar(masked)
+    return out
+
+
 def torchscript_teacher(target):
     """A tiny teacher exported from PyTorch as TorchScript (the other teacher format KD accepts), and its
     logits on fixed inputs, so the Rust side can check it loads and runs the same function."""
@@ -218,7 +278,7 @@ def main():
         sys.exit("usage: fixtures.py OUTPUT_DIR")
     target = Path(sys.argv[1])
     target.mkdir(parents=True, exist_ok=True)
-    files = {"losses": losses(), "kd": {**kd(), **torchscript_teacher(target)}, "mixing": {**mixup(), **cutmix(), **cutout()}}
+    files = {"losses": losses(), "kd": {**kd(), **torchscript_teacher(target)}, "mixing": {**mixup(), **cutmix(), **cutout()}, "ssl": ssl()}
     total = 0
     for name, tensors in files.items():
         path = target / f"{name}.safetensors"

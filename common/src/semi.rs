@@ -174,6 +174,13 @@ pub fn validate(
                 "cannot be combined with regularize.distill (both own the unlabeled stream)".into(),
             ));
         }
+        let r = &cfg.regularize;
+        if r.mix.is_some() || r.manifold_mixup.is_some() || r.cutout.is_some() {
+            return Err(bad(
+                "ssl",
+                "cannot be combined with regularize.mix, manifold_mixup or cutout (use [augment] for the labeled batch)".into(),
+            ));
+        }
         if !(s.lambda_u >= 0.0 && s.lambda_u.is_finite()) {
             return Err(bad("ssl.lambda_u", "must be a finite number ≥ 0".into()));
         }

@@ -3,9 +3,13 @@
 
 use crate::Result;
 use butler_common::manifest::Manifest;
+use crate::augment::{Pipeline, SampleKey};
 use butler_common::shard::read_split;
 use std::path::Path;
 use tch::Tensor;
+
+/// The generator view of labeled-batch augmentation (the loader's views are 0 and 1).
+const LABELED_VIEW: u64 = 2;
 
 pub struct InMemorySplit {
     /// `[n, ...sample_shape]`, f32.
@@ -43,6 +47,29 @@ impl InMemorySplit {
             y,
             len: indices.len() as u64,
         }
+    }
+
+    /// The batch at `indices` with each sample augmented by `pipeline`, seeded per (job seed, epoch,
+    /// index in this split) like the loader's views, so a batch is reproducible on any rank.
+    pub fn batch_augmented(
+        &self,
+        indices: &[u64],
+        pipeline: &Pipeline,
+        seed: u64,
+        epoch: u64,
+    ) -> (Tensor, Tensor) {
+        let (x, y) = self.batch(indices);
+        let shape: Vec<usize> = x.size()[1..].iter().map(|&d| d as usize).collect();
+        let mut flat = Vec::<f32>::try_from(x.reshape([-1])).expect("f32 samples");
+        let numel: usize = shape.iter().product();
+        let mut scratch = Vec::new();
+        if numel > 0 {
+            for (row, &i) in flat.chunks_mut(numel).zip(indices) {
+                let mut rng = SampleKey::new(seed, epoch, i).rng(LABELED_VIEW);
+                pipeline.apply_in_place(row, &shape, &mut rng, &mut scratch);
+            }
+        }
+        (Tensor::from_slice(&flat).reshape(x.size()), y)
     }
 
     /// Gathers the samples at `indices` into a batch.

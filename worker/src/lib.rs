@@ -287,7 +287,16 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         steps_per_epoch * cfg.train.epochs,
     )?;
     trainer.broadcast_parameters(&mut ring)?;
-    let mut unlabeled = open_unlabeled_stream(ctx, cfg, &manifest, &manifest_file, per_rank_batch)?;
+    let views = unlabeled_views(cfg, &manifest.sample_shape)?;
+    let mut unlabeled = open_unlabeled_stream(
+        ctx,
+        cfg,
+        &manifest,
+        &manifest_file,
+        per_rank_batch,
+        views,
+    )?;
+    let labeled_aug = labeled_augmentation(cfg, &manifest.sample_shape)?;
     let mut skipped_total = 0usize;
 
     let mut last_eval = None;
@@ -326,7 +335,10 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         let lr = trainer.learning_rate();
         for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
             ctx.check_stop()?;
-            let (x, y) = train_set.batch(batch);
+            let (x, y) = match &labeled_aug {
+                Some(p) => train_set.batch_augmented(batch, p, cfg.job.seed, epoch),
+                None => train_set.batch(batch),
+            };
             let global = sampler.global_batch_len(k as u64, per_rank_batch);
             let u = match unlabeled.as_mut() {
                 Some(stream) => {
@@ -335,18 +347,14 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
                         warn!(shard = %s.shard.display(), index = s.index, reason = %s.reason, "skipped a corrupt unlabeled sample");
                     }
                     skipped_total += b.skipped.len();
-                    let mut shape = vec![b.len() as i64];
-                    shape.extend(manifest.sample_shape.iter().map(|&d| d as i64));
-                    Some((
-                        tch::Tensor::from_slice(&b.views[0]).reshape(shape.as_slice()),
-                        global_u,
-                    ))
+                    Some((view_tensors(&b, &manifest.sample_shape), global_u))
                 }
                 None => None,
             };
-            let u_batch = u
-                .as_ref()
-                .map(|(x, g)| trainer::UnlabeledBatch { x, global_len: *g });
+            let u_batch = u.as_ref().map(|(views, g)| trainer::UnlabeledBatch {
+                views,
+                global_len: *g,
+            });
             let loss = trainer.step(&x, &y, global, u_batch, &mut ring)?;
             if !loss.is_finite() {
                 return Err(Error::Setup(format!(
@@ -413,6 +421,7 @@ fn open_unlabeled_stream(
     manifest: &butler_common::manifest::Manifest,
     manifest_file: &Path,
     per_rank_batch: u64,
+    views: Arc<dyn loader::ViewMaker>,
 ) -> Result<Option<streams::UnlabeledStream>> {
     if cfg.data.unlabeled_split.is_none() {
         return Ok(None);
@@ -457,13 +466,56 @@ fn open_unlabeled_stream(
         l.shuffle_window,
         a.world_size,
         a.rank,
-        Arc::new(loader::Identity),
+        views,
         streams::Cursor {
             epoch: a.epoch,
             step: a.start,
         },
     )?;
     Ok(Some(stream))
+}
+
+/// The views the unlabeled stream yields: (clean, strong) for UDA, (weak, strong) for FixMatch, the raw
+/// sample otherwise.
+fn unlabeled_views(cfg: &JobConfig, shape: &[usize]) -> Result<Arc<dyn loader::ViewMaker>> {
+    use butler_common::semi::SslMethod;
+    let Some(ssl) = &cfg.ssl else {
+        return Ok(Arc::new(loader::Identity));
+    };
+    let mut aug = augment::WeakStrong::for_sample_shape(shape, cfg.augment.flip)
+        .map_err(|e| Error::Setup(format!("ssl: {e}")))?;
+    if ssl.method == SslMethod::Uda {
+        // UDA's target is the prediction on the original sample.
+        aug.weak = augment::Pipeline::new();
+    }
+    Ok(Arc::new(loader::WeakStrongViews {
+        seed: cfg.job.seed,
+        aug,
+    }))
+}
+
+/// The per-sample augmentation of the labeled batch, when `[augment] labeled` asks for one.
+fn labeled_augmentation(cfg: &JobConfig, shape: &[usize]) -> Result<Option<augment::Pipeline>> {
+    use butler_common::semi::AugmentLevel;
+    if cfg.augment.labeled == AugmentLevel::None {
+        return Ok(None);
+    }
+    let aug = augment::WeakStrong::for_sample_shape(shape, cfg.augment.flip)
+        .map_err(|e| Error::Setup(format!("augment.labeled: {e}")))?;
+    Ok(Some(match cfg.augment.labeled {
+        AugmentLevel::Strong => aug.strong,
+        _ => aug.weak,
+    }))
+}
+
+/// One tensor `[n, ...shape]` per view of a loaded batch.
+fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch::Tensor> {
+    let mut dims = vec![b.len() as i64];
+    dims.extend(shape.iter().map(|&d| d as i64));
+    b.views
+        .iter()
+        .map(|v| tch::Tensor::from_slice(v).reshape(dims.as_slice()))
+        .collect()
 }
 
 fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<String> {

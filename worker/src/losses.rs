@@ -130,6 +130,64 @@ fn distillation_kl(student_logits: &Tensor, teacher_logits: &Tensor, temperature
     log_q.kl_div(&p, Reduction::Sum, false) / batch as f64
 }
 
+/// Training Signal Annealing mask (Xie et al. 2020, §3.2): 1 for the labeled examples whose probability
+/// of the correct class is at most `threshold` (they still teach something), 0 for the others, which
+/// are left out of the supervised loss. `[B]` in the logits' dtype; no gradient flows through the mask.
+pub fn tsa_mask(logits: &Tensor, labels: &Tensor, threshold: f64) -> Tensor {
+    let p_correct = logits
+        .detach()
+        .softmax(-1, None)
+        .gather(1, &labels.unsqueeze(1), false)
+        .squeeze_dim(1);
+    p_correct.le(threshold).to_kind(logits.kind())
+}
+
+/// Per-example cross-entropy with hard labels, `F.cross_entropy(..., reduction="none",
+/// label_smoothing=ε)`, `[B]`.
+pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::None, -100, label_smoothing)
+}
+
+/// UDA's consistency term per unlabeled example (Xie et al. 2020, eq. 1 with the paper's sharpening and
+/// confidence masking): `KL(p̃(y|x) ‖ p(y|aug(x)))` where `p̃ = softmax(clean/T)` is the sharpened
+/// prediction on the clean input, a constant (stop-gradient). The mask is 1 where the clean prediction's
+/// largest probability (before sharpening) exceeds `threshold` (β; 0 keeps every example).
+///
+/// Returns `(kl [B], mask [B])`. The KL is computed from log-probabilities on both sides, so a
+/// sharpened target with exact zeros gives 0·(−∞ − x) = 0 rather than NaN.
+pub fn uda_consistency(
+    clean_logits: &Tensor,
+    aug_logits: &Tensor,
+    temperature: f64,
+    threshold: f64,
+) -> (Tensor, Tensor) {
+    assert!(
+        temperature > 0.0,
+        "uda_consistency: temperature must be positive"
+    );
+    let clean = clean_logits.detach();
+    let log_target = (&clean / temperature).log_softmax(-1, None);
+    let log_q = aug_logits.log_softmax(-1, None);
+    let kl = (log_target.exp() * (&log_target - log_q)).sum_dim_intlist(-1, false, None);
+    let confidence = clean.softmax(-1, None).amax(-1, false);
+    let mask = confidence.gt(threshold).to_kind(aug_logits.kind());
+    (kl, mask)
+}
+
+/// FixMatch's unlabeled term per example (Sohn et al. 2020, eq. 4): the hard pseudo-label
+/// `argmax softmax(weak)` (a constant) as the cross-entropy target of the strong view, masked where
+/// the weak prediction's largest probability is below `threshold` (τ). Returns `(ce [B], mask [B])`.
+pub fn fixmatch_consistency(
+    weak_logits: &Tensor,
+    strong_logits: &Tensor,
+    threshold: f64,
+) -> (Tensor, Tensor) {
+    let probs = weak_logits.detach().softmax(-1, None);
+    let (confidence, pseudo) = probs.max_dim(-1, false);
+    let mask = confidence.ge(threshold).to_kind(strong_logits.kind());
+    (cross_entropy_per_example(strong_logits, &pseudo, 0.0), mask)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use crate::collective::Collective;
 use crate::ddp::GradSync;
 use crate::mixing::MixRng;
 use crate::models::{self, Model};
-use crate::objectives::{self, Objective, StepCtx};
+use crate::objectives::{self, Objective, PseudoBatch, StepCtx};
 use crate::Result;
 use butler_common::config::{JobConfig, OptimKind};
 use butler_common::sampler::{eval_indices, mix};
@@ -24,9 +24,10 @@ pub struct Trainer {
     total_steps: u64,
 }
 
-/// This rank's share of a step's unlabeled batch, and the size of that batch over all ranks.
+/// This rank's share of a step's unlabeled batch (one tensor per view), and the size of that batch over
+/// all ranks.
 pub struct UnlabeledBatch<'a> {
-    pub x: &'a Tensor,
+    pub views: &'a [Tensor],
     pub global_len: u64,
 }
 
@@ -52,7 +53,8 @@ impl Trainer {
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = models::build(&vs.root(), &cfg.model, sample_shape, classes);
-        let objective = objectives::build(cfg, sample_shape, classes, model.mix_points())?;
+        let objective =
+            objectives::build(cfg, sample_shape, classes, model.mix_points(), total_steps)?;
         let o = &cfg.optim;
         let opt = match o.kind {
             OptimKind::Sgd => nn::Sgd {
@@ -126,6 +128,21 @@ impl Trainer {
         unlabeled: Option<UnlabeledBatch<'_>>,
         comm: &mut dyn Collective,
     ) -> Result<f64> {
+        self.step_with(x, y, global_len, unlabeled, None, comm)
+    }
+
+    /// [`Trainer::step`] with the step's pseudo-labeled samples (refresh rounds). Parts whose
+    /// denominator is a count over all ranks (masked means) are divided by that global count, which
+    /// costs one small all-reduce per step for the objectives that have such parts.
+    pub fn step_with(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        global_len: u64,
+        unlabeled: Option<UnlabeledBatch<'_>>,
+        pseudo: Option<&PseudoBatch>,
+        comm: &mut dyn Collective,
+    ) -> Result<f64> {
         self.opt.set_lr(self.learning_rate());
         self.sync.zero_grad();
         let world = comm.world_size() as f64;
@@ -138,20 +155,46 @@ impl Trainer {
             y,
             rng: &mut rng,
             step: self.step,
-            unlabeled: unlabeled.as_ref().map(|u| u.x),
+            unlabeled: unlabeled.as_ref().map_or(&[], |u| u.views),
+            pseudo,
         });
         let mut value = 0.0;
         let mut total: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            total = Some(match total.take() {
+                Some(sum) => sum + t,
+                None => t,
+            })
+        };
         if let Some(l) = parts.labeled {
             value = l.double_value(&[]);
-            total = Some(l * share(x.size()[0], global_len));
+            add(l * share(x.size()[0], global_len));
         }
         if let (Some(l), Some(u)) = (parts.unlabeled, &unlabeled) {
-            let weighted = l * share(u.x.size()[0], u.global_len);
-            total = Some(match total {
-                Some(t) => t + weighted,
-                None => weighted,
-            });
+            let local = u.views.first().map_or(0, |v| v.size()[0]);
+            add(l * share(local, u.global_len));
+        }
+        let expected = self.objective.counted_terms();
+        assert_eq!(
+            parts.counted.len(),
+            expected,
+            "objective {} returned {} counted parts, declared {expected}",
+            self.objective.name(),
+            parts.counted.len()
+        );
+        if expected > 0 {
+            let local: Vec<f32> = parts.counted.iter().map(|c| c.count as f32).collect();
+            let mut counts = Tensor::from_slice(&local);
+            comm.all_reduce_sum(&mut counts)?;
+            let global = Vec::<f32>::try_from(&counts).expect("a 1-D f32 tensor");
+            for (c, g) in parts.counted.into_iter().zip(global) {
+                if let Some(sum) = c.sum {
+                    if c.labeled && c.count > 0.0 {
+                        value = sum.double_value(&[]) / c.count;
+                    }
+                    add(sum * (world / (g as f64).max(1.0)));
+                }
+            }
         }
         if let Some(t) = total {
             t.backward();

@@ -5,7 +5,7 @@ use butler_common::config::JobConfig;
 use butler_common::sampler::DistributedSampler;
 use butler_worker::collective::{RingConfig, RingListener, TcpRing};
 use butler_worker::data::InMemorySplit;
-use butler_worker::trainer::Trainer;
+use butler_worker::trainer::{Trainer, UnlabeledBatch};
 use std::path::Path;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -18,10 +18,21 @@ static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const GLOBAL_BATCH: usize = 48;
 
 fn config(optim: &str) -> JobConfig {
+    config_with(optim, "")
+}
+
+/// `extra` is appended: further sections (e.g. `[ssl]`). With an `[ssl]` section the data section names
+/// an unlabeled split, which the config requires.
+fn config_with(optim: &str, extra: &str) -> JobConfig {
+    let unlabeled = if extra.contains("[ssl]") {
+        "unlabeled_split='u'\n"
+    } else {
+        ""
+    };
     let text = format!(
-        "[job]\nname='dp'\nseed=3\n[data]\nmanifest='unused'\n[model]\nkind='conv_base'\nchannels=8\n\
+        "[job]\nname='dp'\nseed=3\n[data]\nmanifest='unused'\n{unlabeled}[model]\nkind='conv_base'\nchannels=8\n\
          [optim]\n{optim}\n[schedule]\nkind='cosine'\nwarmup_steps=3\n[train]\nepochs=1\nbatch_size={GLOBAL_BATCH}\nlabel_smoothing=0.1\n\
-         [cluster]\nbucket_mb=0.01\n"
+         [cluster]\nbucket_mb=0.01\n{extra}"
     );
     JobConfig::from_toml(&text, Path::new("dp.toml")).unwrap()
 }
@@ -62,9 +73,32 @@ fn rings(world: usize) -> Vec<TcpRing> {
 
 /// Trains `world` replicas for STEPS steps and returns every replica's final parameters.
 fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
-    let cfg = config(optim);
+    train_with(world, optim, "", n)
+}
+
+/// The unlabeled samples of step `s`: a global batch of `UNLABELED` samples split unevenly across the
+/// ranks (rank r of W takes a share that differs by rank), as (clean, perturbed) views.
+const UNLABELED: i64 = 36;
+
+fn unlabeled_share(pool: &Tensor, step: usize, world: usize, rank: usize) -> (Vec<Tensor>, u64) {
+    // Uneven cut points: rank r ends at UNLABELED·(r+1)²/W² (all for W = 1).
+    let end = |r: usize| UNLABELED * ((r * r) as i64) / ((world * world) as i64);
+    let (a, b) = (end(rank), end(rank + 1));
+    let base = step as i64 * UNLABELED;
+    let clean = pool.narrow(0, base + a, b - a);
+    let noise = pool.narrow(0, base + a + 1, b - a) * 0.3;
+    (vec![clean.shallow_clone(), &clean + noise], UNLABELED as u64)
+}
+
+fn train_with(world: usize, optim: &str, extra: &str, n: i64) -> Vec<Vec<f32>> {
+    let cfg = config_with(optim, extra);
+    let ssl = cfg.ssl.is_some();
     let guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
     let data = data(n);
+    let pool = {
+        tch::manual_seed(12);
+        Tensor::randn([UNLABELED * (STEPS as i64 + 1) + 1, 40], (Kind::Float, Device::Cpu)) * 2.0
+    };
     let n = data.len;
     // Replicas are built one after another: libtorch's seed is process-global. Ranks > 0 get deliberately
     // different initial parameters, which the broadcast from rank 0 must overwrite.
@@ -89,6 +123,7 @@ fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
         .enumerate()
         .map(|(rank, (mut trainer, mut ring))| {
             let (x, y) = (data.x.shallow_clone(), data.y.shallow_clone());
+            let pool = pool.shallow_clone();
             std::thread::spawn(move || {
                 let split = InMemorySplit::from_tensors(x, y);
                 trainer.broadcast_parameters(&mut ring).unwrap();
@@ -110,7 +145,12 @@ fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
                         }
                         let (xb, yb) = split.batch(batch);
                         let global = sampler.global_batch_len(k as u64, per_rank as u64);
-                        trainer.step(&xb, &yb, global, None, &mut ring).unwrap();
+                        let views = ssl.then(|| unlabeled_share(&pool, taken, world, rank));
+                        let u = views.as_ref().map(|(v, g)| UnlabeledBatch {
+                            views: v,
+                            global_len: *g,
+                        });
+                        trainer.step(&xb, &yb, global, u, &mut ring).unwrap();
                         taken += 1;
                     }
                     if taken == STEPS {
@@ -135,11 +175,15 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// `n` samples: a multiple of the global batch, or not (the 20th step is then short and uneven across
 /// ranks, which the loss weighting must make exact).
 fn check(optim: &str, world: usize, n: i64) {
-    let single = train(1, optim, n).remove(0);
-    let replicas = train(world, optim, n);
+    check_with(optim, "", world, n)
+}
+
+fn check_with(optim: &str, extra: &str, world: usize, n: i64) {
+    let single = train_with(1, optim, extra, n).remove(0);
+    let replicas = train_with(world, optim, extra, n);
     let initial = {
         let _guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
-        let cfg = config(optim);
+        let cfg = config_with(optim, extra);
         Trainer::new(&cfg, &[40], 10, cfg.job.seed, 1)
             .unwrap()
             .flat_parameters()
@@ -191,4 +235,42 @@ fn three_workers_equal_one_when_two_ranks_have_nothing_at_the_last_step() {
         3,
         865,
     );
+}
+
+// Consistency methods: the unlabeled term and the masked means (TSA, "masked" normalisation) divide by
+// counts known only across ranks; the shares are uneven, and the last labeled step too.
+
+#[test]
+fn three_workers_equal_one_with_uda_tsa_and_masked_normalisation() {
+    check_with(
+        "kind='sgd'\nlr=0.05\nmomentum=0.9",
+        "[ssl]\nmethod='uda'\nlambda_u=2.0\ntemperature=0.5\nthreshold=0.12\ntsa='linear'\nnormalize='masked'\n",
+        3,
+        950,
+    );
+}
+
+#[test]
+fn two_workers_equal_one_with_fixmatch() {
+    check_with(
+        "kind='adamw'\nlr=0.003",
+        "[ssl]\nmethod='fixmatch'\nthreshold=0.15\n",
+        2,
+        950,
+    );
+}
+
+/// The equivalence tests above prove something only if the unlabeled term moves the parameters at these
+/// thresholds (a mask that is all zeros would make the consistency term vanish).
+#[test]
+fn the_unlabeled_terms_of_the_equivalence_tests_are_active() {
+    for (optim, ssl) in [
+        ("kind='sgd'\nlr=0.05\nmomentum=0.9", "[ssl]\nmethod='uda'\ntemperature=0.5\nthreshold=0.12\ntsa='linear'\nnormalize='masked'\nlambda_u="),
+        ("kind='adamw'\nlr=0.003", "[ssl]\nmethod='fixmatch'\nthreshold=0.15\nlambda_u="),
+    ] {
+        let on = train_with(1, optim, &format!("{ssl}2.0\n"), 950).remove(0);
+        let off = train_with(1, optim, &format!("{ssl}0.0\n"), 950).remove(0);
+        let d = max_abs_diff(&on, &off);
+        assert!(d > 1e-4, "{ssl}: the unlabeled term changed the parameters by only {d}");
+    }
 }

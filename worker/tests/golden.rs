@@ -7,7 +7,11 @@
 //! The `drift_*` tests compute deliberately wrong variants (T instead of T², the wrong KL reduction,
 //! uncorrected CutMix λ, …) and assert that the comparison rejects them, so a pass means something.
 
-use butler_worker::losses::{cross_entropy, kd_loss, one_hot, soft_cross_entropy, KdConfig};
+use butler_common::semi::TsaSchedule;
+use butler_worker::losses::{
+    cross_entropy, cross_entropy_per_example, fixmatch_consistency, kd_loss, one_hot,
+    soft_cross_entropy, tsa_mask, uda_consistency, KdConfig,
+};
 use butler_worker::mixing::{cutmix_apply, cutout, mixup, Box2d, CutRegion, Span};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
@@ -389,4 +393,112 @@ fn drift_in_the_mixing_methods_is_detected() {
     };
     let (xm, _, _) = cutmix_apply(x, y, shifted);
     assert_drift_detected(&xm, f.get("cutmix2d/c1/x_out"), "box shifted by a row");
+}
+
+// ---- semi-supervised losses: UDA (TSA, consistency) and FixMatch ----
+
+fn masked_means(per_example: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+    let masked = per_example * mask;
+    let count = mask.sum(None).clamp_min(1.0);
+    (masked.mean(None), masked.sum(None) / count)
+}
+
+fn dtype_of(name: &str) -> (Kind, f64) {
+    if name == "f32" {
+        (Kind::Float, F32_TOL)
+    } else {
+        (Kind::Double, F64_TOL)
+    }
+}
+
+#[test]
+fn tsa_thresholds_masks_and_loss_match_pytorch() {
+    let f = Fixture::load("ssl.safetensors");
+    let labels = f.get("labels");
+    for (name, schedule) in [
+        ("linear", TsaSchedule::Linear),
+        ("log", TsaSchedule::Log),
+        ("exp", TsaSchedule::Exp),
+    ] {
+        for step in [0u64, 30, 60, 100] {
+            let key = format!("tsa/{name}/{step}");
+            let eta = schedule.threshold(step, 100, 10);
+            assert!((eta - f.scalar(&format!("{key}/eta"))).abs() < 1e-12, "{key}");
+            for dt in ["f32", "f64"] {
+                let (kind, tol) = dtype_of(dt);
+                let z = f.get("logits").to_kind(kind);
+                let mask = tsa_mask(&z, labels, eta);
+                assert_close(&mask, f.get(&format!("{key}/mask/{dt}")), 0.0, &key);
+                let ce = cross_entropy_per_example(&z, labels, 0.0);
+                let (_, loss) = masked_means(&ce, &mask);
+                assert_close(&loss, f.get(&format!("{key}/loss/{dt}")), tol, &key);
+            }
+        }
+    }
+}
+
+#[test]
+fn uda_consistency_matches_pytorch() {
+    let f = Fixture::load("ssl.safetensors");
+    for temp in ["1", "0.4"] {
+        for beta in ["0", "0.8"] {
+            for dt in ["f32", "f64"] {
+                let (kind, tol) = dtype_of(dt);
+                let key = format!("uda/T{temp}/b{beta}/{dt}");
+                let (kl, mask) = uda_consistency(
+                    &f.get("clean").to_kind(kind),
+                    &f.get("aug").to_kind(kind),
+                    temp.parse().unwrap(),
+                    beta.parse().unwrap(),
+                );
+                assert_close(&mask, f.get(&format!("{key}/mask")), 0.0, &key);
+                let (batch, masked) = masked_means(&kl, &mask);
+                assert_close(&batch, f.get(&format!("{key}/batch")), tol, &key);
+                assert_close(&masked, f.get(&format!("{key}/masked")), tol, &key);
+            }
+        }
+    }
+    // The mask at β = 0.8 must leave some examples out, or the masked fixtures test nothing.
+    let m = f.get("uda/T1/b0.8/f64/mask").sum(Kind::Double).double_value(&[]);
+    assert!(m > 0.0 && m < 12.0, "{m}");
+}
+
+#[test]
+fn fixmatch_loss_matches_pytorch() {
+    let f = Fixture::load("ssl.safetensors");
+    for tau in ["0.5", "0.95"] {
+        for dt in ["f32", "f64"] {
+            let (kind, tol) = dtype_of(dt);
+            let key = format!("fixmatch/tau{tau}/{dt}");
+            let (ce, mask) = fixmatch_consistency(
+                &f.get("clean").to_kind(kind),
+                &f.get("aug").to_kind(kind),
+                tau.parse().unwrap(),
+            );
+            assert_close(&mask, f.get(&format!("{key}/mask")), 0.0, &key);
+            let (batch, masked) = masked_means(&ce, &mask);
+            assert_close(&batch, f.get(&format!("{key}/batch")), tol, &key);
+            assert_close(&masked, f.get(&format!("{key}/masked")), tol, &key);
+        }
+    }
+}
+
+#[test]
+fn drift_ssl_variants_are_rejected() {
+    let f = Fixture::load("ssl.safetensors");
+    let (clean, aug) = (f.get("clean").to_kind(Kind::Double), f.get("aug").to_kind(Kind::Double));
+    // Sharpening the *augmented* side instead of the target, or forgetting the temperature.
+    let (kl, mask) = uda_consistency(&clean, &aug, 1.0, 0.0);
+    let (wrong, _) = masked_means(&kl, &mask);
+    let d = max_diff(&wrong, f.get("uda/T0.4/b0/f64/batch"));
+    assert!(d > DRIFT_MIN, "temperature had no visible effect: {d}");
+    // Masked normalisation instead of the batch mean.
+    let (kl, mask) = uda_consistency(&clean, &aug, 1.0, 0.8);
+    let (_, masked) = masked_means(&kl, &mask);
+    let d = max_diff(&masked, f.get("uda/T1/b0.8/f64/batch"));
+    assert!(d > DRIFT_MIN, "the two normalisations coincide: {d}");
+    // FixMatch with a soft target would differ from the hard pseudo-label loss.
+    let soft = soft_cross_entropy(&aug, &clean.softmax(-1, None), 0.0);
+    let d = max_diff(&soft, f.get("fixmatch/tau0.5/f64/batch"));
+    assert!(d > DRIFT_MIN, "{d}");
 }

@@ -207,19 +207,41 @@ impl WeakStrong {
     /// `RandomCrop(padding=4, padding_mode='reflect')` for 32 × 32); strong = weak, then RandAugment with
     /// `ra_n` ops at magnitude `ra_m` (0..=30) and one Cutout hole of half the shorter side.
     pub fn default_2d(h: usize, w: usize, ra_n: usize, ra_m: u32) -> Self {
+        Self::images(h, w, ra_n, ra_m, true)
+    }
+
+    /// [`WeakStrong::default_2d`] with the horizontal flip optional (digits and text are not
+    /// mirror-symmetric).
+    pub fn images(h: usize, w: usize, ra_n: usize, ra_m: u32, flip: bool) -> Self {
         let weak = || {
-            Pipeline::new()
-                .then(two_d::HorizontalFlip::new(0.5))
-                .then(two_d::PadCrop::reflect(
-                    (h as f64 * 0.125).ceil() as usize,
-                    (w as f64 * 0.125).ceil() as usize,
-                ))
+            let p = if flip {
+                Pipeline::new().then(two_d::HorizontalFlip::new(0.5))
+            } else {
+                Pipeline::new()
+            };
+            p.then(two_d::PadCrop::reflect(
+                (h as f64 * 0.125).ceil() as usize,
+                (w as f64 * 0.125).ceil() as usize,
+            ))
         };
         WeakStrong {
             weak: weak(),
             strong: weak()
                 .then(RandAugment::new(ra_n, ra_m))
                 .then(two_d::Cutout::new(1, (h.min(w) / 2).max(1))),
+        }
+    }
+
+    /// The weak/strong pair butler uses for a dataset's sample shape: [`WeakStrong::default_1d`] for
+    /// `[L]` and `[C, L]` signals, [`WeakStrong::images`] (RandAugment 2 ops at magnitude 10) for
+    /// `[C, H, W]` images.
+    pub fn for_sample_shape(shape: &[usize], flip: bool) -> Result<Self, String> {
+        match shape {
+            [l] | [_, l] => Ok(Self::default_1d(*l)),
+            [_, h, w] => Ok(Self::images(*h, *w, 2, 10, flip)),
+            _ => Err(format!(
+                "no augmentation is defined for samples of shape {shape:?} (expected [L], [C, L] or [C, H, W])"
+            )),
         }
     }
 

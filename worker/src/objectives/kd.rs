@@ -142,7 +142,7 @@ impl Objective for Distill {
             )
         });
         // On unlabeled data there is no CE term: λ·T²·KL(teacher ‖ student) alone.
-        let unlabeled = ctx.unlabeled.filter(|u| non_empty(u)).map(|u| {
+        let unlabeled = ctx.unlabeled.first().filter(|u| non_empty(u)).map(|u| {
             let student = ctx.model.forward_t(u, true);
             let teacher = self
                 .teacher
@@ -150,6 +150,10 @@ impl Objective for Distill {
                 .expect("the teacher was probed on this sample shape at load");
             kd_loss(&student, &teacher, None, &self.kd, 0.0) * self.unlabeled_weight
         });
-        LossParts { labeled, unlabeled }
+        LossParts {
+            labeled,
+            unlabeled,
+            ..Default::default()
+        }
     }
 }

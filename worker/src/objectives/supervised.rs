@@ -25,10 +25,7 @@ impl Objective for Supervised {
 
     fn loss(&mut self, ctx: StepCtx) -> LossParts {
         if !non_empty(ctx.x) {
-            return LossParts {
-                labeled: None,
-                unlabeled: None,
-            };
+            return LossParts::default();
         }
         let prepared = self.aug.apply(ctx.x, ctx.y, ctx.rng);
         let logits = prepared.forward(ctx.model);
@@ -38,7 +35,7 @@ impl Objective for Supervised {
         };
         LossParts {
             labeled: Some(loss),
-            unlabeled: None,
+            ..Default::default()
         }
     }
 }
