@@ -2,7 +2,7 @@
 file; `butler data prepare` turns that into butler shards and a manifest. Run by butler with the project
 venv's python; never downloads anything.
 
-usage: datagen.py {mnist1d,digits} OUT_FILE
+usage: datagen.py {mnist1d,mnist1d-shift,digits} OUT_FILE
        datagen.py mnist1d-pool OUT_FILE NUM_SAMPLES SEED   (one chunk of an unlabeled pool: x only)
 """
 import json
@@ -22,6 +22,27 @@ def mnist1d():
     source = {k: str(v) for k, v in get_dataset_args(as_dict=True).items() if k != "url"}
     source["generator"] = "mnist1d.data.make_dataset"
     return d["x"], d["y"], d["x_test"], d["y_test"], [str(i) for i in range(10)], source
+
+
+# The target domain of `mnist1d-shift`: the same generator and templates under shifted parameters —
+# twice the shear, amplitude-scale and correlated-noise ranges, five times the i.i.d. noise, a wider
+# translation range — and another seed. Source = the standard train/test.
+SHIFT = {"shear_scale": 1.5, "scale_coeff": 0.8, "corr_noise_scale": 0.5, "iid_noise_scale": 0.1, "max_translation": 60, "seed": 4242}
+
+
+def mnist1d_shift():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    xtr, ytr, xte, yte, classes, source = mnist1d()
+    args = get_dataset_args()
+    for k, v in SHIFT.items():
+        setattr(args, k, v)
+    t = make_dataset(args)
+    source = {f"source.{k}": v for k, v in source.items()}
+    source.update({f"target.{k}": str(v) for k, v in vars(args).items() if k != "url"})
+    source["generator"] = "mnist1d.data.make_dataset (source: default arguments; target: shifted, see target.*)"
+    splits = {"train": (xtr, ytr), "test": (xte, yte), "target_train": (t["x"], t["y"]), "target_test": (t["x_test"], t["y_test"])}
+    return splits, classes, source
 
 
 def mnist1d_pool(num_samples, seed):
@@ -60,14 +81,17 @@ def main():
         x = np.ascontiguousarray(mnist1d_pool(n, seed), dtype=np.float32)
         save_file({"x": x}, out, metadata={"seed": str(seed)})
         return
-    xtr, ytr, xte, yte, classes, source = {"mnist1d": mnist1d, "digits": digits}[name]()
-    arrays = {
-        "x_train": np.ascontiguousarray(xtr, dtype=np.float32),
-        "y_train": np.ascontiguousarray(ytr, dtype=np.int64),
-        "x_test": np.ascontiguousarray(xte, dtype=np.float32),
-        "y_test": np.ascontiguousarray(yte, dtype=np.int64),
-    }
-    save_file(arrays, out, metadata={"classes": json.dumps(classes), "source": json.dumps(source)})
+    if name == "mnist1d-shift":
+        splits, classes, source = mnist1d_shift()
+    else:
+        xtr, ytr, xte, yte, classes, source = {"mnist1d": mnist1d, "digits": digits}[name]()
+        splits = {"train": (xtr, ytr), "test": (xte, yte)}
+    arrays = {}
+    for split, (x, y) in splits.items():
+        arrays[f"x_{split}"] = np.ascontiguousarray(x, dtype=np.float32)
+        arrays[f"y_{split}"] = np.ascontiguousarray(y, dtype=np.int64)
+    meta = {"classes": json.dumps(classes), "source": json.dumps(source), "splits": json.dumps(list(splits))}
+    save_file(arrays, out, metadata=meta)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ const POOL_CHUNK: u64 = 100_000;
 pub enum Dataset {
     /// MNIST-1D (Greydanus 2020): 4000 train / 1000 test sequences of length 40, 10 classes.
     Mnist1d,
+    /// MNIST-1D as the source domain (train/test) plus a shifted target domain from the same generator
+    /// (target_train/target_test: larger shear, scale and noise, wider translation, another seed).
+    Mnist1dShift,
     /// scikit-learn's 8×8 digits: 1437 train / 360 test (stratified 80/20, seed 0), 10 classes.
     Digits,
 }
@@ -69,6 +72,7 @@ impl Dataset {
     fn name(self) -> &'static str {
         match self {
             Dataset::Mnist1d => "mnist1d",
+            Dataset::Mnist1dShift => "mnist1d-shift",
             Dataset::Digits => "digits",
         }
     }
@@ -328,10 +332,14 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
     let source: BTreeMap<String, String> =
         serde_json::from_str(meta.get("source").map(String::as_str).unwrap_or("{}"))?;
 
+    let split_names: Vec<String> = match meta.get("splits") {
+        Some(s) => serde_json::from_str(s).context("the generator's `splits` metadata")?,
+        None => vec!["train".into(), "test".into()],
+    };
     let mut splits = BTreeMap::new();
     let mut sample_shape = Vec::new();
     let mut next_id = 0u64;
-    for split in ["train", "test"] {
+    for split in split_names.iter().map(String::as_str) {
         let x = st.tensor(&format!("x_{split}"))?;
         let y = st.tensor(&format!("y_{split}"))?;
         if x.dtype() != Dtype::F32 || y.dtype() != Dtype::I64 {

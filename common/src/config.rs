@@ -711,10 +711,10 @@ impl JobConfig {
         if let Some(u) = &self.data.unlabeled_split {
             m.split(u, &file)?;
             m.check_shards_exist(u, &file)?;
-            if self.regularize.distill.is_none() {
+            if self.regularize.distill.is_none() && self.ssl.is_none() && self.pseudo_label.is_none() {
                 return Err(Error::invalid(
                     "data.unlabeled_split",
-                    "is set but no configured method uses unlabeled data (today: regularize.distill)",
+                    "is set but no configured method uses unlabeled data ([ssl], [pseudo_label] or regularize.distill)",
                 ));
             }
         }
