@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Override the config's `job.seed`.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Continue the stopped job in --out (pseudo-label rounds resume their current phase).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 struct Proc {
@@ -108,7 +111,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             out.display().to_string(),
             "--addr-file".into(),
             addr_file.display().to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(args.resume.then(|| "--resume".to_string()))
+        .collect::<Vec<_>>(),
         logs.join("coordinator.log"),
         &token,
         1,

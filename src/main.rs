@@ -59,6 +59,10 @@ struct CoordinatorArgs {
     /// Write the bound address here once listening (for launchers that pass port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Continue a stopped job from the state in the run directory (pseudo-label rounds resume their
+    /// current phase) instead of starting over.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(clap::Args)]
@@ -126,9 +130,16 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
         listen: args.listen,
         run_dir: args.run_dir.clone(),
         token: args.token,
+        resume: args.resume,
     };
     // A stale summary from an earlier run in this directory must not pass for this run's result.
-    for stale in ["summary.json", "metrics.jsonl"] {
+    // A resumed job keeps the metrics of its earlier part.
+    let stale: &[&str] = if args.resume {
+        &["summary.json"]
+    } else {
+        &["summary.json", "metrics.jsonl"]
+    };
+    for stale in stale {
         let p = args.run_dir.join(stale);
         if p.exists() {
             std::fs::remove_file(&p).with_context(|| format!("removing stale {}", p.display()))?;

@@ -3,11 +3,14 @@
 //! coordinator makes from the histograms alone (SELECT) — it never sees a sample.
 //!
 //! A selection is a rule, not a list: sample (predicted class c, confidence p) is selected iff
-//! `bin(p) ≥ min_bin[c]`, with `bin(p) = min(⌊p·B⌋, B − 1)` over B equal bins of [0, 1]. The coordinator
-//! picks `min_bin` per class from the histograms (threshold, top-k, balance), so the rule selects exactly
-//! the counts it recorded, and a worker applies it to the sidecars while training. The rule being
-//! a pure function of the histograms makes SELECT deterministic and idempotent: a restarted coordinator
-//! re-derives the same set from the same persisted histograms.
+//! `p ≥ threshold` and `bin(p) ≥ min_bin[c]`. Workers histogram only the samples at or above the
+//! threshold (the rest are counted per class, unbinned), so the threshold is exact; the bins serve the
+//! per-class caps (top-k, balance), taken in whole bins from the most confident down. Bins are uniform in
+//! `u = −log10(1 − p) / 7` (1 − p clamped at 1e-7), so resolution is finest where confident samples
+//! crowd: each bin spans 1.6 % of 1 − p. The coordinator picks `min_bin` per class from the merged
+//! histograms, so the rule selects exactly the counts it recorded, and a worker applies it to the
+//! sidecars while training. The rule being a pure function of the histograms makes SELECT deterministic
+//! and idempotent: a restarted coordinator re-derives the same set from the same persisted histograms.
 
 use crate::{fsutil, Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -15,13 +18,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
-/// Confidence bins of the histograms (resolution of thresholds and top-k cut-offs: 0.001).
+/// Confidence bins of the histograms.
 pub const BINS: usize = 1000;
 
-/// The confidence bin of a probability. An f32 just below a bin edge (0.95f32 is 0.949999988…) counts in
-/// the bin above: the slack, 1e-3 of a bin, is far above f32 rounding and far below a bin.
+/// The confidence bin of a probability: `⌊B · (−log10(max(1 − p, 1e-7)) / 7)⌋`, monotone in p.
 pub fn bin_of(p: f32) -> usize {
-    ((p as f64 * BINS as f64 + 1e-3).floor().max(0.0) as usize).min(BINS - 1)
+    let gap = (1.0 - p as f64).max(1e-7);
+    let u = -gap.log10() / 7.0;
+    ((u * BINS as f64).floor().max(0.0) as usize).min(BINS - 1)
 }
 
 /// One shard's predictions: for each sample, its id, the predicted class and its probability, and
@@ -160,21 +164,28 @@ impl Sidecar {
         })
     }
 
-    /// The histogram of this sidecar's predictions.
-    pub fn histogram(&self) -> Histogram {
+    /// The histogram of this sidecar's predictions for a selection with this confidence threshold.
+    pub fn histogram(&self, threshold: f64) -> Histogram {
         let mut h = Histogram::new(self.classes);
         for (&c, &p) in self.class.iter().zip(&self.confidence) {
-            h.add(c as usize, p);
+            h.add(c as usize, p, threshold);
         }
         h
     }
 }
 
-/// Per predicted class, how many samples fall in each confidence bin: `counts[c·BINS + bin]`.
+/// Per predicted class, how many samples at or above the threshold fall in each confidence bin
+/// (`counts[c·BINS + bin]`), and how many are below it (`below[c]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Histogram {
     pub classes: usize,
     pub counts: Vec<u64>,
+    pub below: Vec<u64>,
+}
+
+/// `p ≥ threshold`, compared in f32 (the confidences' type), so a threshold of 0.95 keeps 0.95f32.
+pub fn passes(p: f32, threshold: f64) -> bool {
+    p >= threshold as f32
 }
 
 impl Histogram {
@@ -182,15 +193,23 @@ impl Histogram {
         Histogram {
             classes,
             counts: vec![0; classes * BINS],
+            below: vec![0; classes],
         }
     }
 
-    pub fn add(&mut self, class: usize, p: f32) {
-        self.counts[class * BINS + bin_of(p)] += 1;
+    pub fn add(&mut self, class: usize, p: f32, threshold: f64) {
+        if passes(p, threshold) {
+            self.counts[class * BINS + bin_of(p)] += 1;
+        } else {
+            self.below[class] += 1;
+        }
     }
 
     pub fn merge(&mut self, other: &Histogram) -> Result<()> {
-        if other.classes != self.classes || other.counts.len() != self.counts.len() {
+        if other.classes != self.classes
+            || other.counts.len() != self.counts.len()
+            || other.below.len() != self.below.len()
+        {
             return Err(Error::invalid(
                 "pseudo-label histogram",
                 format!(
@@ -200,6 +219,9 @@ impl Histogram {
             ));
         }
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        for (a, b) in self.below.iter_mut().zip(&other.below) {
             *a += b;
         }
         Ok(())
@@ -212,8 +234,9 @@ impl Histogram {
             .sum()
     }
 
+    /// Every sample counted, above and below the threshold.
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().sum::<u64>() + self.below.iter().sum::<u64>()
     }
 }
 
@@ -225,12 +248,13 @@ pub struct SelectRule {
     pub balance: bool,
 }
 
-/// A pseudo-label set: per class the lowest selected confidence bin (`BINS` = none selected), with the
-/// counts it selects. Recorded by the coordinator as `round-R/selection.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A pseudo-label set: the threshold and per class the lowest selected confidence bin (`BINS` = none
+/// selected), with the counts it selects. Recorded by the coordinator as `rounds/set-K/selection.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Selection {
     /// The set's version: the round whose TRAIN phase uses it (set 1 is made after round 0).
     pub round: u32,
+    pub threshold: f64,
     pub bins: usize,
     pub min_bin: Vec<usize>,
     /// Samples selected per class.
@@ -240,13 +264,11 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// Applies `rule` to the merged histogram. Whole bins only: a class's cut-off is the lowest bin at
-    /// or above the threshold whose inclusion keeps the class within its cap, so a class never exceeds
+    /// Applies `rule` to the merged histogram (made with `rule.threshold`). Whole bins only: a class's
+    /// cut-off is the lowest bin whose inclusion keeps the class within its cap, so a class never exceeds
     /// `top_k_per_class` (or, with `balance`, the rarest class's count above the threshold).
     pub fn choose(round: u32, h: &Histogram, rule: &SelectRule) -> Selection {
-        let first = (rule.threshold * BINS as f64 - 1e-9).ceil().max(0.0) as usize;
-        let first = first.min(BINS);
-        let above: Vec<u64> = (0..h.classes).map(|c| h.at_or_above(c, first)).collect();
+        let above: Vec<u64> = (0..h.classes).map(|c| h.at_or_above(c, 0)).collect();
         let mut cap = rule.top_k_per_class.unwrap_or(u64::MAX);
         if rule.balance {
             cap = cap.min(above.iter().copied().min().unwrap_or(0));
@@ -256,7 +278,7 @@ impl Selection {
         for c in 0..h.classes {
             // Walk down from the most confident bin while the total stays within the cap.
             let (mut b, mut n) = (BINS, 0u64);
-            while b > first {
+            while b > 0 {
                 let next = n + h.counts[c * BINS + b - 1];
                 if next > cap {
                     break;
@@ -269,18 +291,23 @@ impl Selection {
         }
         Selection {
             round,
+            threshold: rule.threshold,
             bins: BINS,
             min_bin,
             selected,
-            predicted: (0..h.classes).map(|c| h.at_or_above(c, 0)).collect(),
+            predicted: (0..h.classes)
+                .map(|c| h.at_or_above(c, 0) + h.below[c])
+                .collect(),
         }
     }
 
     /// Whether a sample predicted as `class` with probability `p` is in the set.
     pub fn selects(&self, class: u32, p: f32) -> bool {
-        self.min_bin
-            .get(class as usize)
-            .is_some_and(|&m| m < BINS && bin_of(p) >= m)
+        passes(p, self.threshold)
+            && self
+                .min_bin
+                .get(class as usize)
+                .is_some_and(|&m| m < BINS && bin_of(p) >= m)
     }
 
     pub fn total_selected(&self) -> u64 {
@@ -292,10 +319,10 @@ impl Selection {
 mod tests {
     use super::*;
 
-    fn hist(samples: &[(usize, f32)]) -> Histogram {
+    fn hist_at(samples: &[(usize, f32)], threshold: f64) -> Histogram {
         let mut h = Histogram::new(3);
         for &(c, p) in samples {
-            h.add(c, p);
+            h.add(c, p, threshold);
         }
         h
     }
@@ -329,13 +356,13 @@ mod tests {
             (1, 0.97),
             (2, 0.2),
         ];
-        let s = Selection::choose(1, &hist(&samples), &rule(0.95, None, false));
+        let s = Selection::choose(1, &hist_at(&samples, 0.95), &rule(0.95, None, false));
         assert_eq!(s.selected, vec![2, 1, 0]);
         assert_eq!(s.predicted, vec![3, 2, 1]);
         assert!(s.selects(0, 0.95) && !s.selects(1, 0.949) && !s.selects(2, 0.2));
         check_counts(&samples, &s);
         // Threshold 0 with no cap keeps everything.
-        let all = Selection::choose(1, &hist(&samples), &rule(0.0, None, false));
+        let all = Selection::choose(1, &hist_at(&samples, 0.0), &rule(0.0, None, false));
         assert_eq!(all.total_selected(), samples.len() as u64);
         check_counts(&samples, &all);
     }
@@ -350,11 +377,11 @@ mod tests {
             (1, 0.6),
             (1, 0.7),
         ];
-        let s = Selection::choose(2, &hist(&samples), &rule(0.5, Some(3), false));
+        let s = Selection::choose(2, &hist_at(&samples, 0.5), &rule(0.5, Some(3), false));
         // Class 0: 0.99, 0.98 fit; the 0.97 bin holds two, which would make 4 > 3: the bin is left out.
         assert_eq!(s.selected, vec![2, 2, 0]);
         check_counts(&samples, &s);
-        let s1 = Selection::choose(2, &hist(&samples), &rule(0.5, Some(1), false));
+        let s1 = Selection::choose(2, &hist_at(&samples, 0.5), &rule(0.5, Some(1), false));
         assert_eq!(s1.selected, vec![1, 1, 0]);
         assert!(s1.selects(0, 0.99) && !s1.selects(0, 0.98) && s1.selects(1, 0.7));
         check_counts(&samples, &s1);
@@ -371,10 +398,20 @@ mod tests {
             (2, 0.91),
             (2, 0.3),
         ];
-        let s = Selection::choose(1, &hist(&samples), &rule(0.8, None, true));
+        let s = Selection::choose(1, &hist_at(&samples, 0.8), &rule(0.8, None, true));
         assert_eq!(s.selected, vec![1, 1, 1]);
         assert!(s.selects(0, 0.99) && s.selects(1, 0.95) && s.selects(2, 0.91));
         check_counts(&samples, &s);
+    }
+
+    #[test]
+    fn bins_are_monotone_and_finest_near_one() {
+        let ps = [0.0f32, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0];
+        let bins: Vec<usize> = ps.iter().map(|&p| bin_of(p)).collect();
+        assert!(bins.windows(2).all(|w| w[0] < w[1]), "{bins:?}");
+        assert_eq!(bin_of(1.0), BINS - 1);
+        // 0.999 and 0.9991 are 10 % apart in 1 − p: different bins.
+        assert_ne!(bin_of(0.999), bin_of(0.9991));
     }
 
     #[test]
@@ -382,16 +419,16 @@ mod tests {
         let mut samples: Vec<(usize, f32)> = (0..500)
             .map(|i| (i % 3, ((i * 7919) % 1000) as f32 / 1000.0))
             .collect();
-        let a = Selection::choose(1, &hist(&samples), &rule(0.3, Some(40), true));
+        let a = Selection::choose(1, &hist_at(&samples, 0.3), &rule(0.3, Some(40), true));
         samples.reverse();
-        let b = Selection::choose(1, &hist(&samples), &rule(0.3, Some(40), true));
+        let b = Selection::choose(1, &hist_at(&samples, 0.3), &rule(0.3, Some(40), true));
         assert_eq!(a, b);
         assert!(a.selected.iter().all(|&n| n <= 40));
         check_counts(&samples, &a);
         // Merging per-shard histograms equals one histogram of everything.
-        let mut merged = hist(&samples[..200]);
-        merged.merge(&hist(&samples[200..])).unwrap();
-        assert_eq!(merged, hist(&samples));
+        let mut merged = hist_at(&samples[..200], 0.3);
+        merged.merge(&hist_at(&samples[200..], 0.3)).unwrap();
+        assert_eq!(merged, hist_at(&samples, 0.3));
     }
 
     #[test]
@@ -407,7 +444,8 @@ mod tests {
         };
         s.write(&path).unwrap();
         assert_eq!(Sidecar::read(&path).unwrap(), s);
-        assert_eq!(s.histogram().total(), 3);
+        assert_eq!(s.histogram(0.6).total(), 3);
+        assert_eq!(s.histogram(0.6).below, vec![0, 0, 1]);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
         let e = Sidecar::read(&path).unwrap_err().to_string();

@@ -25,6 +25,8 @@ pub struct CoordinatorOptions {
     pub listen: SocketAddr,
     pub run_dir: PathBuf,
     pub token: String,
+    /// Continue a job stopped mid-way (pseudo-label rounds: from `rounds/state.json`).
+    pub resume: bool,
 }
 
 /// How a job ended.
@@ -197,6 +199,81 @@ impl Coordinator for Service {
         }))
     }
 
+    async fn phase(
+        &self,
+        req: Request<PhaseRequest>,
+    ) -> std::result::Result<Response<PhaseResponse>, Status> {
+        use crate::rounds::Phase;
+        let r = req.into_inner();
+        let mut st = self.0.lock();
+        st.heartbeat(r.rank, r.generation).map_err(status)?;
+        let to_phase = |k: i32| match PhaseKind::try_from(k) {
+            Ok(PhaseKind::Train) => Ok(Phase::Train),
+            Ok(PhaseKind::Infer) => Ok(Phase::Infer),
+            Ok(PhaseKind::Done) => Ok(Phase::Done),
+            _ => Err(Status::invalid_argument(format!("unknown phase kind {k}"))),
+        };
+        let result = {
+            let rounds = st.rounds.as_mut().ok_or_else(|| {
+                Status::failed_precondition("this job has no pseudo-label rounds")
+            })?;
+            let outcome = match r.done {
+                Some(d) => {
+                    let histogram = (!d.histogram.is_empty()).then(|| {
+                        butler_common::pseudo::Histogram {
+                            classes: d.classes as usize,
+                            counts: d.histogram,
+                            below: d.below,
+                        }
+                    });
+                    if let Some(h) = &histogram {
+                        if h.counts.len() != h.classes * butler_common::pseudo::BINS
+                            || h.below.len() != h.classes
+                        {
+                            return Err(Status::invalid_argument(format!(
+                                "histogram has {} + {} counts for {} classes",
+                                h.counts.len(),
+                                h.below.len(),
+                                h.classes
+                            )));
+                        }
+                    }
+                    rounds.complete(
+                        r.rank,
+                        d.round,
+                        to_phase(d.kind)?,
+                        histogram,
+                        d.test_accuracy,
+                    )
+                }
+                None => Ok(()),
+            };
+            outcome.map(|()| {
+                let (round, phase) = rounds.current();
+                PhaseResponse {
+                    round,
+                    kind: match phase {
+                        Phase::Train => PhaseKind::Train,
+                        Phase::Infer => PhaseKind::Infer,
+                        Phase::Done => PhaseKind::Done,
+                    } as i32,
+                    selection_json: rounds
+                        .selection_for(round)
+                        .filter(|_| phase == Phase::Train)
+                        .map(|s| serde_json::to_string(s).expect("a selection serialises"))
+                        .unwrap_or_default(),
+                }
+            })
+        };
+        match result {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(why) => {
+                st.fail(format!("pseudo-label rounds: {why}"));
+                Err(Status::aborted(why))
+            }
+        }
+    }
+
     async fn heartbeat(
         &self,
         req: Request<HeartbeatRequest>,
@@ -320,6 +397,13 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
     };
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| butler_common::Error::io(&opts.run_dir, e))?;
+    let rounds = match &opts.config.pseudo_label {
+        Some(p) => Some(
+            crate::rounds::Rounds::open(&opts.run_dir, p, opts.world_size, opts.resume)
+                .map_err(|e| butler_common::Error::invalid("pseudo-label rounds", e))?,
+        ),
+        None => None,
+    };
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -338,6 +422,7 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
         state: Mutex::new({
             let mut st = JobState::new(opts.config, opts.world_size, train_len);
             st.unlabeled_len = unlabeled_len;
+            st.rounds = rounds;
             st
         }),
         rendezvous: Notify::new(),

@@ -77,6 +77,8 @@ pub struct JobState {
     finished_ok: Vec<Option<RankResult>>,
     failure: Option<String>,
     started: Instant,
+    /// Pseudo-label rounds, when the job has them.
+    pub rounds: Option<crate::rounds::Rounds>,
 }
 
 impl JobState {
@@ -94,6 +96,7 @@ impl JobState {
             finished_ok: vec![None; n],
             failure: None,
             started: Instant::now(),
+            rounds: None,
         }
     }
 
@@ -196,7 +199,9 @@ impl JobState {
     ) -> Result<Option<DistributedSampler>, Refusal> {
         self.check(rank, generation)?;
         self.touch(rank);
-        if epoch >= self.cfg.train.epochs {
+        // With pseudo-label rounds the labeled epochs of round r are numbered r·E .. (r+1)·E.
+        let rounds = self.cfg.pseudo_label.as_ref().map_or(1, |p| p.rounds as u64);
+        if epoch >= self.cfg.train.epochs * rounds {
             return Ok(None);
         }
         Ok(Some(DistributedSampler {
@@ -367,6 +372,7 @@ impl JobState {
             .flatten()
             .unwrap_or_default();
         Summary {
+            rounds: self.rounds.as_ref().map(|r| r.records()),
             job: self.cfg.job.name.clone(),
             test_accuracy: acc
                 .or_else(|| history.iter().rev().find_map(|h| h.test_accuracy))

@@ -32,4 +32,7 @@ pub struct Summary {
     /// Rank 0's final checkpoint, relative to the run directory.
     pub checkpoint: String,
     pub history: Vec<EpochRecord>,
+    /// Pseudo-label rounds: each round's accuracy and the pseudo-labels it trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<Vec<crate::rounds::RoundRecord>>,
 }

@@ -14,6 +14,7 @@ pub mod losses;
 pub mod mixing;
 pub mod models;
 pub mod objectives;
+pub mod rounds;
 pub mod streams;
 pub mod trainer;
 
@@ -181,7 +182,7 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
     })
 }
 
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     rt: &'a tokio::runtime::Runtime,
     client: Client,
     rank: u32,
@@ -256,6 +257,31 @@ fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collect
     Ok(listener.connect(ctx.rank as usize, &peers, ring_cfg)?)
 }
 
+/// What every phase of a job shares once the data is loaded and the ring is up.
+pub(crate) struct Job<'a> {
+    ctx: &'a Ctx<'a>,
+    cfg: &'a JobConfig,
+    manifest: butler_common::manifest::Manifest,
+    manifest_file: PathBuf,
+    train_set: InMemorySplit,
+    test_set: InMemorySplit,
+    per_rank_batch: u64,
+    steps_per_epoch: u64,
+    labeled_aug: Option<augment::Pipeline>,
+}
+
+impl Job<'_> {
+    fn new_trainer(&self) -> Result<Trainer> {
+        Trainer::new(
+            self.cfg,
+            &self.manifest.sample_shape,
+            self.manifest.num_classes(),
+            self.cfg.job.seed,
+            self.steps_per_epoch * self.cfg.train.epochs,
+        )
+    }
+}
+
 /// The training job proper; returns (test accuracy, test loss, checkpoint path relative to the run dir).
 fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
     cfg.validate_world(ctx.world)?;
@@ -279,28 +305,64 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         .len
         .div_ceil(ctx.world as u64)
         .div_ceil(per_rank_batch);
-    let mut trainer = Trainer::new(
-        cfg,
-        &manifest.sample_shape,
-        manifest.num_classes(),
-        cfg.job.seed,
-        steps_per_epoch * cfg.train.epochs,
-    )?;
-    trainer.broadcast_parameters(&mut ring)?;
-    let views = unlabeled_views(cfg, &manifest.sample_shape)?;
-    let mut unlabeled = open_unlabeled_stream(
+    let labeled_aug = labeled_augmentation(cfg, &manifest.sample_shape)?;
+    let job = Job {
         ctx,
         cfg,
-        &manifest,
-        &manifest_file,
+        manifest,
+        manifest_file,
+        train_set,
+        test_set,
         per_rank_batch,
-        views,
-    )?;
-    let labeled_aug = labeled_augmentation(cfg, &manifest.sample_shape)?;
-    let mut skipped_total = 0usize;
+        steps_per_epoch,
+        labeled_aug,
+    };
+    let (eval, trainer) = if cfg.pseudo_label.is_some() {
+        rounds::run(&job, &mut ring)?
+    } else {
+        let mut trainer = job.new_trainer()?;
+        trainer.broadcast_parameters(&mut ring)?;
+        let views = unlabeled_views(cfg, &job.manifest.sample_shape)?;
+        let mut unlabeled = open_unlabeled_stream(&job, views)?;
+        let eval = run_epochs(
+            &job,
+            &mut trainer,
+            &mut ring,
+            unlabeled.as_mut(),
+            None,
+            0..cfg.train.epochs,
+        )?;
+        (eval, trainer)
+    };
+    let checkpoint = if ctx.rank == 0 {
+        save_checkpoint(&trainer, &ctx.run_dir)?
+    } else {
+        String::new()
+    };
+    // Nobody reports success before rank 0's checkpoint is on disk.
+    ring.barrier()?;
+    info!(test_accuracy = eval.accuracy, "training finished");
+    Ok((eval.accuracy, eval.loss, checkpoint))
+}
 
+/// Trains the (global) epochs `epochs` — labeled batches from the coordinator's assignment, the
+/// unlabeled stream's batches when there is one, pseudo-labeled samples picked from them when a table
+/// is given — reporting metrics after each; returns the last evaluation.
+pub(crate) fn run_epochs(
+    job: &Job,
+    trainer: &mut Trainer,
+    ring: &mut collective::TcpRing,
+    mut unlabeled: Option<&mut streams::UnlabeledStream>,
+    pseudo: Option<&rounds::PseudoTable>,
+    epochs: std::ops::Range<u64>,
+) -> Result<trainer::Evaluation> {
+    let (ctx, cfg) = (job.ctx, job.cfg);
+    let shape = &job.manifest.sample_shape;
     let mut last_eval = None;
-    for epoch in 0.. {
+    let mut skipped_total = 0usize;
+    let last_epoch = epochs.end.saturating_sub(1);
+    let first_epoch = epochs.start;
+    for epoch in epochs {
         ctx.progress.epoch.store(epoch, Ordering::Relaxed);
         let a = ctx
             .rt
@@ -315,10 +377,10 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         if !a.has_epoch {
             break;
         }
-        if a.dataset_len != train_set.len {
+        if a.dataset_len != job.train_set.len {
             return Err(Error::Setup(format!(
                 "the coordinator assigns a training set of {} samples but this worker has {} (different data or config?)",
-                a.dataset_len, train_set.len
+                a.dataset_len, job.train_set.len
             )));
         }
         let sampler = DistributedSampler {
@@ -333,21 +395,30 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         let t0 = Instant::now();
         let (mut loss_sum, mut seen) = (0.0, 0u64);
         let lr = trainer.learning_rate();
+        let per_rank_batch = job.per_rank_batch;
         for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
             ctx.check_stop()?;
-            let (x, y) = match &labeled_aug {
-                Some(p) => train_set.batch_augmented(batch, p, cfg.job.seed, epoch),
-                None => train_set.batch(batch),
+            let (x, y) = match &job.labeled_aug {
+                Some(p) => job.train_set.batch_augmented(batch, p, cfg.job.seed, epoch),
+                None => job.train_set.batch(batch),
             };
             let global = sampler.global_batch_len(k as u64, per_rank_batch);
-            let u = match unlabeled.as_mut() {
+            let mut pseudo_batch = None;
+            let u = match unlabeled.as_deref_mut() {
                 Some(stream) => {
                     let (b, global_u) = stream.next_batch()?;
                     for s in &b.skipped {
                         warn!(shard = %s.shard.display(), index = s.index, reason = %s.reason, "skipped a corrupt unlabeled sample");
                     }
                     skipped_total += b.skipped.len();
-                    Some((view_tensors(&b, &manifest.sample_shape), global_u))
+                    match pseudo {
+                        // Pseudo-label rounds train on the selected samples only, as a labeled term.
+                        Some(table) => {
+                            pseudo_batch = Some(table.batch(&b, shape));
+                            None
+                        }
+                        None => Some((view_tensors(&b, shape), global_u)),
+                    }
                 }
                 None => None,
             };
@@ -355,7 +426,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
                 views,
                 global_len: *g,
             });
-            let loss = trainer.step(&x, &y, global, u_batch, &mut ring)?;
+            let loss = trainer.step_with(&x, &y, global, u_batch, pseudo_batch.as_ref(), ring)?;
             if !loss.is_finite() {
                 return Err(Error::Setup(format!(
                     "training diverged: loss is {loss} at epoch {epoch} step {}",
@@ -369,9 +440,9 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
                 .store(trainer.steps_taken(), Ordering::Relaxed);
         }
         let seconds = t0.elapsed().as_secs_f64();
-        let last = epoch + 1 == cfg.train.epochs;
-        let eval = if last || (epoch + 1) % cfg.train.eval_every == 0 {
-            let e = trainer.evaluate(&test_set.x, &test_set.y, &mut ring, 1000)?;
+        let last = epoch == last_epoch;
+        let eval = if last || (epoch - first_epoch + 1) % cfg.train.eval_every == 0 {
+            let e = trainer.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
             last_eval = Some(e);
             Some(e)
         } else {
@@ -397,32 +468,21 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             .block_on(ctx.client.clone().report_metrics(report))
             .map_err(rpc("report_metrics"))?;
     }
-    let eval = last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))?;
-    let checkpoint = if ctx.rank == 0 {
-        save_checkpoint(&trainer, &ctx.run_dir)?
-    } else {
-        String::new()
-    };
-    // Nobody reports success before rank 0's checkpoint is on disk.
-    ring.barrier()?;
-    info!(
-        test_accuracy = eval.accuracy,
-        skipped_unlabeled = skipped_total,
-        "training finished"
-    );
-    Ok((eval.accuracy, eval.loss, checkpoint))
+    if skipped_total > 0 {
+        warn!(skipped_total, "corrupt unlabeled samples were skipped");
+    }
+    last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))
 }
 
 /// The unlabeled stream, when the job has one: its assignment comes from the coordinator (split, seed,
 /// world, rank — never sample lists), the order and the reading happen here.
-fn open_unlabeled_stream(
-    ctx: &Ctx,
-    cfg: &JobConfig,
-    manifest: &butler_common::manifest::Manifest,
-    manifest_file: &Path,
-    per_rank_batch: u64,
+pub(crate) fn open_unlabeled_stream(
+    job: &Job,
     views: Arc<dyn loader::ViewMaker>,
 ) -> Result<Option<streams::UnlabeledStream>> {
+    let (ctx, cfg, manifest, manifest_file) =
+        (job.ctx, job.cfg, &job.manifest, job.manifest_file.as_path());
+    let per_rank_batch = job.per_rank_batch;
     if cfg.data.unlabeled_split.is_none() {
         return Ok(None);
     }
@@ -520,7 +580,13 @@ fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch::Tensor> {
 
 fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<String> {
     let rel = "checkpoints/final.safetensors";
-    let path = run_dir.join(rel);
+    save_model(trainer, &run_dir.join(rel))?;
+    Ok(rel.to_string())
+}
+
+/// Writes the trainer's parameters to `path` atomically.
+pub(crate) fn save_model(trainer: &Trainer, path: &Path) -> Result<()> {
+    let path = path.to_path_buf();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| butler_common::Error::io(dir, e))?;
     }
@@ -532,5 +598,5 @@ fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<String> {
     if let Err(e) = fsutil::sync_parent(&path) {
         warn!(error = %e, "cannot fsync checkpoint directory");
     }
-    Ok(rel.to_string())
+    Ok(())
 }

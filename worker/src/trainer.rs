@@ -253,6 +253,27 @@ impl Trainer {
         })
     }
 
+    /// Class probabilities `[n, K]` of the model in evaluation mode, computed `batch` samples at a time
+    /// without gradient (pseudo-labeling).
+    pub fn probabilities(&self, x: &Tensor, batch: i64) -> Tensor {
+        let n = x.size()[0];
+        tch::no_grad(|| {
+            let parts: Vec<Tensor> = (0..n)
+                .step_by(batch.max(1) as usize)
+                .map(|s| {
+                    self.model
+                        .forward_t(&x.narrow(0, s, batch.min(n - s)), false)
+                        .softmax(-1, Kind::Float)
+                })
+                .collect();
+            if parts.is_empty() {
+                Tensor::zeros([0, 0], (Kind::Float, tch::Device::Cpu))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        })
+    }
+
     /// Flat copy of all parameters, in a fixed order (for tests and checksums).
     pub fn flat_parameters(&self) -> Vec<f32> {
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();

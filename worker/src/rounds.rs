@@ -1,0 +1,381 @@
+//! The worker's side of pseudo-label refresh rounds. The coordinator says which phase the job is in
+//! (`Phase` RPC); the worker runs it and reports it done:
+//!
+//! - **TRAIN(r)**: a student (re-initialised, or continuing from `rounds/round-(r−1)`) trains the
+//!   configured epochs on the labeled data plus, for r ≥ 1, the samples of pseudo-label set r met in the
+//!   unlabeled stream (hard labels or stored probabilities; strong augmentation in noisy-student mode).
+//!   Rank 0 saves `rounds/round-r.safetensors` and reports its test accuracy.
+//! - **INFER(r)**: each rank labels its shards of the unlabeled split (shard i goes to rank i mod W) with
+//!   the round's model, batched and without gradient, writing one sidecar per shard
+//!   (`rounds/set-(r+1)/labels/shard-i.plab`: id, class, confidence, optionally the probabilities)
+//!   atomically; a sidecar left by an interrupted INFER is reused. It reports the per-class confidence
+//!   histogram of its shards — never samples — from which the coordinator selects set r + 1.
+//!
+//! The run directory must be shared by all workers (as for checkpoints): every rank reads every sidecar.
+
+use crate::collective::TcpRing;
+use crate::objectives::{PseudoBatch, PseudoTargets};
+use crate::trainer::{Evaluation, Trainer};
+use crate::{loader, rpc, Error, Job, Result};
+use butler_common::config::CorruptSamples;
+use butler_common::pseudo::{Histogram, Selection, Sidecar};
+use butler_common::shard::{read_shard_checked, CorruptPolicy};
+use butler_proto::{PhaseDone, PhaseKind, PhaseRequest, PhaseResponse};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tch::Tensor;
+use tracing::info;
+
+/// Where the coordinator keeps round artefacts (mirrors `butler_coordinator::rounds`).
+fn labels_dir(run_dir: &Path, round: u32) -> PathBuf {
+    run_dir
+        .join("rounds")
+        .join(format!("set-{}", round + 1))
+        .join("labels")
+}
+
+fn round_checkpoint(run_dir: &Path, round: u32) -> PathBuf {
+    run_dir
+        .join("rounds")
+        .join(format!("round-{round}.safetensors"))
+}
+
+/// Runs phases until the coordinator says DONE; returns the last TRAIN's evaluation and model.
+pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)> {
+    let ctx = job.ctx;
+    let p = job
+        .cfg
+        .pseudo_label
+        .as_ref()
+        .expect("rounds::run is only called for pseudo-label jobs");
+    let mut done: Option<PhaseDone> = None;
+    let mut finished: Option<(u32, i32)> = None;
+    let mut last: Option<(Evaluation, Trainer, u32)> = None;
+    loop {
+        let phase = next_phase(job, done.take(), finished)?;
+        let kind = PhaseKind::try_from(phase.kind).unwrap_or(PhaseKind::Unspecified);
+        let round = phase.round;
+        info!(round, phase = ?kind, "phase");
+        match kind {
+            PhaseKind::Train => {
+                let mut trainer = job.new_trainer()?;
+                if round > 0 && !p.reinit {
+                    load_model(&mut trainer, &round_checkpoint(&ctx.run_dir, round - 1))?;
+                }
+                trainer.broadcast_parameters(ring)?;
+                let table = if round > 0 {
+                    let set: Selection =
+                        serde_json::from_str(&phase.selection_json).map_err(|e| {
+                            Error::Setup(format!(
+                                "round {round}: the coordinator sent no usable pseudo-label set: {e}"
+                            ))
+                        })?;
+                    Some(PseudoTable::load(
+                        &labels_dir(&ctx.run_dir, round - 1),
+                        &set,
+                        p.soft,
+                    )?)
+                } else {
+                    None
+                };
+                let mut stream = match &table {
+                    Some(_) => crate::open_unlabeled_stream(job, pseudo_views(job)?)?,
+                    None => None,
+                };
+                let epochs = job.cfg.train.epochs;
+                let from = round as u64 * epochs;
+                let eval = crate::run_epochs(
+                    job,
+                    &mut trainer,
+                    ring,
+                    stream.as_mut(),
+                    table.as_ref(),
+                    from..from + epochs,
+                )?;
+                if ctx.rank == 0 {
+                    crate::save_model(&trainer, &round_checkpoint(&ctx.run_dir, round))?;
+                }
+                ring.barrier()?;
+                info!(round, test_accuracy = eval.accuracy, "round trained");
+                done = Some(PhaseDone {
+                    round,
+                    kind: PhaseKind::Train as i32,
+                    test_accuracy: (ctx.rank == 0).then_some(eval.accuracy),
+                    ..Default::default()
+                });
+                last = Some((eval, trainer, round));
+            }
+            PhaseKind::Infer => {
+                // After a restart at INFER the round's model comes from its checkpoint.
+                let trainer = match last.take() {
+                    Some((e, t, r)) if r == round => {
+                        last = Some((e, t, r));
+                        &last.as_ref().expect("just set").1
+                    }
+                    _ => {
+                        let mut t = job.new_trainer()?;
+                        load_model(&mut t, &round_checkpoint(&ctx.run_dir, round))?;
+                        let e = t.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
+                        last = Some((e, t, round));
+                        &last.as_ref().expect("just set").1
+                    }
+                };
+                let h = infer(job, trainer, round, p.soft, p.threshold)?;
+                done = Some(PhaseDone {
+                    round,
+                    kind: PhaseKind::Infer as i32,
+                    classes: h.classes as u32,
+                    histogram: h.counts,
+                    below: h.below,
+                    ..Default::default()
+                });
+            }
+            PhaseKind::Done => {
+                let (eval, trainer) = match last {
+                    Some((e, t, _)) => (e, t),
+                    None => {
+                        // Restarted after the last round finished: its checkpoint is the result.
+                        let mut t = job.new_trainer()?;
+                        load_model(&mut t, &round_checkpoint(&ctx.run_dir, round))?;
+                        let e = t.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
+                        (e, t)
+                    }
+                };
+                return Ok((eval, trainer));
+            }
+            PhaseKind::Unspecified => {
+                return Err(Error::Setup(format!(
+                    "the coordinator answered an unknown phase {}",
+                    phase.kind
+                )))
+            }
+        }
+        finished = done.as_ref().map(|d| (d.round, d.kind));
+    }
+}
+
+/// Reports `done` (if any) and waits until the coordinator's phase differs from the one just finished.
+fn next_phase(
+    job: &Job,
+    mut done: Option<PhaseDone>,
+    finished: Option<(u32, i32)>,
+) -> Result<PhaseResponse> {
+    let ctx = job.ctx;
+    loop {
+        ctx.check_stop()?;
+        let resp = ctx
+            .rt
+            .block_on(ctx.client.clone().phase(PhaseRequest {
+                rank: ctx.rank,
+                generation: ctx.generation,
+                done: done.take(),
+            }))
+            .map_err(rpc("phase"))?
+            .into_inner();
+        if Some((resp.round, resp.kind)) != finished {
+            return Ok(resp);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn load_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
+    trainer
+        .vs
+        .load(path)
+        .map_err(|e| Error::Setup(format!("cannot load round checkpoint {}: {e}", path.display())))
+}
+
+/// The view of the unlabeled stream the pseudo-labeled term trains on: the raw sample, or in
+/// noisy-student mode its strong augmentation.
+fn pseudo_views(job: &Job) -> Result<Arc<dyn loader::ViewMaker>> {
+    let p = job.cfg.pseudo_label.as_ref().expect("a pseudo-label job");
+    if !p.noisy {
+        return Ok(Arc::new(loader::Identity));
+    }
+    let mut aug =
+        crate::augment::WeakStrong::for_sample_shape(&job.manifest.sample_shape, job.cfg.augment.flip)
+            .map_err(|e| Error::Setup(format!("pseudo_label.noisy: {e}")))?;
+    // One view: the strong pipeline (the loader's view 0).
+    aug.weak = std::mem::take(&mut aug.strong);
+    Ok(Arc::new(loader::WeakStrongViews {
+        seed: job.cfg.job.seed,
+        aug,
+    }))
+}
+
+/// INFER on this rank's shards; returns their histogram.
+fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -> Result<Histogram> {
+    let ctx = job.ctx;
+    let split_name = job
+        .cfg
+        .data
+        .unlabeled_split
+        .as_deref()
+        .expect("pseudo-label jobs have an unlabeled split");
+    let split = job.manifest.split(split_name, &job.manifest_file)?;
+    let dir = labels_dir(&ctx.run_dir, round);
+    std::fs::create_dir_all(&dir).map_err(|e| butler_common::Error::io(&dir, e))?;
+    let data_dir = job.manifest_file.parent().unwrap_or(Path::new("."));
+    let classes = job.manifest.num_classes();
+    let policy = match job.cfg.loader.corrupt {
+        CorruptSamples::Skip => CorruptPolicy::Skip,
+        CorruptSamples::Fail => CorruptPolicy::Fail,
+    };
+    let mut hist = Histogram::new(classes);
+    let (mut labeled, mut reused) = (0usize, 0usize);
+    for (i, entry) in split.shards.iter().enumerate() {
+        if i % ctx.world as usize != ctx.rank as usize {
+            continue;
+        }
+        ctx.check_stop()?;
+        let path = dir.join(format!("shard-{i:05}.plab"));
+        let existing = Sidecar::read(&path)
+            .ok()
+            .filter(|s| s.classes == classes && s.probs.is_some() == soft);
+        let sidecar = match existing {
+            Some(s) => {
+                reused += 1;
+                s
+            }
+            None => {
+                let (data, skipped) =
+                    read_shard_checked(data_dir, &job.manifest, entry, split.labeled, policy)?;
+                for s in &skipped {
+                    tracing::warn!(%s, "skipped a corrupt sample while pseudo-labeling");
+                }
+                let mut dims = vec![data.len() as i64];
+                dims.extend(job.manifest.sample_shape.iter().map(|&d| d as i64));
+                let x = Tensor::from_slice(&data.x).reshape(dims.as_slice());
+                let probs = trainer.probabilities(&x, 1000);
+                let (conf, class) = probs.max_dim(-1, false);
+                let s = Sidecar {
+                    ids: data.ids,
+                    class: Vec::<i64>::try_from(&class)?
+                        .into_iter()
+                        .map(|c| c as u32)
+                        .collect(),
+                    confidence: Vec::<f32>::try_from(&conf)?,
+                    probs: if soft {
+                        Some(Vec::<f32>::try_from(probs.reshape([-1]))?)
+                    } else {
+                        None
+                    },
+                    classes,
+                };
+                s.write(&path)?;
+                labeled += 1;
+                s
+            }
+        };
+        hist.merge(&sidecar.histogram(threshold))?;
+    }
+    info!(round, labeled, reused, samples = hist.total(), "shards pseudo-labeled");
+    Ok(hist)
+}
+
+/// The selected samples of one pseudo-label set, by id: the predicted class, or the probabilities.
+pub struct PseudoTable {
+    entries: HashMap<u64, Target>,
+    classes: i64,
+}
+
+enum Target {
+    Hard(i64),
+    Soft(Vec<f32>),
+}
+
+impl PseudoTable {
+    /// Reads every sidecar of the set and keeps the samples `set` selects. Fails when the sidecars do
+    /// not hold the predictions the set was chosen from (missing or foreign files).
+    pub fn load(dir: &Path, set: &Selection, soft: bool) -> Result<Self> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| butler_common::Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "plab"))
+            .collect();
+        files.sort();
+        let mut entries = HashMap::new();
+        let mut per_class = vec![0u64; set.selected.len()];
+        let mut total = 0u64;
+        for f in &files {
+            let s = Sidecar::read(f)?;
+            total += s.len() as u64;
+            for i in 0..s.len() {
+                let (c, p) = (s.class[i], s.confidence[i]);
+                if !set.selects(c, p) {
+                    continue;
+                }
+                per_class[c as usize] += 1;
+                let target = match (&s.probs, soft) {
+                    (Some(probs), true) => {
+                        Target::Soft(probs[i * s.classes..(i + 1) * s.classes].to_vec())
+                    }
+                    (None, true) => {
+                        return Err(Error::Setup(format!(
+                            "{}: soft pseudo-labels need probabilities, the sidecar has none",
+                            f.display()
+                        )))
+                    }
+                    _ => Target::Hard(c as i64),
+                };
+                entries.insert(s.ids[i], target);
+            }
+        }
+        let predicted: u64 = set.predicted.iter().sum();
+        if total != predicted || per_class != set.selected {
+            return Err(Error::Setup(format!(
+                "pseudo-label set {}: the sidecars in {} hold {total} predictions ({per_class:?} selected), the coordinator counted {predicted} ({:?})",
+                set.round,
+                dir.display(),
+                set.selected
+            )));
+        }
+        info!(set = set.round, selected = entries.len(), "pseudo-label set loaded");
+        Ok(PseudoTable {
+            entries,
+            classes: set.selected.len() as i64,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The selected samples of an unlabeled batch (view 0) with their targets.
+    pub fn batch(&self, b: &loader::LoadedBatch, shape: &[usize]) -> PseudoBatch {
+        let numel: usize = shape.iter().product();
+        let mut x = Vec::new();
+        let mut hard = Vec::new();
+        let mut soft = Vec::new();
+        let mut is_soft = false;
+        for (i, id) in b.ids.iter().enumerate() {
+            match self.entries.get(id) {
+                Some(Target::Hard(c)) => hard.push(*c),
+                Some(Target::Soft(p)) => {
+                    is_soft = true;
+                    soft.extend_from_slice(p)
+                }
+                None => continue,
+            }
+            x.extend_from_slice(&b.views[0][i * numel..(i + 1) * numel]);
+        }
+        let n = x.len() / numel.max(1);
+        let mut dims = vec![n as i64];
+        dims.extend(shape.iter().map(|&d| d as i64));
+        PseudoBatch {
+            x: Tensor::from_slice(&x).reshape(dims.as_slice()),
+            targets: if is_soft {
+                PseudoTargets::Soft(Tensor::from_slice(&soft).reshape([n as i64, self.classes]))
+            } else {
+                PseudoTargets::Hard(Tensor::from_slice(&hard))
+            },
+        }
+    }
+}
