@@ -235,6 +235,42 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::JobConfig;
+    use std::path::Path;
+
+    fn parse(extra_data: &str, sections: &str) -> Result<JobConfig, String> {
+        let text = format!(
+            "[job]\nname='t'\n[data]\nmanifest='m'\n{extra_data}[model]\nkind='mlp'\nhidden=[8]\n\
+             [optim]\nkind='sgd'\nlr=0.1\n[train]\nepochs=1\nbatch_size=8\n{sections}"
+        );
+        JobConfig::from_toml(&text, Path::new("job.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn semi_supervised_config_errors_name_the_key_and_cause() {
+        let u = "unlabeled_split='u'\n";
+        let ok = parse(u, "[ssl]\nmethod='fixmatch'\n").unwrap();
+        assert_eq!(ok.ssl.unwrap().threshold(), 0.95);
+        let uda = parse(u, "[ssl]\nmethod='uda'\ntsa='exp'\n").unwrap();
+        assert_eq!(uda.ssl.unwrap().threshold(), 0.0);
+        for (data, sections, want) in [
+            ("", "[ssl]\nmethod='uda'\n", "needs data.unlabeled_split"),
+            (u, "[ssl]\nmethod='mixmatch'\n", "unknown variant"),
+            (u, "[ssl]\nmethod='fixmatch'\ntsa='linear'\n", "UDA options"),
+            (u, "[ssl]\nmethod='uda'\nthreshold=1.5\n", "ssl.threshold"),
+            (u, "[ssl]\nmethod='uda'\ntemperature=0\n", "ssl.temperature"),
+            (u, "[ssl]\nmethod='uda'\nlambda_u=-1\n", "ssl.lambda_u"),
+            (u, "[ssl]\nmethod='uda'\n[regularize.mix]\nmixup_alpha=1.0\n", "cannot be combined"),
+            (u, "[pseudo_label]\nrounds=1\n", "pseudo_label.rounds"),
+            ("", "[pseudo_label]\nrounds=2\n", "needs data.unlabeled_split"),
+            (u, "[pseudo_label]\nrounds=2\ntop_k_per_class=0\n", "top_k_per_class"),
+            (u, "[pseudo_label]\nrounds=2\n[ssl]\nmethod='uda'\n", "cannot be combined"),
+            (u, "[augment]\nlabeled='medium'\n", "unknown variant"),
+        ] {
+            let e = parse(data, sections).unwrap_err();
+            assert!(e.contains(want) && e.contains("job.toml"), "{sections}: {e}");
+        }
+    }
 
     #[test]
     fn tsa_thresholds_follow_the_schedules() {

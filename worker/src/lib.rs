@@ -441,7 +441,7 @@ pub(crate) fn run_epochs(
         }
         let seconds = t0.elapsed().as_secs_f64();
         let last = epoch == last_epoch;
-        let eval = if last || (epoch - first_epoch + 1) % cfg.train.eval_every == 0 {
+        let eval = if last || (epoch - first_epoch + 1).is_multiple_of(cfg.train.eval_every) {
             let e = trainer.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
             last_eval = Some(e);
             Some(e)

@@ -17,10 +17,6 @@ const STEPS: usize = 20;
 static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const GLOBAL_BATCH: usize = 48;
 
-fn config(optim: &str) -> JobConfig {
-    config_with(optim, "")
-}
-
 /// `extra` is appended: further sections (e.g. `[ssl]`). With an `[ssl]` section the data section names
 /// an unlabeled split, which the config requires.
 fn config_with(optim: &str, extra: &str) -> JobConfig {
@@ -71,11 +67,6 @@ fn rings(world: usize) -> Vec<TcpRing> {
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-/// Trains `world` replicas for STEPS steps and returns every replica's final parameters.
-fn train(world: usize, optim: &str, n: i64) -> Vec<Vec<f32>> {
-    train_with(world, optim, "", n)
-}
-
 /// The unlabeled samples of step `s`: a global batch of `UNLABELED` samples split unevenly across the
 /// ranks (rank r of W takes a share that differs by rank), as (clean, perturbed) views.
 const UNLABELED: i64 = 36;
@@ -90,6 +81,7 @@ fn unlabeled_share(pool: &Tensor, step: usize, world: usize, rank: usize) -> (Ve
     (vec![clean.shallow_clone(), &clean + noise], UNLABELED as u64)
 }
 
+/// Trains `world` replicas for STEPS steps and returns every replica's final parameters.
 fn train_with(world: usize, optim: &str, extra: &str, n: i64) -> Vec<Vec<f32>> {
     let cfg = config_with(optim, extra);
     let ssl = cfg.ssl.is_some();
