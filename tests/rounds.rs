@@ -1,6 +1,6 @@
 //! Pseudo-label refresh rounds end to end: 2 workers, 2 rounds over a small pool, the coordinator killed
-//! between INFER and SELECT and the job resumed; the pseudo-label set and the result must equal an
-//! uninterrupted run's.
+//! between INFER and SELECT (and, separately, a worker killed inside INFER) and the job resumed; the
+//! pseudo-label set and the result must equal an uninterrupted run's.
 
 mod common;
 use common::*;
@@ -38,6 +38,24 @@ fn json(path: &Path) -> serde_json::Value {
     .unwrap()
 }
 
+/// The log without terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The sidecars of a set, file name → bytes.
 fn sidecars(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
@@ -55,7 +73,7 @@ fn sidecars(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 #[test]
-fn coordinator_killed_between_infer_and_select_resumes_to_the_same_pseudo_labels() {
+fn killed_coordinator_or_worker_resumes_to_the_same_pseudo_labels() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write(dir.path(), "rounds.toml", &config(&mnist1d()));
 
@@ -113,4 +131,22 @@ fn coordinator_killed_between_infer_and_select_resumes_to_the_same_pseudo_labels
     assert_eq!(sa["rounds"], sb["rounds"]);
     assert_eq!(sa["test_accuracy"], sb["test_accuracy"]);
     assert_eq!(sa["rounds"].as_array().unwrap().len(), 2);
+
+    // A worker dying in the middle of INFER: the resumed job keeps the sidecar it finished and ends
+    // with the same set.
+    let worker_died = dir.path().join("worker-died");
+    let o = run(&cfg, &worker_died, &[], Some("worker-exit-after-sidecar:0"));
+    assert!(!o.status.success(), "the fault hook should have killed rank 1");
+    let state = json(&worker_died.join("rounds/state.json"));
+    assert_eq!(state["phase"], "infer", "{state}");
+    let o = run(&cfg, &worker_died, &["--resume"], None);
+    assert!(o.status.success(), "resumed after a worker death: {}", stderr(&o));
+    let log = strip_ansi(&std::fs::read_to_string(worker_died.join("logs/worker-1.log")).unwrap());
+    assert!(log.contains("labeled=1 reused=1"), "rank 1 should reuse its finished sidecar: {log}");
+    assert_eq!(json(&worker_died.join("rounds/set-1/selection.json")), a);
+    assert_eq!(labels(&worker_died), labels(&straight));
+    assert_eq!(
+        json(&worker_died.join("summary.json"))["test_accuracy"],
+        sa["test_accuracy"]
+    );
 }

@@ -267,6 +267,10 @@ fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -
                 };
                 s.write(&path)?;
                 labeled += 1;
+                if fault_after_sidecar(round, ctx.rank) {
+                    tracing::error!(round, shard = i, "BUTLER_FAULT: exiting after writing a sidecar (test hook)");
+                    std::process::exit(86);
+                }
                 s
             }
         };
@@ -274,6 +278,17 @@ fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -
     }
     info!(round, labeled, reused, samples = hist.total(), "shards pseudo-labeled");
     Ok(hist)
+}
+
+/// Test hook (`BUTLER_FAULT=worker-exit-after-sidecar:R`): the last rank dies in INFER(R) after writing
+/// its first sidecar.
+fn fault_after_sidecar(round: u32, rank: u32) -> bool {
+    std::env::var("BUTLER_FAULT").ok().is_some_and(|f| {
+        f.strip_prefix("worker-exit-after-sidecar:")
+            .and_then(|r| r.parse::<u32>().ok())
+            == Some(round)
+            && rank == 1
+    })
 }
 
 /// The selected samples of one pseudo-label set, by id: the predicted class, or the probabilities.
