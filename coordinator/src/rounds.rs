@@ -203,6 +203,7 @@ impl Rounds {
             }
             self.advance()?;
             self.persist()?;
+            tracing::info!(round = self.state.round, phase = ?self.state.phase, "pseudo-label rounds: next phase");
         }
         Ok(())
     }

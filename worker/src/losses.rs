@@ -142,6 +142,17 @@ pub fn tsa_mask(logits: &Tensor, labels: &Tensor, threshold: f64) -> Tensor {
     p_correct.le(threshold).to_kind(logits.kind())
 }
 
+/// Per-example distillation loss against stored probabilities (soft pseudo-labels):
+/// `T²·KL(softmax(log p / T) ‖ softmax(z / T))`, `[B]`. With `p = softmax(t)` this is exactly the KD term
+/// `T²·KL(softmax(t/T) ‖ softmax(z/T))` of a teacher with logits `t` (log p = t − logsumexp t, and the
+/// shift cancels in the softmax). Probabilities are clamped at 1e-12 before the log.
+pub fn soft_pseudo_label_loss(logits: &Tensor, probs: &Tensor, temperature: f64) -> Tensor {
+    let t = temperature;
+    let log_target = (probs.clamp_min(1e-12).log() / t).log_softmax(-1, None);
+    let log_q = (logits / t).log_softmax(-1, None);
+    (log_target.exp() * (&log_target - log_q)).sum_dim_intlist(-1, false, None) * (t * t)
+}
+
 /// Per-example cross-entropy with hard labels, `F.cross_entropy(..., reduction="none",
 /// label_smoothing=ε)`, `[B]`.
 pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> Tensor {

@@ -275,6 +275,10 @@ fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -
             }
         };
         hist.merge(&sidecar.histogram(threshold))?;
+        // Progress for the heartbeat: shards done in this phase.
+        ctx.progress
+            .step
+            .store((labeled + reused) as u64, std::sync::atomic::Ordering::Relaxed);
     }
     info!(round, labeled, reused, samples = hist.total(), "shards pseudo-labeled");
     Ok(hist)

@@ -10,7 +10,7 @@
 use butler_common::semi::TsaSchedule;
 use butler_worker::losses::{
     cross_entropy, cross_entropy_per_example, fixmatch_consistency, kd_loss, one_hot,
-    soft_cross_entropy, tsa_mask, uda_consistency, KdConfig,
+    soft_cross_entropy, soft_pseudo_label_loss, tsa_mask, uda_consistency, KdConfig,
 };
 use butler_worker::mixing::{cutmix_apply, cutout, mixup, Box2d, CutRegion, Span};
 use std::collections::HashMap;
@@ -501,4 +501,19 @@ fn drift_ssl_variants_are_rejected() {
     let soft = soft_cross_entropy(&aug, &clean.softmax(-1, None), 0.0);
     let d = max_diff(&soft, f.get("fixmatch/tau0.5/f64/batch"));
     assert!(d > DRIFT_MIN, "{d}");
+}
+
+#[test]
+fn soft_pseudo_labels_are_distillation_from_the_stored_probabilities() {
+    // Stored probabilities p = softmax(teacher): the per-example loss averaged over the batch is the
+    // batch-mean KD term T²·KL PyTorch computed from the teacher's logits.
+    let f = Fixture::load("kd.safetensors");
+    for temp in TEMPS {
+        let t: f64 = temp.parse().unwrap();
+        let key = format!("kd_unlabeled/T{temp}/f64");
+        let student = f.get("student").to_kind(Kind::Double);
+        let probs = f.get("teacher").to_kind(Kind::Double).softmax(-1, None);
+        let got = soft_pseudo_label_loss(&student, &probs, t).mean(None);
+        assert_close(&got, f.get(&key), 1e-9, &key);
+    }
 }

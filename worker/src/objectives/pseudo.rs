@@ -6,7 +6,7 @@
 
 use super::supervised::Supervised;
 use super::{non_empty, Counted, LossParts, Objective, PseudoTargets, StepCtx};
-use crate::losses::cross_entropy_per_example;
+use crate::losses::{cross_entropy_per_example, soft_pseudo_label_loss};
 use butler_common::semi::PseudoLabelConfig;
 use tch::Kind;
 
@@ -54,11 +54,7 @@ impl Objective for PseudoLabel {
                 let per_example = match &p.targets {
                     PseudoTargets::Hard(y) => cross_entropy_per_example(&logits, y, 0.0),
                     PseudoTargets::Soft(probs) => {
-                        let t = self.temperature;
-                        let log_target = (probs.clamp_min(1e-12).log() / t).log_softmax(-1, None);
-                        let log_q = (logits / t).log_softmax(-1, None);
-                        (log_target.exp() * (&log_target - log_q)).sum_dim_intlist(-1, false, None)
-                            * (t * t)
+                        soft_pseudo_label_loss(&logits, probs, self.temperature)
                     }
                 };
                 Counted {
