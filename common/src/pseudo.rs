@@ -2,12 +2,14 @@
 //! labels a shard (INFER), the per-class **confidence histogram** it reports, and the **selection** the
 //! coordinator makes from the histograms alone (SELECT) — it never sees a sample.
 //!
-//! A selection is a rule, not a list: sample (predicted class c, confidence p) is selected iff
-//! `p ≥ threshold` and `bin(p) ≥ min_bin[c]`. Workers histogram only the samples at or above the
-//! threshold (the rest are counted per class, unbinned), so the threshold is exact; the bins serve the
-//! per-class caps (top-k, balance), taken in whole bins from the most confident down. Bins are uniform in
-//! `u = −log10(1 − p) / 7` (1 − p clamped at 1e-7), so resolution is finest where confident samples
-//! crowd: each bin spans 1.6 % of 1 − p. The coordinator picks `min_bin` per class from the merged
+//! A selection is a rule, not a list: sample (predicted class c, confidence p, margin m) is selected iff
+//! `p ≥ threshold` and `bin(m) ≥ min_bin[c]`. The margin `m = −ln(1 − p)` is computed from the logits
+//! in f64 (`−logsumexp` of the other classes' log-probabilities), so it keeps ordering the samples whose
+//! f32 confidence has rounded to 1.0 — the crowd a top-k cap must cut through. Workers histogram only the
+//! samples at or above the threshold (the rest are counted per class, unbinned), so the threshold is
+//! exact; the bins serve the per-class caps (top-k, balance), taken in whole bins from the most
+//! confident down. Bins are uniform in log10(m) over [1e-3, 1e3] nats: each spans 1.4 % of the margin.
+//! The coordinator picks `min_bin` per class from the merged
 //! histograms, so the rule selects exactly the counts it recorded, and a worker applies it to the
 //! sidecars while training. The rule being a pure function of the histograms makes SELECT deterministic
 //! and idempotent: a restarted coordinator re-derives the same set from the same persisted histograms.
@@ -21,20 +23,30 @@ use std::path::Path;
 /// Confidence bins of the histograms.
 pub const BINS: usize = 1000;
 
-/// The confidence bin of a probability: `⌊B · (−log10(max(1 − p, 1e-7)) / 7)⌋`, monotone in p.
-pub fn bin_of(p: f32) -> usize {
-    let gap = (1.0 - p as f64).max(1e-7);
-    let u = -gap.log10() / 7.0;
-    ((u * BINS as f64).floor().max(0.0) as usize).min(BINS - 1)
+/// The bin of a margin `m = −ln(1 − p)`: `⌊B · (log10 m + 3) / 6⌋`, clamped to the bins; monotone in m.
+pub fn bin_of(margin: f32) -> usize {
+    let u = (margin as f64).max(1e-3).log10();
+    let b = ((u + 3.0) / 6.0 * BINS as f64).floor();
+    if b.is_nan() {
+        return 0;
+    }
+    (b.max(0.0) as usize).min(BINS - 1)
 }
 
-/// One shard's predictions: for each sample, its id, the predicted class and its probability, and
-/// optionally the whole probability vector (`[n, classes]`, for soft pseudo-labels).
+/// `−ln(1 − p)` from a probability (for tests and tools; workers compute it from the logits, which keeps
+/// the precision f32 probabilities lose near 1).
+pub fn margin_of(p: f32) -> f32 {
+    -(1.0 - p as f64).max(1e-300).ln() as f32
+}
+
+/// One shard's predictions: for each sample, its id, the predicted class, its probability and margin
+/// `−ln(1 − p)`, and optionally the whole probability vector (`[n, classes]`, for soft pseudo-labels).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sidecar {
     pub ids: Vec<u64>,
     pub class: Vec<u32>,
     pub confidence: Vec<f32>,
+    pub margin: Vec<f32>,
     pub probs: Option<Vec<f32>>,
     pub classes: usize,
 }
@@ -55,12 +67,15 @@ impl Sidecar {
             path: path.into(),
             message: m,
         };
-        if self.class.len() != n || self.confidence.len() != n {
-            return Err(bad("ids, class and confidence differ in length".into()));
+        if self.class.len() != n || self.confidence.len() != n || self.margin.len() != n {
+            return Err(bad(
+                "ids, class, confidence and margin differ in length".into(),
+            ));
         }
         let ids: Vec<u8> = self.ids.iter().flat_map(|v| v.to_le_bytes()).collect();
         let class: Vec<u8> = self.class.iter().flat_map(|v| v.to_le_bytes()).collect();
         let conf: Vec<u8> = self.confidence.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let margin: Vec<u8> = self.margin.iter().flat_map(|v| v.to_le_bytes()).collect();
         let probs: Option<Vec<u8>> = self
             .probs
             .as_ref()
@@ -82,6 +97,10 @@ impl Sidecar {
             (
                 "confidence".to_string(),
                 view(Dtype::F32, vec![n], &conf, path)?,
+            ),
+            (
+                "margin".to_string(),
+                view(Dtype::F32, vec![n], &margin, path)?,
             ),
         ];
         if let Some(p) = &probs {
@@ -132,9 +151,10 @@ impl Sidecar {
         let ids = words(get("id", Dtype::U64)?.data(), u64::from_le_bytes);
         let class = words(get("class", Dtype::U32)?.data(), u32::from_le_bytes);
         let confidence = words(get("confidence", Dtype::F32)?.data(), f32::from_le_bytes);
+        let margin = words(get("margin", Dtype::F32)?.data(), f32::from_le_bytes);
         let n = ids.len();
-        if class.len() != n || confidence.len() != n {
-            return Err("id, class and confidence differ in length".into());
+        if class.len() != n || confidence.len() != n || margin.len() != n {
+            return Err("id, class, confidence and margin differ in length".into());
         }
         if let Some(c) = class.iter().find(|&&c| c as usize >= classes) {
             return Err(format!("class {c} is out of range for {classes} classes"));
@@ -159,6 +179,7 @@ impl Sidecar {
             ids,
             class,
             confidence,
+            margin,
             probs,
             classes,
         })
@@ -167,8 +188,13 @@ impl Sidecar {
     /// The histogram of this sidecar's predictions for a selection with this confidence threshold.
     pub fn histogram(&self, threshold: f64) -> Histogram {
         let mut h = Histogram::new(self.classes);
-        for (&c, &p) in self.class.iter().zip(&self.confidence) {
-            h.add(c as usize, p, threshold);
+        for i in 0..self.len() {
+            h.add(
+                self.class[i] as usize,
+                self.confidence[i],
+                self.margin[i],
+                threshold,
+            );
         }
         h
     }
@@ -197,9 +223,9 @@ impl Histogram {
         }
     }
 
-    pub fn add(&mut self, class: usize, p: f32, threshold: f64) {
+    pub fn add(&mut self, class: usize, p: f32, margin: f32, threshold: f64) {
         if passes(p, threshold) {
-            self.counts[class * BINS + bin_of(p)] += 1;
+            self.counts[class * BINS + bin_of(margin)] += 1;
         } else {
             self.below[class] += 1;
         }
@@ -301,13 +327,13 @@ impl Selection {
         }
     }
 
-    /// Whether a sample predicted as `class` with probability `p` is in the set.
-    pub fn selects(&self, class: u32, p: f32) -> bool {
+    /// Whether a sample predicted as `class` with probability `p` and margin `margin` is in the set.
+    pub fn selects(&self, class: u32, p: f32, margin: f32) -> bool {
         passes(p, self.threshold)
             && self
                 .min_bin
                 .get(class as usize)
-                .is_some_and(|&m| m < BINS && bin_of(p) >= m)
+                .is_some_and(|&m| m < BINS && bin_of(margin) >= m)
     }
 
     pub fn total_selected(&self) -> u64 {
@@ -322,7 +348,7 @@ mod tests {
     fn hist_at(samples: &[(usize, f32)], threshold: f64) -> Histogram {
         let mut h = Histogram::new(3);
         for &(c, p) in samples {
-            h.add(c, p, threshold);
+            h.add(c, p, margin_of(p), threshold);
         }
         h
     }
@@ -339,7 +365,7 @@ mod tests {
     fn check_counts(samples: &[(usize, f32)], s: &Selection) {
         let mut n = [0u64; 3];
         for &(c, p) in samples {
-            if s.selects(c as u32, p) {
+            if s.selects(c as u32, p, margin_of(p)) {
                 n[c] += 1;
             }
         }
@@ -359,7 +385,7 @@ mod tests {
         let s = Selection::choose(1, &hist_at(&samples, 0.95), &rule(0.95, None, false));
         assert_eq!(s.selected, vec![2, 1, 0]);
         assert_eq!(s.predicted, vec![3, 2, 1]);
-        assert!(s.selects(0, 0.95) && !s.selects(1, 0.949) && !s.selects(2, 0.2));
+        assert!(s.selects(0, 0.95, margin_of(0.95)) && !s.selects(1, 0.949, margin_of(0.949)) && !s.selects(2, 0.2, margin_of(0.2)));
         check_counts(&samples, &s);
         // Threshold 0 with no cap keeps everything.
         let all = Selection::choose(1, &hist_at(&samples, 0.0), &rule(0.0, None, false));
@@ -383,7 +409,7 @@ mod tests {
         check_counts(&samples, &s);
         let s1 = Selection::choose(2, &hist_at(&samples, 0.5), &rule(0.5, Some(1), false));
         assert_eq!(s1.selected, vec![1, 1, 0]);
-        assert!(s1.selects(0, 0.99) && !s1.selects(0, 0.98) && s1.selects(1, 0.7));
+        assert!(s1.selects(0, 0.99, margin_of(0.99)) && !s1.selects(0, 0.98, margin_of(0.98)) && s1.selects(1, 0.7, margin_of(0.7)));
         check_counts(&samples, &s1);
     }
 
@@ -400,18 +426,20 @@ mod tests {
         ];
         let s = Selection::choose(1, &hist_at(&samples, 0.8), &rule(0.8, None, true));
         assert_eq!(s.selected, vec![1, 1, 1]);
-        assert!(s.selects(0, 0.99) && s.selects(1, 0.95) && s.selects(2, 0.91));
+        assert!(s.selects(0, 0.99, margin_of(0.99)) && s.selects(1, 0.95, margin_of(0.95)) && s.selects(2, 0.91, margin_of(0.91)));
         check_counts(&samples, &s);
     }
 
     #[test]
-    fn bins_are_monotone_and_finest_near_one() {
-        let ps = [0.0f32, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0];
-        let bins: Vec<usize> = ps.iter().map(|&p| bin_of(p)).collect();
+    fn bins_are_monotone_and_resolve_margins_beyond_f32_confidence() {
+        let ps = [0.1f32, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999];
+        let bins: Vec<usize> = ps.iter().map(|&p| bin_of(margin_of(p))).collect();
         assert!(bins.windows(2).all(|w| w[0] < w[1]), "{bins:?}");
-        assert_eq!(bin_of(1.0), BINS - 1);
-        // 0.999 and 0.9991 are 10 % apart in 1 − p: different bins.
-        assert_ne!(bin_of(0.999), bin_of(0.9991));
+        // Margins of 20 and 25 nats both round to p = 1.0 in f32, yet fall in different bins.
+        assert_eq!(1.0f32 - (-20f64).exp() as f32, 1.0);
+        assert!(bin_of(20.0) < bin_of(25.0));
+        assert_eq!(bin_of(f32::INFINITY), BINS - 1);
+        assert_eq!(bin_of(f32::NAN), 0);
     }
 
     #[test]
@@ -439,6 +467,7 @@ mod tests {
             ids: vec![10, 11, 12],
             class: vec![2, 0, 1],
             confidence: vec![0.5, 0.9, 1.0],
+            margin: vec![0.69, 2.3, 30.0],
             probs: Some(vec![0.2, 0.3, 0.5, 0.9, 0.05, 0.05, 0.0, 1.0, 0.0]),
             classes: 3,
         };

@@ -292,8 +292,8 @@ mod tests {
 
     fn hist(p: f32) -> Histogram {
         let mut h = Histogram::new(2);
-        h.add(0, p, 0.5);
-        h.add(1, 0.9, 0.5);
+        h.add(0, p, butler_common::pseudo::margin_of(p), 0.5);
+        h.add(1, 0.9, butler_common::pseudo::margin_of(0.9), 0.5);
         h
     }
 

@@ -323,7 +323,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         let mut trainer = job.new_trainer()?;
         trainer.broadcast_parameters(&mut ring)?;
         let views = unlabeled_views(cfg, &job.manifest.sample_shape)?;
-        let mut unlabeled = open_unlabeled_stream(&job, views)?;
+        let mut unlabeled = open_unlabeled_stream(&job, views, None)?;
         let eval = run_epochs(
             &job,
             &mut trainer,
@@ -476,9 +476,12 @@ pub(crate) fn run_epochs(
 
 /// The unlabeled stream, when the job has one: its assignment comes from the coordinator (split, seed,
 /// world, rank — never sample lists), the order and the reading happen here.
+/// `ratio` overrides `data.unlabeled_ratio` (pseudo-label rounds read more of a pool the fewer of its
+/// samples are selected).
 pub(crate) fn open_unlabeled_stream(
     job: &Job,
     views: Arc<dyn loader::ViewMaker>,
+    ratio: Option<u64>,
 ) -> Result<Option<streams::UnlabeledStream>> {
     let (ctx, cfg, manifest, manifest_file) =
         (job.ctx, job.cfg, &job.manifest, job.manifest_file.as_path());
@@ -505,7 +508,7 @@ pub(crate) fn open_unlabeled_stream(
         manifest: Arc::new(manifest.clone()),
         split: a.split.clone(),
         epoch: a.epoch,
-        batch: (per_rank_batch * cfg.data.unlabeled_ratio) as usize,
+        batch: (per_rank_batch * ratio.unwrap_or(cfg.data.unlabeled_ratio)) as usize,
         threads: l.threads,
         prefetch: l.prefetch,
         cache_shards: l.cache_shards,

@@ -81,7 +81,11 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                     None
                 };
                 let mut stream = match &table {
-                    Some(_) => crate::open_unlabeled_stream(job, pseudo_views(job)?)?,
+                    Some(t) => {
+                        let ratio = read_ratio(job, t.len() as u64)?;
+                        info!(round, selected = t.len(), read_ratio = ratio, "pseudo-labeled stream");
+                        crate::open_unlabeled_stream(job, pseudo_views(job)?, Some(ratio))?
+                    }
                     None => None,
                 };
                 let epochs = job.cfg.train.epochs;
@@ -188,6 +192,16 @@ fn load_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
         .map_err(|e| Error::Setup(format!("cannot load round checkpoint {}: {e}", path.display())))
 }
 
+/// How many pool samples a rank reads per labeled sample so that, on average, μ = `data.unlabeled_ratio`
+/// of them are selected: μ·pool/selected, at least μ and at most 64·μ. The pseudo-labeled term is a
+/// mean over the selected samples, so this only sets how many of them a step sees.
+fn read_ratio(job: &Job, selected: u64) -> Result<u64> {
+    let mu = job.cfg.data.unlabeled_ratio;
+    let split = job.cfg.data.unlabeled_split.as_deref().unwrap_or_default();
+    let pool = job.manifest.split(split, &job.manifest_file)?.num_samples;
+    Ok((mu * pool).div_ceil(selected.max(1)).clamp(mu, 64 * mu))
+}
+
 /// The view of the unlabeled stream the pseudo-labeled term trains on: the raw sample, or in
 /// noisy-student mode its strong augmentation.
 fn pseudo_views(job: &Job) -> Result<Arc<dyn loader::ViewMaker>> {
@@ -249,17 +263,23 @@ fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -
                 let mut dims = vec![data.len() as i64];
                 dims.extend(job.manifest.sample_shape.iter().map(|&d| d as i64));
                 let x = Tensor::from_slice(&data.x).reshape(dims.as_slice());
-                let probs = trainer.probabilities(&x, 1000);
-                let (conf, class) = probs.max_dim(-1, false);
+                let log_p = trainer.log_probabilities(&x, 1000);
+                let (log_conf, class) = log_p.max_dim(-1, false);
+                // −ln(1 − p) = −logsumexp of the other classes' log-probabilities.
+                let margin = -log_p
+                    .scatter_value(1, &class.unsqueeze(1), f64::NEG_INFINITY)
+                    .logsumexp([1], false);
+                let f32s = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(tch::Kind::Float));
                 let s = Sidecar {
                     ids: data.ids,
                     class: Vec::<i64>::try_from(&class)?
                         .into_iter()
                         .map(|c| c as u32)
                         .collect(),
-                    confidence: Vec::<f32>::try_from(&conf)?,
+                    confidence: f32s(&log_conf.exp())?,
+                    margin: f32s(&margin)?,
                     probs: if soft {
-                        Some(Vec::<f32>::try_from(probs.reshape([-1]))?)
+                        Some(f32s(&log_p.exp().reshape([-1]))?)
                     } else {
                         None
                     },
@@ -324,7 +344,7 @@ impl PseudoTable {
             total += s.len() as u64;
             for i in 0..s.len() {
                 let (c, p) = (s.class[i], s.confidence[i]);
-                if !set.selects(c, p) {
+                if !set.selects(c, p, s.margin[i]) {
                     continue;
                 }
                 per_class[c as usize] += 1;

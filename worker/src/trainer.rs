@@ -253,9 +253,9 @@ impl Trainer {
         })
     }
 
-    /// Class probabilities `[n, K]` of the model in evaluation mode, computed `batch` samples at a time
-    /// without gradient (pseudo-labeling).
-    pub fn probabilities(&self, x: &Tensor, batch: i64) -> Tensor {
+    /// Log-probabilities `[n, K]` (f64, for precision near p = 1) of the model in evaluation mode,
+    /// computed `batch` samples at a time without gradient (pseudo-labeling).
+    pub fn log_probabilities(&self, x: &Tensor, batch: i64) -> Tensor {
         let n = x.size()[0];
         tch::no_grad(|| {
             let parts: Vec<Tensor> = (0..n)
@@ -263,11 +263,12 @@ impl Trainer {
                 .map(|s| {
                     self.model
                         .forward_t(&x.narrow(0, s, batch.min(n - s)), false)
-                        .softmax(-1, Kind::Float)
+                        .to_kind(Kind::Double)
+                        .log_softmax(-1, Kind::Double)
                 })
                 .collect();
             if parts.is_empty() {
-                Tensor::zeros([0, 0], (Kind::Float, tch::Device::Cpu))
+                Tensor::zeros([0, 0], (Kind::Double, tch::Device::Cpu))
             } else {
                 Tensor::cat(&parts, 0)
             }
