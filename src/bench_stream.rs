@@ -124,7 +124,13 @@ fn stream_rank(a: &StreamArgs, rank: u32) -> Result<()> {
         batch: a.batch,
         threads: a.threads,
         prefetch: 2,
-        cache_shards: a.cache_shards,
+        // As the worker's stream sizes it: at least the shards a shuffle window spans.
+        cache_shards: butler_worker::streams::cache_for_window(
+            a.cache_shards,
+            a.shuffle_window,
+            &sizes,
+            a.threads,
+        ),
         policy: CorruptPolicy::Skip,
         timeout: Duration::from_secs(600),
     };

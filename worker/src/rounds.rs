@@ -65,18 +65,18 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                     load_model(&mut trainer, &round_checkpoint(&ctx.run_dir, round - 1))?;
                 }
                 trainer.broadcast_parameters(ring)?;
-                let table = if round > 0 {
+                let table: Option<Arc<PseudoTable>> = if round > 0 {
                     let set: Selection =
                         serde_json::from_str(&phase.selection_json).map_err(|e| {
                             Error::Setup(format!(
                                 "round {round}: the coordinator sent no usable pseudo-label set: {e}"
                             ))
                         })?;
-                    Some(PseudoTable::load(
+                    Some(Arc::new(PseudoTable::load(
                         &labels_dir(&ctx.run_dir, round - 1),
                         &set,
                         p.soft,
-                    )?)
+                    )?))
                 } else {
                     None
                 };
@@ -84,7 +84,7 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                     Some(t) => {
                         let ratio = read_ratio(job, t.len() as u64)?;
                         info!(round, selected = t.len(), read_ratio = ratio, "pseudo-labeled stream");
-                        crate::open_unlabeled_stream(job, pseudo_views(job)?, Some(ratio))?
+                        crate::open_unlabeled_stream(job, pseudo_views(job, t.clone())?, Some(ratio))?
                     }
                     None => None,
                 };
@@ -95,7 +95,7 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                     &mut trainer,
                     ring,
                     stream.as_mut(),
-                    table.as_ref(),
+                    table.as_deref(),
                     from..from + epochs,
                 )?;
                 if ctx.rank == 0 {
@@ -193,31 +193,59 @@ fn load_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
 }
 
 /// How many pool samples a rank reads per labeled sample so that, on average, μ = `data.unlabeled_ratio`
-/// of them are selected: μ·pool/selected, at least μ and at most 64·μ. The pseudo-labeled term is a
+/// of them are selected: μ·pool/selected, at least μ and at most 16·μ. The pseudo-labeled term is a
 /// mean over the selected samples, so this only sets how many of them a step sees.
 fn read_ratio(job: &Job, selected: u64) -> Result<u64> {
     let mu = job.cfg.data.unlabeled_ratio;
     let split = job.cfg.data.unlabeled_split.as_deref().unwrap_or_default();
     let pool = job.manifest.split(split, &job.manifest_file)?.num_samples;
-    Ok((mu * pool).div_ceil(selected.max(1)).clamp(mu, 64 * mu))
+    Ok((mu * pool).div_ceil(selected.max(1)).clamp(mu, 16 * mu))
 }
 
 /// The view of the unlabeled stream the pseudo-labeled term trains on: the raw sample, or in
-/// noisy-student mode its strong augmentation.
-fn pseudo_views(job: &Job) -> Result<Arc<dyn loader::ViewMaker>> {
+/// noisy-student mode its strong augmentation. Samples outside the set are passed through raw (they are
+/// dropped after loading), so the loader threads spend no augmentation on them.
+fn pseudo_views(job: &Job, table: Arc<PseudoTable>) -> Result<Arc<dyn loader::ViewMaker>> {
     let p = job.cfg.pseudo_label.as_ref().expect("a pseudo-label job");
-    if !p.noisy {
-        return Ok(Arc::new(loader::Identity));
-    }
-    let mut aug =
-        crate::augment::WeakStrong::for_sample_shape(&job.manifest.sample_shape, job.cfg.augment.flip)
-            .map_err(|e| Error::Setup(format!("pseudo_label.noisy: {e}")))?;
-    // One view: the strong pipeline (the loader's view 0).
-    aug.weak = std::mem::take(&mut aug.strong);
-    Ok(Arc::new(loader::WeakStrongViews {
+    let strong = if p.noisy {
+        let aug = crate::augment::WeakStrong::for_sample_shape(
+            &job.manifest.sample_shape,
+            job.cfg.augment.flip,
+        )
+        .map_err(|e| Error::Setup(format!("pseudo_label.noisy: {e}")))?;
+        Some(aug.strong)
+    } else {
+        None
+    };
+    Ok(Arc::new(SelectedView {
         seed: job.cfg.job.seed,
-        aug,
+        strong,
+        table,
     }))
+}
+
+struct SelectedView {
+    seed: u64,
+    strong: Option<crate::augment::Pipeline>,
+    table: Arc<PseudoTable>,
+}
+
+impl loader::ViewMaker for SelectedView {
+    fn num_views(&self) -> usize {
+        1
+    }
+
+    fn views(&self, x: &[f32], shape: &[usize], epoch: u64, id: u64) -> Vec<Vec<f32>> {
+        match &self.strong {
+            Some(p) if self.table.contains(id) => vec![p.apply_seeded(
+                x,
+                shape,
+                crate::augment::SampleKey::new(self.seed, epoch, id),
+                1,
+            )],
+            _ => vec![x.to_vec()],
+        }
+    }
 }
 
 /// INFER on this rank's shards; returns their histogram.
@@ -381,6 +409,10 @@ impl PseudoTable {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.entries.contains_key(&id)
     }
 
     pub fn is_empty(&self) -> bool {
