@@ -141,9 +141,10 @@ pub struct DataConfig {
     /// unlabeled data; read shard by shard through the streaming loader, so it may be far larger than RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unlabeled_split: Option<String>,
-    /// μ: unlabeled samples per labeled sample in a step.
-    #[serde(default = "one")]
-    pub unlabeled_ratio: u64,
+    /// μ: unlabeled samples per labeled sample in a step (default 7 for FixMatch, as in the paper,
+    /// else 1); see [`JobConfig::unlabeled_ratio`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabeled_ratio: Option<u64>,
 }
 
 /// The streaming loader (unlabeled stream).
@@ -471,7 +472,7 @@ impl JobConfig {
         if self.train.batch_size == 0 {
             return Err(bad("train.batch_size", "must be at least 1".into()));
         }
-        if self.data.unlabeled_ratio == 0 {
+        if self.data.unlabeled_ratio == Some(0) {
             return Err(bad("data.unlabeled_ratio", "must be at least 1".into()));
         }
         if self.loader.threads == 0 || self.loader.prefetch == 0 || self.loader.cache_shards == 0 {
@@ -678,6 +679,16 @@ impl JobConfig {
                 Ok(crate::sampler::subset_len(counts, k))
             }
         }
+    }
+
+    /// μ: `data.unlabeled_ratio`, or the method's default (FixMatch 7, otherwise 1).
+    pub fn unlabeled_ratio(&self) -> u64 {
+        self.data.unlabeled_ratio.unwrap_or(
+            match self.ssl.as_ref().map(|s| s.method) {
+                Some(crate::semi::SslMethod::Fixmatch) => 7,
+                _ => 1,
+            },
+        )
     }
 
     pub fn subset_seed(&self) -> u64 {

@@ -250,7 +250,10 @@ mod tests {
     fn semi_supervised_config_errors_name_the_key_and_cause() {
         let u = "unlabeled_split='u'\n";
         let ok = parse(u, "[ssl]\nmethod='fixmatch'\n").unwrap();
+        assert_eq!(ok.unlabeled_ratio(), 7, "FixMatch's default μ");
         assert_eq!(ok.ssl.unwrap().threshold(), 0.95);
+        let mu3 = parse("unlabeled_split='u'\nunlabeled_ratio=3\n", "[ssl]\nmethod='fixmatch'\n").unwrap();
+        assert_eq!(mu3.unlabeled_ratio(), 3);
         let uda = parse(u, "[ssl]\nmethod='uda'\ntsa='exp'\n").unwrap();
         assert_eq!(uda.ssl.unwrap().threshold(), 0.0);
         for (data, sections, want) in [

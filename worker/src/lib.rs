@@ -508,7 +508,7 @@ pub(crate) fn open_unlabeled_stream(
         manifest: Arc::new(manifest.clone()),
         split: a.split.clone(),
         epoch: a.epoch,
-        batch: (per_rank_batch * ratio.unwrap_or(cfg.data.unlabeled_ratio)) as usize,
+        batch: (per_rank_batch * ratio.unwrap_or(cfg.unlabeled_ratio())) as usize,
         threads: l.threads,
         prefetch: l.prefetch,
         cache_shards: l.cache_shards,
@@ -522,7 +522,7 @@ pub(crate) fn open_unlabeled_stream(
         },
         timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
     };
-    info!(split = %a.split, samples = a.dataset_len, ratio = cfg.data.unlabeled_ratio, "unlabeled stream assigned");
+    info!(split = %a.split, samples = a.dataset_len, ratio = cfg.unlabeled_ratio(), "unlabeled stream assigned");
     let stream = streams::UnlabeledStream::new(
         spec,
         a.seed,

@@ -196,7 +196,7 @@ fn load_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
 /// of them are selected: μ·pool/selected, at least μ and at most 16·μ. The pseudo-labeled term is a
 /// mean over the selected samples, so this only sets how many of them a step sees.
 fn read_ratio(job: &Job, selected: u64) -> Result<u64> {
-    let mu = job.cfg.data.unlabeled_ratio;
+    let mu = job.cfg.unlabeled_ratio();
     let split = job.cfg.data.unlabeled_split.as_deref().unwrap_or_default();
     let pool = job.manifest.split(split, &job.manifest_file)?.num_samples;
     Ok((mu * pool).div_ceil(selected.max(1)).clamp(mu, 16 * mu))
