@@ -23,6 +23,9 @@ pub struct JobConfig {
     pub loader: LoaderConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Staged contrastive pretraining → linear probe → fine-tuning (`crate::pretrain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<crate::pretrain::PretrainConfig>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -288,6 +291,9 @@ pub enum OptimKind {
     Sgd,
     Adam,
     Adamw,
+    /// Layer-wise adaptive rate scaling (large-batch contrastive pretraining); uses `momentum`,
+    /// `weight_decay` and `trust_coefficient`.
+    Lars,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -306,6 +312,13 @@ pub struct OptimConfig {
     pub betas: [f64; 2],
     #[serde(default = "default_eps")]
     pub eps: f64,
+    /// LARS's η (only with `kind = "lars"`).
+    #[serde(default = "default_trust_coefficient")]
+    pub trust_coefficient: f64,
+}
+
+fn default_trust_coefficient() -> f64 {
+    0.001
 }
 
 fn default_betas() -> [f64; 2] {
@@ -514,6 +527,15 @@ impl JobConfig {
                 format!("{:?} must lie in [0, 1)", self.optim.betas),
             ));
         }
+        if !(self.optim.trust_coefficient > 0.0 && self.optim.trust_coefficient.is_finite()) {
+            return Err(bad(
+                "optim.trust_coefficient",
+                "must be a finite number > 0".into(),
+            ));
+        }
+        if let Some(p) = &self.pretrain {
+            p.validate(self, origin)?;
+        }
         if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
             return Err(bad("schedule.min_lr_ratio", "must lie in [0, 1]".into()));
         }
@@ -644,6 +666,9 @@ impl JobConfig {
                     self.train.batch_size
                 ),
             ));
+        }
+        if let Some(p) = &self.pretrain {
+            p.validate_world(world_size)?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 pub mod augment;
 pub mod client;
 pub mod collective;
+pub mod contrastive;
 pub mod data;
 pub mod ddp;
 pub mod loader;
@@ -14,6 +15,7 @@ pub mod losses;
 pub mod mixing;
 pub mod models;
 pub mod objectives;
+pub mod optim;
 pub mod streams;
 pub mod trainer;
 
