@@ -726,10 +726,14 @@ impl JobConfig {
         if let Some(u) = &self.data.unlabeled_split {
             m.split(u, &file)?;
             m.check_shards_exist(u, &file)?;
-            if self.regularize.distill.is_none() {
+            let pretrains = self
+                .pretrain
+                .as_ref()
+                .is_some_and(|p| p.method != crate::pretrain::PretrainMethod::None);
+            if self.regularize.distill.is_none() && !pretrains {
                 return Err(Error::invalid(
                     "data.unlabeled_split",
-                    "is set but no configured method uses unlabeled data (today: regularize.distill)",
+                    "is set but no configured method uses unlabeled data (today: regularize.distill, pretrain)",
                 ));
             }
         }

@@ -6,12 +6,13 @@
 //! (counts, shapes) and deals in ranks, generations, epochs, cursors and scalar metrics.
 
 mod service;
+mod stages;
 mod state;
 mod summary;
 
 pub use service::{serve, CoordinatorOptions, Outcome};
 pub use state::JobState;
-pub use summary::{EpochRecord, Summary};
+pub use summary::{EpochRecord, StageRecord, Summary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -32,4 +32,26 @@ pub struct Summary {
     /// Rank 0's final checkpoint, relative to the run directory.
     pub checkpoint: String,
     pub history: Vec<EpochRecord>,
+    /// Staged jobs only: each stage's metrics and checkpoint, in order (`history` is the fine-tuning
+    /// stage's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageRecord>,
+}
+
+/// One stage of a staged job (pretrain, probe, finetune).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: String,
+    /// Final training loss (global mean over the stage's last epoch).
+    pub train_loss: f64,
+    /// One entry per epoch.
+    pub loss_history: Vec<f64>,
+    pub steps: u64,
+    /// Samples all ranks together processed.
+    pub samples: u64,
+    /// The slowest rank's time for the stage.
+    pub seconds: f64,
+    pub test_accuracy: Option<f64>,
+    /// Rank 0's checkpoint of the stage, relative to the run directory.
+    pub checkpoint: String,
 }

@@ -16,6 +16,7 @@ pub mod mixing;
 pub mod models;
 pub mod objectives;
 pub mod optim;
+mod stages;
 pub mod streams;
 pub mod trainer;
 
@@ -260,6 +261,9 @@ fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collect
 
 /// The training job proper; returns (test accuracy, test loss, checkpoint path relative to the run dir).
 fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
+    if cfg.pretrain.is_some() {
+        return stages::train(ctx, cfg, opts);
+    }
     cfg.validate_world(ctx.world)?;
     let (manifest, manifest_file) = cfg.check_data()?;
     let mut train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
