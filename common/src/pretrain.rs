@@ -53,6 +53,13 @@ pub struct PretrainConfig {
     /// Augment each labeled fine-tuning batch with one view of the pretraining augmentation.
     #[serde(default)]
     pub finetune_augment: bool,
+    /// Start fine-tuning from the linear probe's classifier (LP-FT) rather than a random one.
+    #[serde(default = "yes")]
+    pub finetune_from_probe: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u64 {

@@ -7,11 +7,11 @@
 //!   sequence) on `data.unlabeled_split`, global batch `pretrain.batch_size`, negatives and exact
 //!   gradients over all ranks (`crate::contrastive`), `[pretrain.optim]` (LARS or any other) with
 //!   `[pretrain.schedule]`.
-//! - **probe**: a linear classifier on the frozen encoder's standardised features of the labeled subset,
+//! - **probe**: a linear classifier on the frozen encoder's features of the labeled subset,
 //!   full-batch Adam for `probe_epochs`. It is tiny, so every rank computes the same one (no
 //!   communication); the test accuracy is the probe's.
-//! - **finetune**: ConvBase with the pretrained conv stack (`copy_encoder_into`) and a fresh classifier,
-//!   trained like a supervised job (`[optim]`, `[schedule]`, `[train]`, the coordinator's labeled
+//! - **finetune**: ConvBase with the pretrained conv stack (`copy_encoder_into`) and a classifier
+//!   (initialised from the probe, `finetune_from_probe`, else fresh), trained like a supervised job (`[optim]`, `[schedule]`, `[train]`, the coordinator's labeled
 //!   assignments and per-epoch metrics), each labeled sample optionally replaced by one view of the
 //!   pretraining augmentation (`finetune_augment`). With `method = "none"` this is the only stage: the
 //!   supervised baseline through the same code.
@@ -61,6 +61,7 @@ pub(crate) fn train(
     info!(labeled = train_set.len, test = test_set.len, method = ?p.method, "staged job: data loaded; ring connected");
 
     let mut pretrained: Option<Pretrainer> = None;
+    let mut probe_head: Option<(Tensor, Tensor)> = None;
     let mut finished: Option<StageResult> = None;
     let mut outcome = None;
     loop {
@@ -91,7 +92,9 @@ pub(crate) fn train(
                 let model = pretrained.as_ref().ok_or_else(|| {
                     Error::Setup("the coordinator asked for a probe before pretraining".into())
                 })?;
-                probe(ctx, cfg, p, model, &train_set, &test_set, &mut ring)?
+                let (r, head) = probe(ctx, cfg, p, model, &train_set, &test_set, &mut ring)?;
+                probe_head = Some(head);
+                r
             }
             Stage::Finetune => {
                 let (r, result) = finetune(
@@ -99,6 +102,7 @@ pub(crate) fn train(
                     cfg,
                     p,
                     pretrained.as_ref(),
+                    probe_head.as_ref().filter(|_| p.finetune_from_probe),
                     &manifest,
                     &train_set,
                     &test_set,
@@ -298,13 +302,6 @@ fn pretrain(
     ))
 }
 
-/// Standardised features: `(f − mean) / std` with the training features' statistics.
-fn standardise(train: &Tensor, other: &Tensor) -> (Tensor, Tensor) {
-    let mean = train.mean_dim(0, true, Kind::Float);
-    let std = train.std_dim(0, false, true).clamp_min(1e-6);
-    ((train - &mean) / &std, (other - &mean) / &std)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn probe(
     ctx: &Ctx,
@@ -314,12 +311,14 @@ fn probe(
     train_set: &InMemorySplit,
     test_set: &InMemorySplit,
     ring: &mut TcpRing,
-) -> Result<StageResult> {
+) -> Result<(StageResult, (Tensor, Tensor))> {
     let t0 = Instant::now();
+    // Raw features, not standardised: the probe's classifier is then exactly ConvBase's, ready for LP-FT
+    // (folding a standardisation into it divides by the σ of near-dead features and blows up).
     let (train_f, test_f) = tch::no_grad(|| {
-        standardise(
-            &model.encoder.features(&train_set.x),
-            &model.encoder.features(&test_set.x),
+        (
+            model.encoder.features(&train_set.x),
+            model.encoder.features(&test_set.x),
         )
     });
     let classes = train_set
@@ -369,21 +368,32 @@ fn probe(
         String::new()
     };
     ring.barrier()?;
-    Ok(StageResult {
-        stage: Stage::Probe as i32,
-        train_loss: history.last().copied().unwrap_or(0.0),
-        // One entry per tenth of the run keeps the summary short.
-        loss_history: history
-            .iter()
-            .step_by((history.len() / 10).max(1))
-            .copied()
-            .collect(),
-        steps: p.probe_epochs,
-        samples: train_set.len * p.probe_epochs,
-        seconds: t0.elapsed().as_secs_f64(),
-        test_accuracy: (ctx.rank == 0).then_some(accuracy),
-        checkpoint,
-    })
+    let folded = (
+        head.ws.detach().copy(),
+        head.bs
+            .as_ref()
+            .expect("nn::linear has a bias")
+            .detach()
+            .copy(),
+    );
+    Ok((
+        StageResult {
+            stage: Stage::Probe as i32,
+            train_loss: history.last().copied().unwrap_or(0.0),
+            // One entry per tenth of the run keeps the summary short.
+            loss_history: history
+                .iter()
+                .step_by((history.len() / 10).max(1))
+                .copied()
+                .collect(),
+            steps: p.probe_epochs,
+            samples: train_set.len * p.probe_epochs,
+            seconds: t0.elapsed().as_secs_f64(),
+            test_accuracy: (ctx.rank == 0).then_some(accuracy),
+            checkpoint,
+        },
+        folded,
+    ))
 }
 
 /// One view of the pretraining augmentation per labeled sample, seeded by (job seed, epoch, position of
@@ -404,6 +414,7 @@ fn finetune(
     cfg: &JobConfig,
     p: &PretrainConfig,
     pretrained: Option<&Pretrainer>,
+    probe_head: Option<&(Tensor, Tensor)>,
     manifest: &Manifest,
     train_set: &InMemorySplit,
     test_set: &InMemorySplit,
@@ -432,6 +443,24 @@ fn finetune(
             return Err(Error::Setup(
                 "fine-tuning was asked for before the pretraining stage ran".into(),
             ))
+        }
+    }
+    if let Some((w, b)) = probe_head {
+        // LP-FT (Kumar et al. 2022): start from the probe rather than a random classifier, which would
+        // distort the pretrained features in the first steps.
+        let mut vars = trainer.vs.variables();
+        for (name, value) in [("linear.weight", w), ("linear.bias", b)] {
+            let var = vars
+                .get_mut(name)
+                .ok_or_else(|| Error::Setup(format!("the fine-tuning model has no {name}")))?;
+            if var.size() != value.size() {
+                return Err(Error::Setup(format!(
+                    "{name}: the probe has shape {:?}, the model {:?} (different class counts?)",
+                    value.size(),
+                    var.size()
+                )));
+            }
+            tch::no_grad(|| var.copy_(value));
         }
     }
     trainer.broadcast_parameters(ring)?;

@@ -221,12 +221,18 @@ fn rings(world: usize) -> Vec<TcpRing> {
 #[test]
 fn global_nt_xent_on_one_rank_equals_the_single_process_loss() {
     let f = fixture();
-    let z1 = l2_normalize(get(&f, "raw1"));
-    let z2 = l2_normalize(get(&f, "raw2"));
+    // Embeddings as the encoder produces them: part of a graph.
+    let raw1 = get(&f, "raw1").copy().set_requires_grad(true);
+    let raw2 = get(&f, "raw2").copy().set_requires_grad(true);
+    let (z1, z2) = (l2_normalize(&raw1), l2_normalize(&raw2));
     let mut ring = rings(1).remove(0);
-    let (_, value) = global_nt_xent(&z1, &z2, 0.5, GatherGrad::Exact, &mut ring).unwrap();
+    let (surrogate, value) = global_nt_xent(&z1, &z2, 0.5, GatherGrad::Exact, &mut ring).unwrap();
     let want = get(&f, "ntxent/tau0.5/f32").double_value(&[]);
     assert!((value - want).abs() < 1e-5, "{value} vs {want}");
+    // The surrogate's gradient is the loss's (W = 1: the mean over all 2N anchors).
+    surrogate.unwrap().backward();
+    assert!(max_diff(&raw1.grad(), get(&f, "ntxent/grad1")) < 1e-5);
+    assert!(max_diff(&raw2.grad(), get(&f, "ntxent/grad2")) < 1e-5);
 }
 
 fn pretrain_config(method: PretrainMethod, optim: OptimKind) -> PretrainConfig {
@@ -257,6 +263,7 @@ fn pretrain_config(method: PretrainMethod, optim: OptimKind) -> PretrainConfig {
         probe_epochs: 1,
         probe_lr: 0.01,
         finetune_augment: false,
+        finetune_from_probe: true,
     }
 }
 

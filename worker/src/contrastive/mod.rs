@@ -13,7 +13,10 @@
 //! 4. [`GlobalRows::candidate_term`]: `∂loss/∂Z` (autograd restricted to the leaf), all-reduced (sum over
 //!    ranks), this rank's slice `G` taken, and `(z · G).sum()` returned; backpropagating
 //!    `loss + (z · G).sum()` once through the encoder gives each parameter the anchor-role gradient of
-//!    this rank plus the candidate-role gradient from every rank.
+//!    this rank plus the candidate-role gradient from every rank. (CPC uses this form: its loss has
+//!    parameters — the GRU and predictors — between `z` and the loss. SimCLR, whose loss reads the
+//!    embeddings directly, uses [`GlobalRows::local_gradient`], which differentiates the similarity
+//!    matrix once instead of twice.)
 //!
 //! With each rank's loss scaled by `W / (global anchors)`, the gradients the ranks hold sum to `W` times
 //! the gradient of the global mean loss, which the data-parallel average (÷W) turns into exactly the
@@ -114,6 +117,40 @@ impl GlobalRows {
 
     pub fn total(&self) -> i64 {
         self.counts.iter().sum()
+    }
+
+    /// The whole gradient of the global loss with respect to `local`, for losses in which `local` enters
+    /// only directly (as anchors; no parameters between `local` and `loss` — SimCLR's NT-Xent on the
+    /// embeddings). One backward pass through the loss gives the anchor-role gradient and the gradient
+    /// on the gathered matrix together; the latter is all-reduced and this rank's slice added. The caller
+    /// backpropagates `(local · g).sum()` through the encoder once. `None` when this rank holds no rows.
+    /// Every rank must call this, in the same step order: it all-reduces.
+    pub fn local_gradient(
+        &self,
+        loss: Option<&Tensor>,
+        local: &Tensor,
+        mode: GatherGrad,
+        comm: &mut dyn Collective,
+    ) -> Result<Option<Tensor>> {
+        let (anchor, mut grad) = match loss {
+            Some(l) => {
+                let mut g =
+                    Tensor::run_backward(&[l], &[local, &self.all], false, false).into_iter();
+                let anchor = g.next().expect("two inputs, two gradients");
+                (
+                    Some(anchor),
+                    g.next().expect("two inputs, two gradients").contiguous(),
+                )
+            }
+            None => (None, self.all.zeros_like()),
+        };
+        if comm.world_size() > 1 && mode == GatherGrad::Exact {
+            comm.all_reduce_sum(&mut grad)?;
+        }
+        let n = self.local_len();
+        Ok(anchor
+            .filter(|_| n > 0)
+            .map(|a| a + grad.narrow(0, self.offset(), n)))
     }
 
     /// The candidate-role term for `local` (the live tensor whose detached values were gathered):

@@ -51,8 +51,9 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, tau: f64) -> Tensor {
 }
 
 /// This rank's part of the global NT-Xent, ready for one backward pass: `(loss, value)` where `loss` is
-/// `W · Σ_{local anchors} ℓ / 2N` plus the candidate-role term (see the module docs of `contrastive`), and
-/// `value` the global mean loss (all-reduced, the same on every rank). `z1, z2` are this rank's live,
+/// the surrogate `(z · g).sum()` whose gradient `g` is that of `W · Σ_{local anchors} ℓ / 2N` plus the
+/// candidate-role gradient from every rank (see the module docs of `contrastive`), and `value` the
+/// global mean loss (all-reduced, the same on every rank). `z1, z2` are this rank's live,
 /// normalised embeddings of the two views (`[n_r, d]`, possibly `n_r = 0`).
 pub fn global_nt_xent(
     z1: &Tensor,
@@ -75,18 +76,14 @@ pub fn global_nt_xent(
             tau,
         ) * (world / total.max(1) as f64)
     });
-    let candidate = rows.candidate_term(anchor.as_ref(), &local, grad, comm)?;
-    let mut value =
-        Tensor::from_slice(&[anchor.as_ref().map_or(0.0, |l| l.double_value(&[]) / world) as f32]);
+    let value = anchor.as_ref().map_or(0.0, |l| l.double_value(&[]) / world);
+    let surrogate = rows
+        .local_gradient(anchor.as_ref(), &local, grad, comm)?
+        .map(|g| (&local * g).sum(Kind::Float));
+    let mut value = Tensor::from_slice(&[value as f32]);
     if comm.world_size() > 1 {
         comm.all_reduce_sum(&mut value)?;
     }
     let value = value.double_value(&[0]);
-    Ok((
-        match (anchor, candidate) {
-            (Some(a), Some(c)) => Some(a + c),
-            (a, c) => a.or(c),
-        },
-        value,
-    ))
+    Ok((surrogate, value))
 }
