@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""The contrastive results grid behind the README table (run through scripts/contrastive.sh).
+
+  contrastive.py configs OUTDIR   writes one job config per row from examples/mnist1d-{simclr,cpc}.toml
+  contrastive.py table RUNDIR     prints the markdown table (mean ± std over the seeds found)
+
+Rows: supervised-only with 40 labels per class (without and with the 1-D augmentation), and SimCLR / CPC
+pretraining on the 100k unlabeled pool at global batch 256 and 4096 (same pretraining epochs; LARS lr
+scaled linearly with the batch, 0.3 · B / 256), each followed by a linear probe and fine-tuning with 40
+labels per class. Every row fine-tunes with the same recipe ([optim]/[schedule]/[train] of the examples).
+"""
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROWS = [
+    # name, example, method, batch, finetune_augment
+    ("supervised", "simclr", "none", 256, False),
+    ("supervised-aug", "simclr", "none", 256, True),
+    ("simclr-256", "simclr", "simclr", 256, True),
+    ("simclr-4096", "simclr", "simclr", 4096, True),
+    ("cpc-256", "cpc", "cpc", 256, True),
+    ("cpc-4096", "cpc", "cpc", 4096, True),
+]
+
+
+def sub(text, key, value):
+    """Replaces the first `key = ...` line (comment included) by `key = value`."""
+    new, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
+    if n != 1:
+        sys.exit(f"no line `{key} = ...` to replace")
+    return new
+
+
+def configs(outdir):
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for name, example, method, batch, aug in ROWS:
+        text = Path(f"examples/mnist1d-{example}.toml").read_text()
+        text = sub(text, "name", f'"{name}"')
+        text = sub(text, "method", f'"{method}"')
+        text = sub(text, "finetune_augment", "true" if aug else "false")
+        if method == "none":
+            # No pretraining stage reads the pool.
+            text = re.sub(r"^unlabeled_split = .*\n", "", text, flags=re.M)
+        else:
+            text = re.sub(r"^batch_size = 256 .*$", f"batch_size = {batch}", text, count=1, flags=re.M)
+            # LARS lr 0.3 · B / 256; warmup ≈ 6 % of the steps.
+            steps = 4 * (100_000 // batch + 1)
+            text = re.sub(r"^lr = 0\.3 .*$", f"lr = {0.3 * batch / 256:g}", text, flags=re.M)
+            text = sub(text, "warmup_steps", max(1, round(0.064 * steps)))
+        (outdir / f"{name}.toml").write_text(text)
+        print(outdir / f"{name}.toml")
+
+
+def table(rundir):
+    rundir = Path(rundir)
+    print("| row | pretraining (global batch) | linear probe | fine-tune / supervised | seeds |")
+    print("|---|---|---|---|---|")
+    for name, _, method, batch, aug in ROWS:
+        runs = sorted(rundir.glob(f"{name}/seed-*/summary.json"))
+        if not runs:
+            continue
+        probe, final = [], []
+        for r in runs:
+            s = json.loads(r.read_text())
+            final.append(100 * s["test_accuracy"])
+            for st in s.get("stages", []):
+                if st["stage"] == "probe":
+                    probe.append(100 * st["test_accuracy"])
+
+        def ms(v):
+            if not v:
+                return "—"
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            return f"{statistics.mean(v):.1f} ± {sd:.1f}"
+
+        what = "none" if method == "none" else f"{method} ({batch})"
+        label = name + (" (augmented)" if aug and method == "none" else "")
+        print(f"| {label} | {what} | {ms(probe)} | {ms(final)} | {len(runs)} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("configs", "table"):
+        sys.exit(__doc__)
+    {"configs": configs, "table": table}[sys.argv[1]](sys.argv[2])
