@@ -43,7 +43,7 @@ pub fn simclr(a: &SimclrArgs) -> Result<()> {
 }
 
 fn launch(a: &SimclrArgs) -> Result<()> {
-    if a.world == 0 || a.iters == 0 || a.batch % a.world != 0 {
+    if a.world == 0 || a.iters == 0 || !a.batch.is_multiple_of(a.world) {
         bail!("--world and --iters must be positive and --batch divisible by --world");
     }
     let dir = std::env::temp_dir().join(format!("butler-bench-simclr-{}", std::process::id()));
