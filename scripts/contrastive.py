@@ -17,13 +17,20 @@ import sys
 from pathlib import Path
 
 ROWS = [
-    # name, example, method, batch, finetune_augment
-    ("supervised", "simclr", "none", 256, False),
-    ("supervised-aug", "simclr", "none", 256, True),
-    ("simclr-256", "simclr", "simclr", 256, True),
-    ("simclr-4096", "simclr", "simclr", 4096, True),
-    ("cpc-256", "cpc", "cpc", 256, True),
-    ("cpc-4096", "cpc", "cpc", 4096, True),
+    # name, example, method, batch, finetune_augment, {key: value} overrides
+    ("supervised", "simclr", "none", 256, False, {}),
+    ("supervised-aug", "simclr", "none", 256, True, {}),
+    ("simclr-256", "simclr", "simclr", 256, True, {}),
+    ("simclr-4096", "simclr", "simclr", 4096, True, {}),
+    ("cpc-256", "cpc", "cpc", 256, True, {}),
+    ("cpc-4096", "cpc", "cpc", 4096, True, {}),
+    # Diagnostics (why fine-tuning does not beat the augmented baseline):
+    # 4x longer pretraining,
+    ("simclr-256-16ep", "simclr", "simclr", 256, True, {"epochs": 16}),
+    # fine-tuning from a random classifier instead of the probe,
+    ("simclr-256-no-lpft", "simclr", "simclr", 256, True, {"finetune_from_probe": "true\nfinetune_from_probe = false"}),
+    # and the same probe + LP-FT pipeline on an encoder left at its random init (LARS lr 1e-12, 1 epoch).
+    ("random-encoder", "simclr", "simclr", 256, True, {"epochs": 1, "pretrain_lr": 1e-12}),
 ]
 
 
@@ -38,7 +45,7 @@ def sub(text, key, value):
 def configs(outdir):
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    for name, example, method, batch, aug in ROWS:
+    for name, example, method, batch, aug, extra in ROWS:
         text = Path(f"examples/mnist1d-{example}.toml").read_text()
         text = sub(text, "name", f'"{name}"')
         text = sub(text, "method", f'"{method}"')
@@ -52,6 +59,17 @@ def configs(outdir):
             steps = 4 * (100_000 // batch + 1)
             text = re.sub(r"^lr = 0\.3 .*$", f"lr = {0.3 * batch / 256:g}", text, flags=re.M)
             text = sub(text, "warmup_steps", max(1, round(0.064 * steps)))
+        for key, value in extra.items():
+            if key == "finetune_from_probe":
+                text = sub(text, "finetune_augment", value)
+            elif key == "epochs":
+                text = re.sub(r"^epochs = 4 .*$", f"epochs = {value}", text, count=1, flags=re.M)
+            elif key == "pretrain_lr":
+                head, tail = text.split("[pretrain.optim]")
+                tail = re.sub(r"^lr = .*$", f"lr = {value}", tail, count=1, flags=re.M)
+                text = head + "[pretrain.optim]" + tail
+            else:
+                sys.exit(f"unknown override {key}")
         (outdir / f"{name}.toml").write_text(text)
         print(outdir / f"{name}.toml")
 
@@ -60,7 +78,7 @@ def table(rundir):
     rundir = Path(rundir)
     print("| row | pretraining (global batch) | linear probe | fine-tune / supervised | seeds |")
     print("|---|---|---|---|---|")
-    for name, _, method, batch, aug in ROWS:
+    for name, _, method, batch, aug, _ in ROWS:
         runs = sorted(rundir.glob(f"{name}/seed-*/summary.json"))
         if not runs:
             continue

@@ -92,7 +92,9 @@ pub(crate) fn train(
                 let model = pretrained.as_ref().ok_or_else(|| {
                     Error::Setup("the coordinator asked for a probe before pretraining".into())
                 })?;
-                let (r, head) = probe(ctx, cfg, p, model, &train_set, &test_set, &mut ring)?;
+                let classes = manifest.num_classes();
+                let (r, head) =
+                    probe(ctx, cfg, p, model, classes, &train_set, &test_set, &mut ring)?;
                 probe_head = Some(head);
                 r
             }
@@ -308,6 +310,7 @@ fn probe(
     cfg: &JobConfig,
     p: &PretrainConfig,
     model: &Pretrainer,
+    classes: usize,
     train_set: &InMemorySplit,
     test_set: &InMemorySplit,
     ring: &mut TcpRing,
@@ -321,12 +324,7 @@ fn probe(
             model.encoder.features(&test_set.x),
         )
     });
-    let classes = train_set
-        .y
-        .max()
-        .int64_value(&[])
-        .max(test_set.y.max().int64_value(&[]))
-        + 1;
+    let classes = classes as i64;
     tch::manual_seed(cfg.job.seed as i64);
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let head = nn::linear(
