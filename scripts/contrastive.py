@@ -29,8 +29,10 @@ ROWS = [
     ("simclr-256-16ep", "simclr", "simclr", 256, True, {"epochs": 16}),
     # fine-tuning from a random classifier instead of the probe,
     ("simclr-256-no-lpft", "simclr", "simclr", 256, True, {"finetune_from_probe": "true\nfinetune_from_probe = false"}),
-    # and the same probe + LP-FT pipeline on an encoder left at its random init (LARS lr 1e-12, 1 epoch).
+    # and the same probe + LP-FT pipeline on an encoder left at its random init (LARS lr 1e-12, 1 epoch);
+    # batch 4096 with the lr scaled by sqrt(B / 256) instead of linearly (1.2 instead of 4.8).
     ("random-encoder", "simclr", "simclr", 256, True, {"epochs": 1, "pretrain_lr": 1e-12}),
+    ("simclr-4096-sqrt-lr", "simclr", "simclr", 4096, True, {"pretrain_lr": 1.2}),
 ]
 
 
