@@ -4,7 +4,8 @@
 # labels per class, versus supervised-only with 40 labels per class (with and without the augmentation);
 # mean ± std over the seeds. Rows are defined in scripts/contrastive.py.
 # usage: scripts/contrastive.sh [SEEDS (default 3)] [ROW ...]   (rows: supervised supervised-aug
-#        simclr-256 simclr-4096 cpc-256 cpc-4096; default all)
+#        simclr-256 simclr-4096 cpc-256 cpc-4096 (default: these six), and the diagnostics
+#        simclr-256-no-lpft simclr-256-16ep random-encoder simclr-4096-sqrt-lr)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seeds="${1:-3}"; shift || true

@@ -93,8 +93,9 @@ pub(crate) fn train(
                     Error::Setup("the coordinator asked for a probe before pretraining".into())
                 })?;
                 let classes = manifest.num_classes();
-                let (r, head) =
-                    probe(ctx, cfg, p, model, classes, &train_set, &test_set, &mut ring)?;
+                let (r, head) = probe(
+                    ctx, cfg, p, model, classes, &train_set, &test_set, &mut ring,
+                )?;
                 probe_head = Some(head);
                 r
             }
