@@ -359,10 +359,12 @@ fn distance(
         max_abs(&single, &initial) > 1e-3,
         "training did not move the parameters; the test would prove nothing"
     );
-    pretrain(world, &cfg, sizes, grad)
+    let d = pretrain(world, &cfg, sizes, grad)
         .iter()
         .map(|p| max_abs(&single, p))
-        .fold(0.0, f32::max)
+        .fold(0.0, f32::max);
+    eprintln!("{method:?} {optim:?} W={world} {grad:?}: max |Δ| vs 1 worker = {d:e}");
+    d
 }
 
 const EVEN: [i64; STEPS] = [12, 12, 12, 12];

@@ -192,3 +192,12 @@ fn three_workers_equal_one_when_two_ranks_have_nothing_at_the_last_step() {
         865,
     );
 }
+
+#[test]
+fn two_workers_equal_one_with_lars() {
+    check(
+        "kind='lars'\nlr=0.5\nmomentum=0.9\nweight_decay=0.001\ntrust_coefficient=0.01",
+        2,
+        960,
+    );
+}
