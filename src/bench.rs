@@ -3,6 +3,7 @@
 //!
 //! - `allreduce`: the TCP ring, one process per rank (`bench/allreduce.sh`, vs gloo).
 //! - `augment`: per-sample augmentation in loader threads (`bench/augment.sh`, vs torchvision v2).
+//! - `simclr`: time per SimCLR step at a large global batch (`bench/simclr.sh`, vs PyTorch DDP).
 
 use anyhow::{bail, Context, Result};
 use butler_worker::augment::{Pipeline, SampleKey, TwoViews, WeakStrong};
@@ -23,6 +24,8 @@ pub enum BenchCommand {
     Stream(crate::bench_stream::StreamArgs),
     /// Load time and memory of a manifest with many shards.
     Manifest(crate::bench_stream::ManifestArgs),
+    /// Time per SimCLR step (global negatives, exact gradients, LARS), one process per rank.
+    Simclr(crate::bench_simclr::SimclrArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -102,6 +105,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Augment(a) => augment(&a),
         BenchCommand::Stream(a) => crate::bench_stream::stream(&a),
         BenchCommand::Manifest(a) => crate::bench_stream::manifest(&a),
+        BenchCommand::Simclr(a) => crate::bench_simclr::simclr(&a),
     }
 }
 

@@ -40,7 +40,7 @@ pub struct StreamArgs {
 }
 
 /// A memory figure of this process from /proc/self/status (`VmHWM` = peak RSS, `VmRSS` = current), in MiB.
-fn proc_status_mib(key: &str) -> f64 {
+pub(crate) fn proc_status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

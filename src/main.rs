@@ -2,6 +2,7 @@
 //! `data` (prepare / inspect), `bench`.
 
 mod bench;
+mod bench_simclr;
 mod bench_stream;
 mod data_cmd;
 mod import;

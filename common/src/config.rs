@@ -32,6 +32,9 @@ pub struct JobConfig {
     /// Pseudo-label refresh rounds, run by the coordinator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pseudo_label: Option<crate::semi::PseudoLabelConfig>,
+    /// Staged contrastive pretraining → linear probe → fine-tuning (`crate::pretrain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<crate::pretrain::PretrainConfig>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -298,6 +301,9 @@ pub enum OptimKind {
     Sgd,
     Adam,
     Adamw,
+    /// Layer-wise adaptive rate scaling (large-batch contrastive pretraining); uses `momentum`,
+    /// `weight_decay` and `trust_coefficient`.
+    Lars,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -316,6 +322,13 @@ pub struct OptimConfig {
     pub betas: [f64; 2],
     #[serde(default = "default_eps")]
     pub eps: f64,
+    /// LARS's η (only with `kind = "lars"`).
+    #[serde(default = "default_trust_coefficient")]
+    pub trust_coefficient: f64,
+}
+
+fn default_trust_coefficient() -> f64 {
+    0.001
 }
 
 fn default_betas() -> [f64; 2] {
@@ -524,6 +537,15 @@ impl JobConfig {
                 format!("{:?} must lie in [0, 1)", self.optim.betas),
             ));
         }
+        if !(self.optim.trust_coefficient > 0.0 && self.optim.trust_coefficient.is_finite()) {
+            return Err(bad(
+                "optim.trust_coefficient",
+                "must be a finite number > 0".into(),
+            ));
+        }
+        if let Some(p) = &self.pretrain {
+            p.validate(self, origin)?;
+        }
         if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
             return Err(bad("schedule.min_lr_ratio", "must lie in [0, 1]".into()));
         }
@@ -656,6 +678,9 @@ impl JobConfig {
                 ),
             ));
         }
+        if let Some(p) = &self.pretrain {
+            p.validate_world(world_size)?;
+        }
         Ok(())
     }
 
@@ -722,10 +747,18 @@ impl JobConfig {
         if let Some(u) = &self.data.unlabeled_split {
             m.split(u, &file)?;
             m.check_shards_exist(u, &file)?;
-            if self.regularize.distill.is_none() && self.ssl.is_none() && self.pseudo_label.is_none() {
+            let pretrains = self
+                .pretrain
+                .as_ref()
+                .is_some_and(|p| p.method != crate::pretrain::PretrainMethod::None);
+            if self.regularize.distill.is_none()
+                && self.ssl.is_none()
+                && self.pseudo_label.is_none()
+                && !pretrains
+            {
                 return Err(Error::invalid(
                     "data.unlabeled_split",
-                    "is set but no configured method uses unlabeled data ([ssl], [pseudo_label] or regularize.distill)",
+                    "is set but no configured method uses unlabeled data ([ssl], [pseudo_label], [pretrain] or regularize.distill)",
                 ));
             }
         }

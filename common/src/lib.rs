@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod manifest;
+pub mod pretrain;
 pub mod pseudo;
 pub mod sampler;
 pub mod semi;

@@ -7,12 +7,13 @@
 
 pub mod rounds;
 mod service;
+mod stages;
 mod state;
 mod summary;
 
 pub use service::{serve, CoordinatorOptions, Outcome};
 pub use state::JobState;
-pub use summary::{EpochRecord, Summary};
+pub use summary::{EpochRecord, StageRecord, Summary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

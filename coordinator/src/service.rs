@@ -61,6 +61,7 @@ fn status(r: Refusal) -> Status {
             Status::already_exists(r.to_string())
         }
         Refusal::JobFailed(_) => Status::aborted(r.to_string()),
+        Refusal::Stage(_) => Status::failed_precondition(r.to_string()),
     }
 }
 
@@ -327,6 +328,30 @@ impl Coordinator for Service {
             }
         }
         Ok(Response::new(Ack {}))
+    }
+
+    async fn next_stage(
+        &self,
+        req: Request<StageRequest>,
+    ) -> std::result::Result<Response<StageResponse>, Status> {
+        let r = req.into_inner();
+        if let Some(done) = &r.finished {
+            if r.rank == 0 {
+                info!(
+                    stage = Stage::try_from(done.stage).unwrap_or(Stage::Done).as_str_name(),
+                    train_loss = done.train_loss,
+                    test_accuracy = done.test_accuracy,
+                    checkpoint = %done.checkpoint,
+                    "stage finished on rank 0"
+                );
+            }
+        }
+        let next = self
+            .0
+            .lock()
+            .next_stage(r.rank, r.generation, r.finished)
+            .map_err(status)?;
+        Ok(Response::new(StageResponse { next: next as i32 }))
     }
 
     async fn finish(

@@ -36,11 +36,24 @@ struct RankResult {
 /// An error a worker must see, mapped to a gRPC status by the service layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    StaleGeneration { got: u64, current: u64 },
-    BadRank { rank: u32, world: u32 },
-    WorldFull { world: u32 },
-    RankTaken { rank: u32, by: String },
+    StaleGeneration {
+        got: u64,
+        current: u64,
+    },
+    BadRank {
+        rank: u32,
+        world: u32,
+    },
+    WorldFull {
+        world: u32,
+    },
+    RankTaken {
+        rank: u32,
+        by: String,
+    },
     JobFailed(String),
+    /// A stage report that does not follow the job's stage plan.
+    Stage(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -60,6 +73,7 @@ impl std::fmt::Display for Refusal {
                 write!(f, "rank {rank} is already held by worker {by:?}")
             }
             Refusal::JobFailed(why) => write!(f, "the job has failed: {why}"),
+            Refusal::Stage(why) => write!(f, "{why}"),
         }
     }
 }
@@ -79,13 +93,13 @@ pub struct JobState {
     started: Instant,
     /// Pseudo-label rounds, when the job has them.
     pub rounds: Option<crate::rounds::Rounds>,
+    stages: crate::stages::StagePlan,
 }
 
 impl JobState {
     pub fn new(cfg: JobConfig, world_size: u32, train_len: u64) -> Self {
         let n = world_size as usize;
         JobState {
-            cfg,
             world_size,
             generation: 1,
             train_len,
@@ -97,6 +111,8 @@ impl JobState {
             failure: None,
             started: Instant::now(),
             rounds: None,
+            stages: crate::stages::StagePlan::new(&cfg, world_size),
+            cfg,
         }
     }
 
@@ -237,6 +253,18 @@ impl JobState {
         if let Some(Some(m)) = self.members.get_mut(rank as usize) {
             m.last_seen = Instant::now();
         }
+    }
+
+    /// A rank finished a stage (or starts: `None`); returns its next stage.
+    pub fn next_stage(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        finished: Option<butler_proto::StageResult>,
+    ) -> Result<butler_proto::Stage, Refusal> {
+        self.check(rank, generation)?;
+        self.touch(rank);
+        self.stages.next(rank, finished).map_err(Refusal::Stage)
     }
 
     /// Heartbeat: returns the failure reason if workers should stop.
@@ -389,6 +417,7 @@ impl JobState {
             wall_seconds: self.started.elapsed().as_secs_f64(),
             checkpoint: ckpt,
             history,
+            stages: self.stages.records(self.world_size),
         }
     }
 }

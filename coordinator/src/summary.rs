@@ -35,4 +35,26 @@ pub struct Summary {
     /// Pseudo-label rounds: each round's accuracy and the pseudo-labels it trained on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rounds: Option<Vec<crate::rounds::RoundRecord>>,
+    /// Staged jobs only: each stage's metrics and checkpoint, in order (`history` is the fine-tuning
+    /// stage's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageRecord>,
+}
+
+/// One stage of a staged job (pretrain, probe, finetune).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: String,
+    /// Final training loss (global mean over the stage's last epoch).
+    pub train_loss: f64,
+    /// One entry per epoch.
+    pub loss_history: Vec<f64>,
+    pub steps: u64,
+    /// Samples all ranks together processed.
+    pub samples: u64,
+    /// The slowest rank's time for the stage.
+    pub seconds: f64,
+    pub test_accuracy: Option<f64>,
+    /// Rank 0's checkpoint of the stage, relative to the run directory.
+    pub checkpoint: String,
 }

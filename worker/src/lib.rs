@@ -7,6 +7,7 @@
 pub mod augment;
 pub mod client;
 pub mod collective;
+pub mod contrastive;
 pub mod data;
 pub mod ddp;
 pub mod loader;
@@ -14,7 +15,9 @@ pub mod losses;
 pub mod mixing;
 pub mod models;
 pub mod objectives;
+pub mod optim;
 pub mod rounds;
+mod stages;
 pub mod streams;
 pub mod trainer;
 
@@ -284,6 +287,9 @@ impl Job<'_> {
 
 /// The training job proper; returns (test accuracy, test loss, checkpoint path relative to the run dir).
 fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
+    if cfg.pretrain.is_some() {
+        return stages::train(ctx, cfg, opts);
+    }
     cfg.validate_world(ctx.world)?;
     let (manifest, manifest_file) = cfg.check_data()?;
     let mut train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;

@@ -7,17 +7,18 @@ use crate::ddp::GradSync;
 use crate::mixing::MixRng;
 use crate::models::{self, Model};
 use crate::objectives::{self, Objective, PseudoBatch, StepCtx};
+use crate::optim::Optim;
 use crate::Result;
-use butler_common::config::{JobConfig, OptimKind};
+use butler_common::config::JobConfig;
 use butler_common::sampler::{eval_indices, mix};
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
 pub struct Trainer {
     pub vs: nn::VarStore,
     model: Box<dyn Model>,
     objective: Box<dyn Objective>,
-    opt: nn::Optimizer,
+    opt: Optim,
     sync: GradSync,
     cfg: JobConfig,
     step: u64,
@@ -55,32 +56,7 @@ impl Trainer {
         let model = models::build(&vs.root(), &cfg.model, sample_shape, classes);
         let objective =
             objectives::build(cfg, sample_shape, classes, model.mix_points(), total_steps)?;
-        let o = &cfg.optim;
-        let opt = match o.kind {
-            OptimKind::Sgd => nn::Sgd {
-                momentum: o.momentum,
-                dampening: 0.0,
-                wd: o.weight_decay,
-                nesterov: o.nesterov,
-            }
-            .build(&vs, o.lr),
-            OptimKind::Adam => nn::Adam {
-                beta1: o.betas[0],
-                beta2: o.betas[1],
-                wd: o.weight_decay,
-                eps: o.eps,
-                amsgrad: false,
-            }
-            .build(&vs, o.lr),
-            OptimKind::Adamw => nn::AdamW {
-                beta1: o.betas[0],
-                beta2: o.betas[1],
-                wd: o.weight_decay,
-                eps: o.eps,
-                amsgrad: false,
-            }
-            .build(&vs, o.lr),
-        }?;
+        let opt = Optim::build(&cfg.optim, &vs)?;
         let bucket_bytes = (cfg.cluster.bucket_mb * 1024.0 * 1024.0) as usize;
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
         Ok(Trainer {

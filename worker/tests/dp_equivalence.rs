@@ -266,3 +266,12 @@ fn the_unlabeled_terms_of_the_equivalence_tests_are_active() {
         assert!(d > 1e-4, "{ssl}: the unlabeled term changed the parameters by only {d}");
     }
 }
+
+#[test]
+fn two_workers_equal_one_with_lars() {
+    check(
+        "kind='lars'\nlr=0.5\nmomentum=0.9\nweight_decay=0.001\ntrust_coefficient=0.01",
+        2,
+        960,
+    );
+}

@@ -1,0 +1,158 @@
+//! One replica of a contrastive pretraining job: encoder + method head (SimCLR's projection or CPC's
+//! GRU and predictors), the optimizer (LARS or any other), and the synchronous step over the global batch.
+
+use crate::collective::Collective;
+use crate::contrastive::cpc::{global_cpc, CpcHead};
+use crate::contrastive::encoder::{ConvEncoder, Projection};
+use crate::contrastive::ntxent::global_nt_xent;
+use crate::contrastive::GatherGrad;
+use crate::ddp::GradSync;
+use crate::optim::Optim;
+use crate::{Error, Result};
+use butler_common::config::ScheduleConfig;
+use butler_common::pretrain::{PretrainConfig, PretrainMethod};
+use tch::nn;
+use tch::{Device, Tensor};
+
+enum Head {
+    SimClr { projection: Projection, tau: f64 },
+    Cpc(CpcHead),
+}
+
+pub struct Pretrainer {
+    pub vs: nn::VarStore,
+    pub encoder: ConvEncoder,
+    head: Head,
+    opt: Optim,
+    sync: GradSync,
+    lr: f64,
+    schedule: ScheduleConfig,
+    step: u64,
+    total_steps: u64,
+    gather_grad: GatherGrad,
+}
+
+impl Pretrainer {
+    /// Parameters are drawn from `seed` (only rank 0's draw matters after `broadcast_parameters`).
+    pub fn new(
+        cfg: &PretrainConfig,
+        length: usize,
+        channels: usize,
+        seed: u64,
+        total_steps: u64,
+        bucket_bytes: usize,
+    ) -> Result<Pretrainer> {
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let encoder = ConvEncoder::new(&(&root / "encoder"), length, channels);
+        cfg.check_steps(encoder.steps() as usize)?;
+        let head = match cfg.method {
+            PretrainMethod::Simclr => Head::SimClr {
+                projection: Projection::new(
+                    &(&root / "projection"),
+                    encoder.feature_dim(),
+                    cfg.projection_hidden as i64,
+                    cfg.projection_dim as i64,
+                ),
+                tau: cfg.temperature,
+            },
+            PretrainMethod::Cpc => Head::Cpc(CpcHead::new(
+                &(&root / "cpc"),
+                encoder.channels(),
+                cfg.cpc_context as i64,
+                cfg.cpc_horizons as i64,
+            )),
+            PretrainMethod::None => {
+                return Err(Error::Setup(
+                    "pretrain.method = \"none\" has no pretraining stage".into(),
+                ))
+            }
+        };
+        let opt = Optim::build(&cfg.optim, &vs)?;
+        let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
+        Ok(Pretrainer {
+            vs,
+            encoder,
+            head,
+            opt,
+            sync,
+            lr: cfg.optim.lr,
+            schedule: cfg.schedule.clone(),
+            step: 0,
+            total_steps,
+            gather_grad: GatherGrad::Exact,
+        })
+    }
+
+    pub fn broadcast_parameters(&mut self, comm: &mut dyn Collective) -> Result<()> {
+        Ok(self.sync.broadcast_parameters(comm)?)
+    }
+
+    /// Switches the gradient of the gathered candidates (tests and benchmarks of the failure mode only).
+    pub fn set_gather_grad(&mut self, g: GatherGrad) {
+        self.gather_grad = g;
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.schedule.lr_at(self.lr, self.step, self.total_steps)
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Views this method needs per sample (SimCLR 2, CPC 1).
+    pub fn num_views(&self) -> usize {
+        match self.head {
+            Head::SimClr { .. } => 2,
+            Head::Cpc(_) => 1,
+        }
+    }
+
+    /// One synchronous step on this rank's share of the global batch: `views[v]` is view `v` of this
+    /// rank's samples (`[n_r, length]`, `n_r` may differ per rank and be 0). Returns the global mean loss.
+    pub fn step(&mut self, views: &[Tensor], comm: &mut dyn Collective) -> Result<f64> {
+        if views.len() != self.num_views() {
+            return Err(Error::Setup(format!(
+                "the pretraining step got {} views per sample, the method needs {}",
+                views.len(),
+                self.num_views()
+            )));
+        }
+        self.opt.set_lr(self.learning_rate());
+        self.sync.zero_grad();
+        let (loss, value) = match &self.head {
+            Head::SimClr { projection, tau } => {
+                let z1 = projection.embed(&self.encoder.features(&views[0]));
+                let z2 = projection.embed(&self.encoder.features(&views[1]));
+                global_nt_xent(&z1, &z2, *tau, self.gather_grad, comm)?
+            }
+            Head::Cpc(head) => {
+                let z = CpcHead::latents(&self.encoder, &views[0]);
+                global_cpc(head, &z, self.gather_grad, comm)?
+            }
+        };
+        if let Some(l) = loss {
+            l.backward();
+        }
+        self.sync.all_reduce_gradients(comm)?;
+        self.opt.step();
+        self.step += 1;
+        Ok(value)
+    }
+
+    /// Flat copy of all parameters in name order (tests, checksums).
+    pub fn flat_parameters(&self) -> Vec<f32> {
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let flat = Tensor::cat(
+            &named
+                .iter()
+                .map(|(_, t)| t.detach().reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        Vec::<f32>::try_from(&flat).expect("parameters are f32")
+    }
+}
