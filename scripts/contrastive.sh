@@ -17,7 +17,7 @@ butler=./target/debug/butler   # the dev profile is optimised (Cargo.toml)
 pool=bench-data/mnist1d-pool-100000
 if [ ! -f "$pool/manifest.json" ]; then
   $butler data prepare mnist1d --out "$pool"
-  $butler data prepare mnist1d --num-samples 100000 --out "$pool"
+  $butler data prepare mnist1d --num-samples 100000 --shard-size 10000 --out "$pool"   # the layout the README figures used
 fi
 out=runs/contrastive
 .venv/bin/python scripts/contrastive.py configs "$out/configs" >/dev/null
