@@ -8,9 +8,6 @@ use butler_common::shard::read_split;
 use std::path::Path;
 use tch::Tensor;
 
-/// The generator view of labeled-batch augmentation (the loader's views are 0 and 1).
-const LABELED_VIEW: u64 = 2;
-
 pub struct InMemorySplit {
     /// `[n, ...sample_shape]`, f32.
     pub x: Tensor,
@@ -50,13 +47,14 @@ impl InMemorySplit {
     }
 
     /// The batch at `indices` with each sample augmented by `pipeline`, seeded per (job seed, epoch,
-    /// index in this split) like the loader's views, so a batch is reproducible on any rank.
+    /// index in this split, view) like the loader's views, so a batch is reproducible on any rank.
     pub fn batch_augmented(
         &self,
         indices: &[u64],
         pipeline: &Pipeline,
         seed: u64,
         epoch: u64,
+        view: u64,
     ) -> (Tensor, Tensor) {
         let (x, y) = self.batch(indices);
         let shape: Vec<usize> = x.size()[1..].iter().map(|&d| d as usize).collect();
@@ -65,7 +63,7 @@ impl InMemorySplit {
         let mut scratch = Vec::new();
         if numel > 0 {
             for (row, &i) in flat.chunks_mut(numel).zip(indices) {
-                let mut rng = SampleKey::new(seed, epoch, i).rng(LABELED_VIEW);
+                let mut rng = SampleKey::new(seed, epoch, i).rng(view);
                 pipeline.apply_in_place(row, &shape, &mut rng, &mut scratch);
             }
         }

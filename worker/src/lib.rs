@@ -262,19 +262,74 @@ fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collect
 
 /// What every phase of a job shares once the data is loaded and the ring is up.
 pub(crate) struct Job<'a> {
-    ctx: &'a Ctx<'a>,
-    cfg: &'a JobConfig,
-    manifest: butler_common::manifest::Manifest,
-    manifest_file: PathBuf,
-    train_set: InMemorySplit,
-    test_set: InMemorySplit,
-    per_rank_batch: u64,
-    steps_per_epoch: u64,
-    labeled_aug: Option<augment::Pipeline>,
+    pub(crate) ctx: &'a Ctx<'a>,
+    pub(crate) cfg: &'a JobConfig,
+    pub(crate) manifest: butler_common::manifest::Manifest,
+    pub(crate) manifest_file: PathBuf,
+    pub(crate) train_set: InMemorySplit,
+    pub(crate) test_set: InMemorySplit,
+    pub(crate) per_rank_batch: u64,
+    pub(crate) steps_per_epoch: u64,
+    /// Per-sample augmentation of labeled batches.
+    pub(crate) labeled_aug: Option<LabeledAug>,
 }
 
-impl Job<'_> {
-    fn new_trainer(&self) -> Result<Trainer> {
+/// A pipeline applied to every labeled sample, with the generator view it draws from.
+pub(crate) struct LabeledAug {
+    pub(crate) pipeline: augment::Pipeline,
+    pub(crate) view: u64,
+}
+
+/// The generator view of `[augment] labeled` (the loader's views are 0 and 1).
+const LABELED_VIEW: u64 = 2;
+
+impl<'a> Job<'a> {
+    /// Validates the config against the world, loads the labeled (sub)set and the test split, and joins
+    /// the ring.
+    pub(crate) fn load(
+        ctx: &'a Ctx<'a>,
+        cfg: &'a JobConfig,
+        opts: &WorkerOptions,
+    ) -> Result<(Job<'a>, collective::TcpRing)> {
+        cfg.validate_world(ctx.world)?;
+        let (manifest, manifest_file) = cfg.check_data()?;
+        let mut train_set =
+            InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
+        if let Some(k) = cfg.data.labels_per_class {
+            let labels = Vec::<i64>::try_from(&train_set.y)?;
+            train_set = train_set.subset(&labeled_subset(&labels, k, cfg.subset_seed()));
+        }
+        let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
+        let ring = join_ring(ctx, cfg, &opts.advertise_host)?;
+        info!(
+            train = train_set.len,
+            test = test_set.len,
+            "data loaded; ring connected"
+        );
+        let per_rank_batch = (cfg.train.batch_size / ctx.world as usize) as u64;
+        // Every rank runs the same number of steps: ceil(ceil(n / world) / per-rank batch).
+        let steps_per_epoch = train_set
+            .len
+            .div_ceil(ctx.world as u64)
+            .div_ceil(per_rank_batch);
+        let labeled_aug = labeled_augmentation(cfg, &manifest.sample_shape)?;
+        Ok((
+            Job {
+                ctx,
+                cfg,
+                manifest,
+                manifest_file,
+                train_set,
+                test_set,
+                per_rank_batch,
+                steps_per_epoch,
+                labeled_aug,
+            },
+            ring,
+        ))
+    }
+
+    pub(crate) fn new_trainer(&self) -> Result<Trainer> {
         Trainer::new(
             self.cfg,
             &self.manifest.sample_shape,
@@ -287,42 +342,10 @@ impl Job<'_> {
 
 /// The training job proper; returns (test accuracy, test loss, checkpoint path relative to the run dir).
 fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
+    let (mut job, mut ring) = Job::load(ctx, cfg, opts)?;
     if cfg.pretrain.is_some() {
-        return stages::train(ctx, cfg, opts);
+        return stages::train(&mut job, &mut ring);
     }
-    cfg.validate_world(ctx.world)?;
-    let (manifest, manifest_file) = cfg.check_data()?;
-    let mut train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
-    if let Some(k) = cfg.data.labels_per_class {
-        let labels = Vec::<i64>::try_from(&train_set.y)?;
-        train_set = train_set.subset(&labeled_subset(&labels, k, cfg.subset_seed()));
-    }
-    let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
-    let mut ring = join_ring(ctx, cfg, &opts.advertise_host)?;
-    info!(
-        train = train_set.len,
-        test = test_set.len,
-        "data loaded; ring connected"
-    );
-
-    let per_rank_batch = (cfg.train.batch_size / ctx.world as usize) as u64;
-    // Every rank runs the same number of steps: ceil(ceil(n / world) / per-rank batch).
-    let steps_per_epoch = train_set
-        .len
-        .div_ceil(ctx.world as u64)
-        .div_ceil(per_rank_batch);
-    let labeled_aug = labeled_augmentation(cfg, &manifest.sample_shape)?;
-    let job = Job {
-        ctx,
-        cfg,
-        manifest,
-        manifest_file,
-        train_set,
-        test_set,
-        per_rank_batch,
-        steps_per_epoch,
-        labeled_aug,
-    };
     let (eval, trainer) = if cfg.pseudo_label.is_some() {
         rounds::run(&job, &mut ring)?
     } else {
@@ -330,7 +353,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         trainer.broadcast_parameters(&mut ring)?;
         let views = unlabeled_views(cfg, &job.manifest.sample_shape)?;
         let mut unlabeled = open_unlabeled_stream(&job, views, None)?;
-        let eval = run_epochs(
+        let run = run_epochs(
             &job,
             &mut trainer,
             &mut ring,
@@ -338,7 +361,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             None,
             0..cfg.train.epochs,
         )?;
-        (eval, trainer)
+        (run.eval, trainer)
     };
     let checkpoint = if ctx.rank == 0 {
         save_checkpoint(&trainer, &ctx.run_dir)?
@@ -351,6 +374,16 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
     Ok((eval.accuracy, eval.loss, checkpoint))
 }
 
+/// What [`run_epochs`] did.
+pub(crate) struct EpochsRun {
+    /// The last evaluation.
+    pub(crate) eval: trainer::Evaluation,
+    /// This rank's mean labeled loss per epoch.
+    pub(crate) losses: Vec<f64>,
+    /// Labeled samples this rank trained on.
+    pub(crate) samples: u64,
+}
+
 /// Trains the (global) epochs `epochs` — labeled batches from the coordinator's assignment, the
 /// unlabeled stream's batches when there is one, pseudo-labeled samples picked from them when a table
 /// is given — reporting metrics after each; returns the last evaluation.
@@ -361,11 +394,12 @@ pub(crate) fn run_epochs(
     mut unlabeled: Option<&mut streams::UnlabeledStream>,
     pseudo: Option<&rounds::PseudoTable>,
     epochs: std::ops::Range<u64>,
-) -> Result<trainer::Evaluation> {
+) -> Result<EpochsRun> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let shape = &job.manifest.sample_shape;
     let mut last_eval = None;
     let mut skipped_total = 0usize;
+    let (mut losses, mut samples) = (Vec::new(), 0u64);
     let last_epoch = epochs.end.saturating_sub(1);
     let first_epoch = epochs.start;
     for epoch in epochs {
@@ -405,7 +439,10 @@ pub(crate) fn run_epochs(
         for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
             ctx.check_stop()?;
             let (x, y) = match &job.labeled_aug {
-                Some(p) => job.train_set.batch_augmented(batch, p, cfg.job.seed, epoch),
+                Some(a) => {
+                    job.train_set
+                        .batch_augmented(batch, &a.pipeline, cfg.job.seed, epoch, a.view)
+                }
                 None => job.train_set.batch(batch),
             };
             let global = sampler.global_batch_len(k as u64, per_rank_batch);
@@ -446,6 +483,12 @@ pub(crate) fn run_epochs(
                 .store(trainer.steps_taken(), Ordering::Relaxed);
         }
         let seconds = t0.elapsed().as_secs_f64();
+        samples += seen;
+        losses.push(if seen > 0 {
+            loss_sum / seen as f64
+        } else {
+            0.0
+        });
         let last = epoch == last_epoch;
         let eval = if last || (epoch - first_epoch + 1).is_multiple_of(cfg.train.eval_every) {
             let e = trainer.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
@@ -459,11 +502,7 @@ pub(crate) fn run_epochs(
             generation: ctx.generation,
             epoch,
             step: trainer.steps_taken(),
-            train_loss: if seen > 0 {
-                loss_sum / seen as f64
-            } else {
-                0.0
-            },
+            train_loss: *losses.last().expect("pushed above"),
             train_samples: seen,
             train_seconds: seconds,
             learning_rate: lr,
@@ -477,17 +516,22 @@ pub(crate) fn run_epochs(
     if skipped_total > 0 {
         warn!(skipped_total, "corrupt unlabeled samples were skipped");
     }
-    last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))
+    let eval = last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))?;
+    Ok(EpochsRun {
+        eval,
+        losses,
+        samples,
+    })
 }
 
 /// The unlabeled stream, when the job has one: its assignment comes from the coordinator (split, seed,
 /// world, rank — never sample lists), the order and the reading happen here.
-/// `ratio` overrides `data.unlabeled_ratio` (pseudo-label rounds read more of a pool the fewer of its
-/// samples are selected).
+/// `batch` overrides the per-rank batch of μ·b samples (pseudo-label rounds read more of a pool the
+/// fewer of its samples are selected; contrastive pretraining has its own batch).
 pub(crate) fn open_unlabeled_stream(
     job: &Job,
     views: Arc<dyn loader::ViewMaker>,
-    ratio: Option<u64>,
+    batch: Option<u64>,
 ) -> Result<Option<streams::UnlabeledStream>> {
     let (ctx, cfg, manifest, manifest_file) =
         (job.ctx, job.cfg, &job.manifest, job.manifest_file.as_path());
@@ -514,7 +558,7 @@ pub(crate) fn open_unlabeled_stream(
         manifest: Arc::new(manifest.clone()),
         split: a.split.clone(),
         epoch: a.epoch,
-        batch: (per_rank_batch * ratio.unwrap_or(cfg.unlabeled_ratio())) as usize,
+        batch: batch.unwrap_or(per_rank_batch * cfg.unlabeled_ratio()) as usize,
         threads: l.threads,
         prefetch: l.prefetch,
         cache_shards: l.cache_shards,
@@ -528,7 +572,7 @@ pub(crate) fn open_unlabeled_stream(
         },
         timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
     };
-    info!(split = %a.split, samples = a.dataset_len, ratio = cfg.unlabeled_ratio(), "unlabeled stream assigned");
+    info!(split = %a.split, samples = a.dataset_len, per_rank_batch = spec.batch, "unlabeled stream assigned");
     let stream = streams::UnlabeledStream::new(
         spec,
         a.seed,
@@ -564,16 +608,19 @@ fn unlabeled_views(cfg: &JobConfig, shape: &[usize]) -> Result<Arc<dyn loader::V
 }
 
 /// The per-sample augmentation of the labeled batch, when `[augment] labeled` asks for one.
-fn labeled_augmentation(cfg: &JobConfig, shape: &[usize]) -> Result<Option<augment::Pipeline>> {
+fn labeled_augmentation(cfg: &JobConfig, shape: &[usize]) -> Result<Option<LabeledAug>> {
     use butler_common::semi::AugmentLevel;
     if cfg.augment.labeled == AugmentLevel::None {
         return Ok(None);
     }
     let aug = augment::WeakStrong::for_sample_shape(shape, cfg.augment.flip)
         .map_err(|e| Error::Setup(format!("augment.labeled: {e}")))?;
-    Ok(Some(match cfg.augment.labeled {
-        AugmentLevel::Strong => aug.strong,
-        _ => aug.weak,
+    Ok(Some(LabeledAug {
+        pipeline: match cfg.augment.labeled {
+            AugmentLevel::Strong => aug.strong,
+            _ => aug.weak,
+        },
+        view: LABELED_VIEW,
     }))
 }
 
@@ -595,12 +642,17 @@ fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<String> {
 
 /// Writes the trainer's parameters to `path` atomically.
 pub(crate) fn save_model(trainer: &Trainer, path: &Path) -> Result<()> {
+    save_vars(&trainer.vs, path)
+}
+
+/// Writes a variable store to `path` atomically.
+pub(crate) fn save_vars(vs: &tch::nn::VarStore, path: &Path) -> Result<()> {
     let path = path.to_path_buf();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| butler_common::Error::io(dir, e))?;
     }
     fsutil::write_atomic_with(&path, |tmp| {
-        trainer.vs.save(tmp).map_err(|e| {
+        vs.save(tmp).map_err(|e| {
             butler_common::Error::invalid(format!("checkpoint {}", tmp.display()), e.to_string())
         })
     })?;

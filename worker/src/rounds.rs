@@ -84,7 +84,11 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                     Some(t) => {
                         let ratio = read_ratio(job, t.len() as u64)?;
                         info!(round, selected = t.len(), read_ratio = ratio, "pseudo-labeled stream");
-                        crate::open_unlabeled_stream(job, pseudo_views(job, t.clone())?, Some(ratio))?
+                        crate::open_unlabeled_stream(
+                            job,
+                            pseudo_views(job, t.clone())?,
+                            Some(job.per_rank_batch * ratio),
+                        )?
                     }
                     None => None,
                 };
@@ -97,7 +101,8 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                     stream.as_mut(),
                     table.as_deref(),
                     from..from + epochs,
-                )?;
+                )?
+                .eval;
                 if ctx.rank == 0 {
                     crate::save_model(&trainer, &round_checkpoint(&ctx.run_dir, round))?;
                 }

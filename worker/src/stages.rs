@@ -20,45 +20,28 @@ use crate::augment::TwoViews;
 use crate::collective::TcpRing;
 use crate::contrastive::encoder::copy_encoder_into;
 use crate::contrastive::pretrain::Pretrainer;
-use crate::data::InMemorySplit;
 use crate::loader::{self, ContrastiveViews, ViewMaker};
-use crate::trainer::Trainer;
-use crate::{rpc, save_checkpoint, streams, Ctx, Error, Result, WorkerOptions};
-use butler_common::assign::ShardedOrder;
+use crate::{rpc, save_checkpoint, Error, Job, LabeledAug, Result};
 use butler_common::config::{JobConfig, ModelConfig};
-use butler_common::fsutil;
 use butler_common::manifest::Manifest;
 use butler_common::pretrain::{PretrainConfig, PretrainMethod};
-use butler_common::sampler::{labeled_subset, DistributedSampler};
-use butler_proto::{AssignmentRequest, MetricsReport, Stage, StageRequest, StageResult, Stream};
+use butler_proto::{Stage, StageRequest, StageResult};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Reduction, Tensor};
 use tracing::{info, warn};
 
 /// The staged job; returns (test accuracy, test loss, final checkpoint) of the fine-tuned model.
-pub(crate) fn train(
-    ctx: &Ctx,
-    cfg: &JobConfig,
-    opts: &WorkerOptions,
-) -> Result<(f64, f64, String)> {
+pub(crate) fn train(job: &mut Job, ring: &mut TcpRing) -> Result<(f64, f64, String)> {
+    let (ctx, cfg) = (job.ctx, job.cfg);
     let p = cfg
         .pretrain
         .as_ref()
         .expect("stages::train runs only for jobs with a [pretrain] section");
-    cfg.validate_world(ctx.world)?;
-    let (manifest, manifest_file) = cfg.check_data()?;
-    let mut train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
-    if let Some(k) = cfg.data.labels_per_class {
-        let labels = Vec::<i64>::try_from(&train_set.y)?;
-        train_set = train_set.subset(&labeled_subset(&labels, k, cfg.subset_seed()));
-    }
-    let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
-    let mut ring = crate::join_ring(ctx, cfg, &opts.advertise_host)?;
-    info!(labeled = train_set.len, test = test_set.len, method = ?p.method, "staged job: data loaded; ring connected");
+    info!(method = ?p.method, "staged job");
 
     let mut pretrained: Option<Pretrainer> = None;
     let mut probe_head: Option<(Tensor, Tensor)> = None;
@@ -84,7 +67,7 @@ pub(crate) fn train(
         finished = Some(match stage {
             Stage::Done => break,
             Stage::Pretrain => {
-                let (r, model) = pretrain(ctx, cfg, p, &manifest, &manifest_file, &mut ring)?;
+                let (r, model) = pretrain(job, p, ring)?;
                 pretrained = Some(model);
                 r
             }
@@ -92,24 +75,17 @@ pub(crate) fn train(
                 let model = pretrained.as_ref().ok_or_else(|| {
                     Error::Setup("the coordinator asked for a probe before pretraining".into())
                 })?;
-                let classes = manifest.num_classes();
-                let (r, head) = probe(
-                    ctx, cfg, p, model, classes, &train_set, &test_set, &mut ring,
-                )?;
+                let (r, head) = probe(job, p, model, ring)?;
                 probe_head = Some(head);
                 r
             }
             Stage::Finetune => {
                 let (r, result) = finetune(
-                    ctx,
-                    cfg,
+                    job,
                     p,
                     pretrained.as_ref(),
                     probe_head.as_ref().filter(|_| p.finetune_from_probe),
-                    &manifest,
-                    &train_set,
-                    &test_set,
-                    &mut ring,
+                    ring,
                 )?;
                 outcome = Some(result);
                 r
@@ -139,58 +115,30 @@ fn sample_len(manifest: &Manifest) -> Result<usize> {
 
 /// Writes `vs` to `rel` under the run directory (atomically); returns `rel`.
 fn save_store(vs: &nn::VarStore, run_dir: &Path, rel: &str) -> Result<String> {
-    let path = run_dir.join(rel);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| butler_common::Error::io(dir, e))?;
-    }
-    fsutil::write_atomic_with(&path, |tmp| {
-        vs.save(tmp).map_err(|e| {
-            butler_common::Error::invalid(format!("checkpoint {}", tmp.display()), e.to_string())
-        })
-    })?;
-    if let Err(e) = fsutil::sync_parent(&path) {
-        warn!(error = %e, "cannot fsync checkpoint directory");
-    }
+    crate::save_vars(vs, &run_dir.join(rel))?;
     Ok(rel.to_string())
 }
 
 fn pretrain(
-    ctx: &Ctx,
-    cfg: &JobConfig,
+    job: &Job,
     p: &PretrainConfig,
-    manifest: &Manifest,
-    manifest_file: &Path,
     ring: &mut TcpRing,
 ) -> Result<(StageResult, Pretrainer)> {
+    let (ctx, cfg) = (job.ctx, job.cfg);
     let t0 = Instant::now();
-    let len = sample_len(manifest)?;
-    let a = ctx
-        .rt
-        .block_on(ctx.client.clone().get_assignment(AssignmentRequest {
-            rank: ctx.rank,
-            generation: ctx.generation,
-            epoch: 0,
-            stream: Stream::Unlabeled as i32,
-        }))
-        .map_err(rpc("get_assignment(unlabeled)"))?
-        .into_inner();
+    let len = sample_len(&job.manifest)?;
     let per_rank = (p.batch_size / ctx.world as usize) as u64;
-    let sizes: Vec<u64> = manifest
-        .splits
-        .get(&a.split)
-        .ok_or_else(|| Error::Setup(format!("no split {:?} in the manifest", a.split)))?
-        .shards
-        .iter()
-        .map(|s| s.num_samples)
-        .collect();
-    let steps_per_epoch = ShardedOrder {
-        shard_sizes: &sizes,
-        seed: a.seed,
-        epoch: 0,
-        shuffle_window: cfg.loader.shuffle_window,
-        history: &[],
-    }
-    .steps(a.world_size, per_rank);
+    let views: Arc<dyn ViewMaker> = match p.method {
+        PretrainMethod::Simclr => Arc::new(ContrastiveViews {
+            seed: cfg.job.seed,
+            aug: TwoViews::default_1d(len),
+        }),
+        _ => Arc::new(loader::Identity),
+    };
+    let mut stream = crate::open_unlabeled_stream(job, views, Some(per_rank))?.ok_or_else(|| {
+        Error::Setup("pretraining needs data.unlabeled_split".into())
+    })?;
+    let steps_per_epoch = stream.steps_per_epoch();
     let mut model = Pretrainer::new(
         p,
         len,
@@ -200,49 +148,7 @@ fn pretrain(
         (cfg.cluster.bucket_mb * 1024.0 * 1024.0) as usize,
     )?;
     model.broadcast_parameters(ring)?;
-    let views: Arc<dyn ViewMaker> = match p.method {
-        PretrainMethod::Simclr => Arc::new(ContrastiveViews {
-            seed: cfg.job.seed,
-            aug: TwoViews::default_1d(len),
-        }),
-        _ => Arc::new(loader::Identity),
-    };
-    let l = &cfg.loader;
-    let spec = loader::LoaderSpec {
-        dir: manifest_file
-            .parent()
-            .unwrap_or(Path::new("."))
-            .to_path_buf(),
-        manifest: Arc::new(manifest.clone()),
-        split: a.split.clone(),
-        epoch: a.epoch,
-        batch: per_rank as usize,
-        threads: l.threads,
-        prefetch: l.prefetch,
-        cache_shards: l.cache_shards,
-        policy: match l.corrupt {
-            butler_common::config::CorruptSamples::Skip => {
-                butler_common::shard::CorruptPolicy::Skip
-            }
-            butler_common::config::CorruptSamples::Fail => {
-                butler_common::shard::CorruptPolicy::Fail
-            }
-        },
-        timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
-    };
-    let mut stream = streams::UnlabeledStream::new(
-        spec,
-        a.seed,
-        l.shuffle_window,
-        a.world_size,
-        a.rank,
-        views,
-        streams::Cursor {
-            epoch: a.epoch,
-            step: a.start,
-        },
-    )?;
-    info!(split = %a.split, samples = a.dataset_len, global_batch = p.batch_size, steps_per_epoch, "pretraining");
+    info!(global_batch = p.batch_size, steps_per_epoch, "pretraining");
     let mut history = Vec::new();
     let mut samples = 0u64;
     for epoch in 0..p.epochs {
@@ -305,17 +211,15 @@ fn pretrain(
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn probe(
-    ctx: &Ctx,
-    cfg: &JobConfig,
+    job: &Job,
     p: &PretrainConfig,
     model: &Pretrainer,
-    classes: usize,
-    train_set: &InMemorySplit,
-    test_set: &InMemorySplit,
     ring: &mut TcpRing,
 ) -> Result<(StageResult, (Tensor, Tensor))> {
+    let (ctx, cfg) = (job.ctx, job.cfg);
+    let (train_set, test_set) = (&job.train_set, &job.test_set);
+    let classes = job.manifest.num_classes();
     let t0 = Instant::now();
     // Raw features, not standardised: the probe's classifier is then exactly ConvBase's, ready for LP-FT
     // (folding a standardisation into it divides by the σ of near-dead features and blows up).
@@ -397,42 +301,17 @@ fn probe(
 
 /// One view of the pretraining augmentation per labeled sample, seeded by (job seed, epoch, position of
 /// the sample in the labeled subset).
-fn augment_batch(aug: &ContrastiveViews, x: &Tensor, ids: &[u64], epoch: u64) -> Result<Tensor> {
-    let len = x.size()[1] as usize;
-    let values = Vec::<f32>::try_from(&x.contiguous().reshape([-1]))?;
-    let mut out = Vec::with_capacity(values.len());
-    for (row, &id) in values.chunks(len).zip(ids) {
-        out.extend(aug.views(row, &[len], epoch, id).swap_remove(0));
-    }
-    Ok(Tensor::from_slice(&out).reshape([ids.len() as i64, len as i64]))
-}
-
-#[allow(clippy::too_many_arguments)]
 fn finetune(
-    ctx: &Ctx,
-    cfg: &JobConfig,
+    job: &mut Job,
     p: &PretrainConfig,
     pretrained: Option<&Pretrainer>,
     probe_head: Option<&(Tensor, Tensor)>,
-    manifest: &Manifest,
-    train_set: &InMemorySplit,
-    test_set: &InMemorySplit,
     ring: &mut TcpRing,
 ) -> Result<(StageResult, (f64, f64, String))> {
+    let (ctx, cfg) = (job.ctx, job.cfg);
     let t0 = Instant::now();
-    let len = sample_len(manifest)?;
-    let per_rank_batch = (cfg.train.batch_size / ctx.world as usize) as u64;
-    let steps_per_epoch = train_set
-        .len
-        .div_ceil(ctx.world as u64)
-        .div_ceil(per_rank_batch);
-    let mut trainer = Trainer::new(
-        cfg,
-        &manifest.sample_shape,
-        manifest.num_classes(),
-        cfg.job.seed,
-        steps_per_epoch * cfg.train.epochs,
-    )?;
+    let len = sample_len(&job.manifest)?;
+    let mut trainer = job.new_trainer()?;
     match (pretrained, p.method) {
         (Some(m), _) => {
             copy_encoder_into(&m.vs, &trainer.vs).map_err(Error::Setup)?;
@@ -463,96 +342,15 @@ fn finetune(
         }
     }
     trainer.broadcast_parameters(ring)?;
-    let aug = p.finetune_augment.then(|| ContrastiveViews {
-        seed: cfg.job.seed,
-        aug: TwoViews::default_1d(len),
-    });
-    let mut history = Vec::new();
-    let mut last_eval = None;
-    let mut samples = 0u64;
-    for epoch in 0.. {
-        ctx.progress.epoch.store(epoch, Ordering::Relaxed);
-        let a = ctx
-            .rt
-            .block_on(ctx.client.clone().get_assignment(AssignmentRequest {
-                rank: ctx.rank,
-                generation: ctx.generation,
-                epoch,
-                stream: Stream::Labeled as i32,
-            }))
-            .map_err(rpc("get_assignment"))?
-            .into_inner();
-        if !a.has_epoch {
-            break;
-        }
-        if a.dataset_len != train_set.len {
-            return Err(Error::Setup(format!(
-                "the coordinator assigns a training set of {} samples but this worker has {} (different data or config?)",
-                a.dataset_len, train_set.len
-            )));
-        }
-        let sampler = DistributedSampler {
-            dataset_len: a.dataset_len,
-            seed: a.seed,
-            epoch: a.epoch,
-            shuffle: a.shuffle,
-            world_size: a.world_size,
-            rank: a.rank,
-            start: a.start,
-        };
-        let te = Instant::now();
-        let (mut loss_sum, mut seen) = (0.0, 0u64);
-        let lr = trainer.learning_rate();
-        for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
-            ctx.check_stop()?;
-            let (mut x, y) = train_set.batch(batch);
-            if let (Some(aug), false) = (&aug, batch.is_empty()) {
-                x = augment_batch(aug, &x, batch, epoch)?;
-            }
-            let global = sampler.global_batch_len(k as u64, per_rank_batch);
-            let loss = trainer.step(&x, &y, global, None, ring)?;
-            if !loss.is_finite() {
-                return Err(Error::Setup(format!(
-                    "fine-tuning diverged: loss is {loss} at epoch {epoch}"
-                )));
-            }
-            loss_sum += loss * batch.len() as f64;
-            seen += batch.len() as u64;
-            ctx.progress
-                .step
-                .store(trainer.steps_taken(), Ordering::Relaxed);
-        }
-        samples += seen;
-        let last = epoch + 1 == cfg.train.epochs;
-        let eval = if last || (epoch + 1) % cfg.train.eval_every == 0 {
-            let e = trainer.evaluate(&test_set.x, &test_set.y, ring, 1000)?;
-            last_eval = Some(e);
-            Some(e)
-        } else {
-            None
-        };
-        let train_loss = if seen > 0 {
-            loss_sum / seen as f64
-        } else {
-            0.0
-        };
-        history.push(train_loss);
-        ctx.rt
-            .block_on(ctx.client.clone().report_metrics(MetricsReport {
-                rank: ctx.rank,
-                generation: ctx.generation,
-                epoch,
-                step: trainer.steps_taken(),
-                train_loss,
-                train_samples: seen,
-                train_seconds: te.elapsed().as_secs_f64(),
-                learning_rate: lr,
-                test_accuracy: eval.filter(|_| ctx.rank == 0).map(|e| e.accuracy),
-                test_loss: eval.filter(|_| ctx.rank == 0).map(|e| e.loss),
-            }))
-            .map_err(rpc("report_metrics"))?;
+    if p.finetune_augment {
+        // One view of the pretraining augmentation per labeled sample (view 0 of `TwoViews`).
+        job.labeled_aug = Some(LabeledAug {
+            pipeline: TwoViews::default_1d(len).0,
+            view: 0,
+        });
     }
-    let eval = last_eval.ok_or_else(|| Error::Setup("fine-tuning ran no epoch".into()))?;
+    let run = crate::run_epochs(job, &mut trainer, ring, None, None, 0..cfg.train.epochs)?;
+    let eval = run.eval;
     let checkpoint = if ctx.rank == 0 {
         save_checkpoint(&trainer, &ctx.run_dir)?
     } else {
@@ -563,10 +361,10 @@ fn finetune(
     Ok((
         StageResult {
             stage: Stage::Finetune as i32,
-            train_loss: history.last().copied().unwrap_or(0.0),
-            loss_history: history,
+            train_loss: run.losses.last().copied().unwrap_or(0.0),
+            loss_history: run.losses,
             steps: trainer.steps_taken(),
-            samples,
+            samples: run.samples,
             seconds: t0.elapsed().as_secs_f64(),
             test_accuracy: (ctx.rank == 0).then_some(eval.accuracy),
             checkpoint: checkpoint.clone(),

@@ -115,6 +115,11 @@ impl UnlabeledStream {
         Ok(())
     }
 
+    /// Steps in one epoch of this stream (the same every epoch: the layout does not change).
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.steps_in_epoch
+    }
+
     pub fn cursor(&self) -> Cursor {
         self.cursor
     }
