@@ -118,19 +118,11 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
             }
             PhaseKind::Infer => {
                 // After a restart at INFER the round's model comes from its checkpoint.
-                let trainer = match last.take() {
-                    Some((e, t, r)) if r == round => {
-                        last = Some((e, t, r));
-                        &last.as_ref().expect("just set").1
-                    }
-                    _ => {
-                        let mut t = job.new_trainer()?;
-                        load_model(&mut t, &round_checkpoint(&ctx.run_dir, round))?;
-                        let e = t.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
-                        last = Some((e, t, round));
-                        &last.as_ref().expect("just set").1
-                    }
-                };
+                if last.as_ref().map(|l| l.2) != Some(round) {
+                    let (e, t) = restore(job, ring, round)?;
+                    last = Some((e, t, round));
+                }
+                let trainer = &last.as_ref().expect("set above").1;
                 let h = infer(job, trainer, round, p.soft, p.threshold)?;
                 done = Some(PhaseDone {
                     round,
@@ -142,17 +134,11 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                 });
             }
             PhaseKind::Done => {
-                let (eval, trainer) = match last {
-                    Some((e, t, _)) => (e, t),
-                    None => {
-                        // Restarted after the last round finished: its checkpoint is the result.
-                        let mut t = job.new_trainer()?;
-                        load_model(&mut t, &round_checkpoint(&ctx.run_dir, round))?;
-                        let e = t.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
-                        (e, t)
-                    }
+                return match last {
+                    Some((e, t, _)) => Ok((e, t)),
+                    // Restarted after the last round finished: its checkpoint is the result.
+                    None => restore(job, ring, round),
                 };
-                return Ok((eval, trainer));
             }
             PhaseKind::Unspecified => {
                 return Err(Error::Setup(format!(
@@ -188,6 +174,14 @@ fn next_phase(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The model of round `round` from its checkpoint, evaluated.
+fn restore(job: &Job, ring: &mut TcpRing, round: u32) -> Result<(Evaluation, Trainer)> {
+    let mut t = job.new_trainer()?;
+    load_model(&mut t, &round_checkpoint(&job.ctx.run_dir, round))?;
+    let e = t.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
+    Ok((e, t))
 }
 
 fn load_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
