@@ -161,6 +161,13 @@ pub fn validate(
             Err(bad(key, format!("{v} must be a finite number > 0")))
         }
     };
+    if cfg.pretrain.is_some() && (cfg.ssl.is_some() || cfg.pseudo_label.is_some()) {
+        return Err(bad(
+            "pretrain",
+            "cannot be combined with [ssl] or [pseudo_label] (a staged job fine-tunes on labels only)"
+                .into(),
+        ));
+    }
     if let Some(s) = &cfg.ssl {
         if cfg.data.unlabeled_split.is_none() {
             return Err(bad(
@@ -273,6 +280,18 @@ mod tests {
             let e = parse(data, sections).unwrap_err();
             assert!(e.contains(want) && e.contains("job.toml"), "{sections}: {e}");
         }
+        // A staged job with consistency training as well: refused, not silently ignored.
+        let staged = "[job]\nname='t'\n[data]\nmanifest='m'\nlabels_per_class=4\nunlabeled_split='u'\n\
+             [model]\nkind='conv_base'\n[optim]\nkind='adam'\nlr=0.01\n[train]\nepochs=1\nbatch_size=8\n\
+             [pretrain]\nmethod='simclr'\n[pretrain.optim]\nkind='lars'\nlr=1.0\n";
+        assert!(JobConfig::from_toml(staged, Path::new("job.toml")).is_ok());
+        let e = JobConfig::from_toml(
+            &format!("{staged}[ssl]\nmethod='fixmatch'\n"),
+            Path::new("job.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pretrain") && e.contains("cannot be combined"), "{e}");
     }
 
     #[test]
