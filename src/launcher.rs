@@ -78,6 +78,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     cfg.validate_world(args.workers)?;
     cfg.check_data()?;
+    if args.resume && cfg.pseudo_label.is_none() {
+        bail!("--resume: only pseudo-label rounds persist their progress today; rerun this job without --resume");
+    }
     let out = args
         .out
         .clone()

@@ -125,6 +125,9 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let config = butler_common::config::JobConfig::load(&args.config)?;
+    if args.resume && config.pseudo_label.is_none() {
+        anyhow::bail!("--resume: only pseudo-label rounds persist their progress today; rerun this job without --resume");
+    }
     let opts = butler_coordinator::CoordinatorOptions {
         config,
         world_size: args.world_size,

@@ -284,3 +284,21 @@ fn unlabeled_split_without_a_method_that_uses_it_is_rejected() {
         stderr(&o)
     );
 }
+
+#[test]
+fn resume_of_a_job_without_persisted_progress_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "job.toml", &small_config(&mnist1d(), ""));
+    let out = dir.path().join("run");
+    let o = butler()
+        .arg("run")
+        .arg(&cfg)
+        .args(["--workers", "1", "--resume", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("--resume") && e.contains("pseudo-label"), "{e}");
+    assert!(!out.exists(), "a refused job must not create its run directory");
+}
