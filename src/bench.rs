@@ -247,13 +247,20 @@ fn allreduce_launch(a: &AllreduceArgs) -> Result<()> {
     Ok(())
 }
 
-fn allreduce_rank(a: &AllreduceArgs, rank: usize, dir: &Path) -> Result<()> {
+/// Joins a loopback ring of `world` bench processes that publish their addresses as files in `dir`
+/// (the benches run without a coordinator).
+pub(crate) fn file_rendezvous(
+    rank: usize,
+    world: usize,
+    dir: &Path,
+    cfg: RingConfig,
+) -> Result<butler_worker::collective::TcpRing> {
     let listener = RingListener::bind("127.0.0.1:0".parse().expect("a valid address"))?;
     let mine = dir.join(format!("rank{rank}.addr"));
     butler_common::fsutil::write_atomic(&mine, listener.local_addr().to_string().as_bytes())?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut peers = Vec::with_capacity(a.world);
-    for r in 0..a.world {
+    let mut peers = Vec::with_capacity(world);
+    for r in 0..world {
         let f = dir.join(format!("rank{r}.addr"));
         loop {
             if let Ok(s) = std::fs::read_to_string(&f) {
@@ -266,7 +273,11 @@ fn allreduce_rank(a: &AllreduceArgs, rank: usize, dir: &Path) -> Result<()> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    let mut ring = listener.connect(rank, &peers, RingConfig::default())?;
+    Ok(listener.connect(rank, &peers, cfg)?)
+}
+
+fn allreduce_rank(a: &AllreduceArgs, rank: usize, dir: &Path) -> Result<()> {
+    let mut ring = file_rendezvous(rank, a.world, dir, RingConfig::default())?;
     let n = a.bytes / 4;
     let mut buf: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
     for _ in 0..a.warmup {

@@ -6,9 +6,8 @@
 use anyhow::{bail, Result};
 use butler_common::config::{OptimConfig, OptimKind, ScheduleConfig};
 use butler_common::pretrain::{PretrainConfig, PretrainMethod};
-use butler_worker::collective::{RingConfig, RingListener};
+use butler_worker::collective::RingConfig;
 use butler_worker::contrastive::pretrain::Pretrainer;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -103,27 +102,10 @@ fn config(batch: usize) -> PretrainConfig {
 
 fn rank_main(a: &SimclrArgs, rank: usize, dir: &Path) -> Result<()> {
     tch::set_num_threads(a.threads as i32);
-    let listener = RingListener::bind("127.0.0.1:0".parse().expect("a valid address"))?;
-    let mine = dir.join(format!("rank{rank}.addr"));
-    butler_common::fsutil::write_atomic(&mine, listener.local_addr().to_string().as_bytes())?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut peers = Vec::with_capacity(a.world);
-    for r in 0..a.world {
-        let f = dir.join(format!("rank{r}.addr"));
-        loop {
-            if let Ok(s) = std::fs::read_to_string(&f) {
-                peers.push(s.parse::<SocketAddr>()?);
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("rank {r} never published its address");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    let mut ring = listener.connect(
+    let mut ring = crate::bench::file_rendezvous(
         rank,
-        &peers,
+        a.world,
+        dir,
         RingConfig {
             timeout: Duration::from_secs(300),
             ..Default::default()

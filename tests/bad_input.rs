@@ -300,5 +300,8 @@ fn resume_of_a_job_without_persisted_progress_is_refused() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("--resume") && e.contains("pseudo-label"), "{e}");
-    assert!(!out.exists(), "a refused job must not create its run directory");
+    assert!(
+        !out.exists(),
+        "a refused job must not create its run directory"
+    );
 }

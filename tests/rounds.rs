@@ -82,12 +82,7 @@ fn killed_coordinator_or_worker_resumes_to_the_same_pseudo_labels() {
     assert!(o.status.success(), "uninterrupted run: {}", stderr(&o));
 
     let broken = dir.path().join("broken");
-    let o = run(
-        &cfg,
-        &broken,
-        &[],
-        Some("coordinator-exit-before-select:0"),
-    );
+    let o = run(&cfg, &broken, &[], Some("coordinator-exit-before-select:0"));
     assert!(
         !o.status.success(),
         "the fault hook should have killed the coordinator"
@@ -136,13 +131,23 @@ fn killed_coordinator_or_worker_resumes_to_the_same_pseudo_labels() {
     // with the same set.
     let worker_died = dir.path().join("worker-died");
     let o = run(&cfg, &worker_died, &[], Some("worker-exit-after-sidecar:0"));
-    assert!(!o.status.success(), "the fault hook should have killed rank 1");
+    assert!(
+        !o.status.success(),
+        "the fault hook should have killed rank 1"
+    );
     let state = json(&worker_died.join("rounds/state.json"));
     assert_eq!(state["phase"], "infer", "{state}");
     let o = run(&cfg, &worker_died, &["--resume"], None);
-    assert!(o.status.success(), "resumed after a worker death: {}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "resumed after a worker death: {}",
+        stderr(&o)
+    );
     let log = strip_ansi(&std::fs::read_to_string(worker_died.join("logs/worker-1.log")).unwrap());
-    assert!(log.contains("labeled=1 reused=1"), "rank 1 should reuse its finished sidecar: {log}");
+    assert!(
+        log.contains("labeled=1 reused=1"),
+        "rank 1 should reuse its finished sidecar: {log}"
+    );
     assert_eq!(json(&worker_died.join("rounds/set-1/selection.json")), a);
     assert_eq!(labels(&worker_died), labels(&straight));
     assert_eq!(

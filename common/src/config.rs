@@ -708,12 +708,12 @@ impl JobConfig {
 
     /// μ: `data.unlabeled_ratio`, or the method's default (FixMatch 7, otherwise 1).
     pub fn unlabeled_ratio(&self) -> u64 {
-        self.data.unlabeled_ratio.unwrap_or(
-            match self.ssl.as_ref().map(|s| s.method) {
+        self.data
+            .unlabeled_ratio
+            .unwrap_or(match self.ssl.as_ref().map(|s| s.method) {
                 Some(crate::semi::SslMethod::Fixmatch) => 7,
                 _ => 1,
-            },
-        )
+            })
     }
 
     pub fn subset_seed(&self) -> u64 {

@@ -69,12 +69,16 @@ impl Sidecar {
         };
         if self.class.len() != n || self.confidence.len() != n || self.margin.len() != n {
             return Err(bad(
-                "ids, class, confidence and margin differ in length".into(),
+                "ids, class, confidence and margin differ in length".into()
             ));
         }
         let ids: Vec<u8> = self.ids.iter().flat_map(|v| v.to_le_bytes()).collect();
         let class: Vec<u8> = self.class.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let conf: Vec<u8> = self.confidence.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let conf: Vec<u8> = self
+            .confidence
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let margin: Vec<u8> = self.margin.iter().flat_map(|v| v.to_le_bytes()).collect();
         let probs: Option<Vec<u8>> = self
             .probs
@@ -93,7 +97,10 @@ impl Sidecar {
         }
         let mut tensors = vec![
             ("id".to_string(), view(Dtype::U64, vec![n], &ids, path)?),
-            ("class".to_string(), view(Dtype::U32, vec![n], &class, path)?),
+            (
+                "class".to_string(),
+                view(Dtype::U32, vec![n], &class, path)?,
+            ),
             (
                 "confidence".to_string(),
                 view(Dtype::F32, vec![n], &conf, path)?,
@@ -385,7 +392,11 @@ mod tests {
         let s = Selection::choose(1, &hist_at(&samples, 0.95), &rule(0.95, None, false));
         assert_eq!(s.selected, vec![2, 1, 0]);
         assert_eq!(s.predicted, vec![3, 2, 1]);
-        assert!(s.selects(0, 0.95, margin_of(0.95)) && !s.selects(1, 0.949, margin_of(0.949)) && !s.selects(2, 0.2, margin_of(0.2)));
+        assert!(
+            s.selects(0, 0.95, margin_of(0.95))
+                && !s.selects(1, 0.949, margin_of(0.949))
+                && !s.selects(2, 0.2, margin_of(0.2))
+        );
         check_counts(&samples, &s);
         // Threshold 0 with no cap keeps everything.
         let all = Selection::choose(1, &hist_at(&samples, 0.0), &rule(0.0, None, false));
@@ -409,7 +420,11 @@ mod tests {
         check_counts(&samples, &s);
         let s1 = Selection::choose(2, &hist_at(&samples, 0.5), &rule(0.5, Some(1), false));
         assert_eq!(s1.selected, vec![1, 1, 0]);
-        assert!(s1.selects(0, 0.99, margin_of(0.99)) && !s1.selects(0, 0.98, margin_of(0.98)) && s1.selects(1, 0.7, margin_of(0.7)));
+        assert!(
+            s1.selects(0, 0.99, margin_of(0.99))
+                && !s1.selects(0, 0.98, margin_of(0.98))
+                && s1.selects(1, 0.7, margin_of(0.7))
+        );
         check_counts(&samples, &s1);
     }
 
@@ -426,7 +441,11 @@ mod tests {
         ];
         let s = Selection::choose(1, &hist_at(&samples, 0.8), &rule(0.8, None, true));
         assert_eq!(s.selected, vec![1, 1, 1]);
-        assert!(s.selects(0, 0.99, margin_of(0.99)) && s.selects(1, 0.95, margin_of(0.95)) && s.selects(2, 0.91, margin_of(0.91)));
+        assert!(
+            s.selects(0, 0.99, margin_of(0.99))
+                && s.selects(1, 0.95, margin_of(0.95))
+                && s.selects(2, 0.91, margin_of(0.91))
+        );
         check_counts(&samples, &s);
     }
 

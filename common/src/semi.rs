@@ -193,8 +193,7 @@ pub fn validate(
         }
         unit("ssl.threshold", s.threshold())?;
         positive("ssl.temperature", s.temperature)?;
-        if s.method == SslMethod::Fixmatch && (s.temperature != 1.0 || s.tsa != TsaSchedule::None)
-        {
+        if s.method == SslMethod::Fixmatch && (s.temperature != 1.0 || s.tsa != TsaSchedule::None) {
             return Err(bad(
                 "ssl",
                 "temperature and tsa are UDA options; FixMatch uses hard pseudo-labels".into(),
@@ -233,7 +232,10 @@ pub fn validate(
         }
         positive("pseudo_label.temperature", p.temperature)?;
         if !(p.weight >= 0.0 && p.weight.is_finite()) {
-            return Err(bad("pseudo_label.weight", "must be a finite number ≥ 0".into()));
+            return Err(bad(
+                "pseudo_label.weight",
+                "must be a finite number ≥ 0".into(),
+            ));
         }
     }
     Ok(())
@@ -259,7 +261,11 @@ mod tests {
         let ok = parse(u, "[ssl]\nmethod='fixmatch'\n").unwrap();
         assert_eq!(ok.unlabeled_ratio(), 7, "FixMatch's default μ");
         assert_eq!(ok.ssl.unwrap().threshold(), 0.95);
-        let mu3 = parse("unlabeled_split='u'\nunlabeled_ratio=3\n", "[ssl]\nmethod='fixmatch'\n").unwrap();
+        let mu3 = parse(
+            "unlabeled_split='u'\nunlabeled_ratio=3\n",
+            "[ssl]\nmethod='fixmatch'\n",
+        )
+        .unwrap();
         assert_eq!(mu3.unlabeled_ratio(), 3);
         let uda = parse(u, "[ssl]\nmethod='uda'\ntsa='exp'\n").unwrap();
         assert_eq!(uda.ssl.unwrap().threshold(), 0.0);
@@ -270,15 +276,34 @@ mod tests {
             (u, "[ssl]\nmethod='uda'\nthreshold=1.5\n", "ssl.threshold"),
             (u, "[ssl]\nmethod='uda'\ntemperature=0\n", "ssl.temperature"),
             (u, "[ssl]\nmethod='uda'\nlambda_u=-1\n", "ssl.lambda_u"),
-            (u, "[ssl]\nmethod='uda'\n[regularize.mix]\nmixup_alpha=1.0\n", "cannot be combined"),
+            (
+                u,
+                "[ssl]\nmethod='uda'\n[regularize.mix]\nmixup_alpha=1.0\n",
+                "cannot be combined",
+            ),
             (u, "[pseudo_label]\nrounds=1\n", "pseudo_label.rounds"),
-            ("", "[pseudo_label]\nrounds=2\n", "needs data.unlabeled_split"),
-            (u, "[pseudo_label]\nrounds=2\ntop_k_per_class=0\n", "top_k_per_class"),
-            (u, "[pseudo_label]\nrounds=2\n[ssl]\nmethod='uda'\n", "cannot be combined"),
+            (
+                "",
+                "[pseudo_label]\nrounds=2\n",
+                "needs data.unlabeled_split",
+            ),
+            (
+                u,
+                "[pseudo_label]\nrounds=2\ntop_k_per_class=0\n",
+                "top_k_per_class",
+            ),
+            (
+                u,
+                "[pseudo_label]\nrounds=2\n[ssl]\nmethod='uda'\n",
+                "cannot be combined",
+            ),
             (u, "[augment]\nlabeled='medium'\n", "unknown variant"),
         ] {
             let e = parse(data, sections).unwrap_err();
-            assert!(e.contains(want) && e.contains("job.toml"), "{sections}: {e}");
+            assert!(
+                e.contains(want) && e.contains("job.toml"),
+                "{sections}: {e}"
+            );
         }
         // A staged job with consistency training as well: refused, not silently ignored.
         let staged = "[job]\nname='t'\n[data]\nmanifest='m'\nlabels_per_class=4\nunlabeled_split='u'\n\
@@ -291,7 +316,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("pretrain") && e.contains("cannot be combined"), "{e}");
+        assert!(
+            e.contains("pretrain") && e.contains("cannot be combined"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -95,7 +95,8 @@ impl Rounds {
                 round_accuracy: Vec::new(),
             }
         };
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let exit_before_select = std::env::var("BUTLER_FAULT").ok().and_then(|f| {
             f.strip_prefix("coordinator-exit-before-select:")
                 .and_then(|r| r.parse().ok())
@@ -309,7 +310,8 @@ mod tests {
         // A repeated report of a finished phase is ignored; one from the future is refused.
         r.complete(0, 0, Phase::Train, None, None).unwrap();
         assert!(r.complete(0, 2, Phase::Train, None, None).is_err());
-        r.complete(0, 0, Phase::Infer, Some(hist(0.7)), None).unwrap();
+        r.complete(0, 0, Phase::Infer, Some(hist(0.7)), None)
+            .unwrap();
         // The coordinator "dies" here; a resumed one has rank 0's histogram and waits for rank 1.
         let mut again = Rounds::open(dir.path(), &cfg(), 2, true).unwrap();
         assert_eq!(again.current(), (0, Phase::Infer));

@@ -220,13 +220,12 @@ impl Coordinator for Service {
             })?;
             let outcome = match r.done {
                 Some(d) => {
-                    let histogram = (!d.histogram.is_empty()).then_some(
-                        butler_common::pseudo::Histogram {
+                    let histogram =
+                        (!d.histogram.is_empty()).then_some(butler_common::pseudo::Histogram {
                             classes: d.classes as usize,
                             counts: d.histogram,
                             below: d.below,
-                        },
-                    );
+                        });
                     if let Some(h) = &histogram {
                         if h.counts.len() != h.classes * butler_common::pseudo::BINS
                             || h.below.len() != h.classes

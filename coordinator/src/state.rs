@@ -216,7 +216,11 @@ impl JobState {
         self.check(rank, generation)?;
         self.touch(rank);
         // With pseudo-label rounds the labeled epochs of round r are numbered r·E .. (r+1)·E.
-        let rounds = self.cfg.pseudo_label.as_ref().map_or(1, |p| p.rounds as u64);
+        let rounds = self
+            .cfg
+            .pseudo_label
+            .as_ref()
+            .map_or(1, |p| p.rounds as u64);
         if epoch >= self.cfg.train.epochs * rounds {
             return Ok(None);
         }

@@ -1,9 +1,9 @@
 //! In-memory splits for the foundation: a split's shards are read (checksums verified) into one tensor.
 //! Streaming for sets larger than RAM replaces this behind the same batch interface.
 
+use crate::augment::{Pipeline, SampleKey};
 use crate::Result;
 use butler_common::manifest::Manifest;
-use crate::augment::{Pipeline, SampleKey};
 use butler_common::shard::read_split;
 use std::path::Path;
 use tch::Tensor;

@@ -293,8 +293,7 @@ impl<'a> Job<'a> {
     ) -> Result<(Job<'a>, collective::TcpRing)> {
         cfg.validate_world(ctx.world)?;
         let (manifest, manifest_file) = cfg.check_data()?;
-        let mut train_set =
-            InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
+        let mut train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
         if let Some(k) = cfg.data.labels_per_class {
             let labels = Vec::<i64>::try_from(&train_set.y)?;
             train_set = train_set.subset(&labeled_subset(&labels, k, cfg.subset_seed()));

@@ -83,7 +83,12 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                 let mut stream = match &table {
                     Some(t) => {
                         let ratio = read_ratio(job, t.len() as u64)?;
-                        info!(round, selected = t.len(), read_ratio = ratio, "pseudo-labeled stream");
+                        info!(
+                            round,
+                            selected = t.len(),
+                            read_ratio = ratio,
+                            "pseudo-labeled stream"
+                        );
                         crate::open_unlabeled_stream(
                             job,
                             pseudo_views(job, t.clone())?,
@@ -185,10 +190,12 @@ fn restore(job: &Job, ring: &mut TcpRing, round: u32) -> Result<(Evaluation, Tra
 }
 
 fn load_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
-    trainer
-        .vs
-        .load(path)
-        .map_err(|e| Error::Setup(format!("cannot load round checkpoint {}: {e}", path.display())))
+    trainer.vs.load(path).map_err(|e| {
+        Error::Setup(format!(
+            "cannot load round checkpoint {}: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// How many pool samples a rank reads per labeled sample so that, on average, μ = `data.unlabeled_ratio`
@@ -248,7 +255,13 @@ impl loader::ViewMaker for SelectedView {
 }
 
 /// INFER on this rank's shards; returns their histogram.
-fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -> Result<Histogram> {
+fn infer(
+    job: &Job,
+    trainer: &Trainer,
+    round: u32,
+    soft: bool,
+    threshold: f64,
+) -> Result<Histogram> {
     let ctx = job.ctx;
     let split_name = job
         .cfg
@@ -315,7 +328,11 @@ fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -
                 s.write(&path)?;
                 labeled += 1;
                 if fault_after_sidecar(round, ctx.rank) {
-                    tracing::error!(round, shard = i, "BUTLER_FAULT: exiting after writing a sidecar (test hook)");
+                    tracing::error!(
+                        round,
+                        shard = i,
+                        "BUTLER_FAULT: exiting after writing a sidecar (test hook)"
+                    );
                     std::process::exit(86);
                 }
                 s
@@ -323,11 +340,18 @@ fn infer(job: &Job, trainer: &Trainer, round: u32, soft: bool, threshold: f64) -
         };
         hist.merge(&sidecar.histogram(threshold))?;
         // Progress for the heartbeat: shards done in this phase.
-        ctx.progress
-            .step
-            .store((labeled + reused) as u64, std::sync::atomic::Ordering::Relaxed);
+        ctx.progress.step.store(
+            (labeled + reused) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
-    info!(round, labeled, reused, samples = hist.total(), "shards pseudo-labeled");
+    info!(
+        round,
+        labeled,
+        reused,
+        samples = hist.total(),
+        "shards pseudo-labeled"
+    );
     Ok(hist)
 }
 
@@ -399,7 +423,11 @@ impl PseudoTable {
                 set.selected
             )));
         }
-        info!(set = set.round, selected = entries.len(), "pseudo-label set loaded");
+        info!(
+            set = set.round,
+            selected = entries.len(),
+            "pseudo-label set loaded"
+        );
         Ok(PseudoTable {
             entries,
             classes: set.selected.len() as i64,

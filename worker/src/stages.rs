@@ -135,9 +135,8 @@ fn pretrain(
         }),
         _ => Arc::new(loader::Identity),
     };
-    let mut stream = crate::open_unlabeled_stream(job, views, Some(per_rank))?.ok_or_else(|| {
-        Error::Setup("pretraining needs data.unlabeled_split".into())
-    })?;
+    let mut stream = crate::open_unlabeled_stream(job, views, Some(per_rank))?
+        .ok_or_else(|| Error::Setup("pretraining needs data.unlabeled_split".into()))?;
     let steps_per_epoch = stream.steps_per_epoch();
     let mut model = Pretrainer::new(
         p,

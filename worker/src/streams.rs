@@ -26,7 +26,11 @@ pub fn cache_for_window(configured: usize, window: usize, sizes: &[u64], threads
     let span = (window.max(1) as u64).div_ceil(smallest) as usize + 1;
     let needed = (2 * span + threads).min(sizes.len().max(1));
     if needed > configured {
-        tracing::debug!(configured, needed, "shard cache enlarged to cover the shuffle window");
+        tracing::debug!(
+            configured,
+            needed,
+            "shard cache enlarged to cover the shuffle window"
+        );
     }
     configured.max(needed)
 }
@@ -68,7 +72,8 @@ impl UnlabeledStream {
         }
         let sizes: Vec<u64> = split.shards.iter().map(|s| s.num_samples).collect();
         let mut spec = spec;
-        spec.cache_shards = cache_for_window(spec.cache_shards, shuffle_window, &sizes, spec.threads);
+        spec.cache_shards =
+            cache_for_window(spec.cache_shards, shuffle_window, &sizes, spec.threads);
         let mut s = UnlabeledStream {
             spec,
             sizes,

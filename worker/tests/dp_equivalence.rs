@@ -78,7 +78,10 @@ fn unlabeled_share(pool: &Tensor, step: usize, world: usize, rank: usize) -> (Ve
     let base = step as i64 * UNLABELED;
     let clean = pool.narrow(0, base + a, b - a);
     let noise = pool.narrow(0, base + a + 1, b - a) * 0.3;
-    (vec![clean.shallow_clone(), &clean + noise], UNLABELED as u64)
+    (
+        vec![clean.shallow_clone(), &clean + noise],
+        UNLABELED as u64,
+    )
 }
 
 /// Trains `world` replicas for STEPS steps and returns every replica's final parameters.
@@ -89,7 +92,10 @@ fn train_with(world: usize, optim: &str, extra: &str, n: i64) -> Vec<Vec<f32>> {
     let data = data(n);
     let pool = {
         tch::manual_seed(12);
-        Tensor::randn([UNLABELED * (STEPS as i64 + 1) + 1, 40], (Kind::Float, Device::Cpu)) * 2.0
+        Tensor::randn(
+            [UNLABELED * (STEPS as i64 + 1) + 1, 40],
+            (Kind::Float, Device::Cpu),
+        ) * 2.0
     };
     let n = data.len;
     // Replicas are built one after another: libtorch's seed is process-global. Ranks > 0 get deliberately

@@ -423,7 +423,10 @@ fn tsa_thresholds_masks_and_loss_match_pytorch() {
         for step in [0u64, 30, 60, 100] {
             let key = format!("tsa/{name}/{step}");
             let eta = schedule.threshold(step, 100, 10);
-            assert!((eta - f.scalar(&format!("{key}/eta"))).abs() < 1e-12, "{key}");
+            assert!(
+                (eta - f.scalar(&format!("{key}/eta"))).abs() < 1e-12,
+                "{key}"
+            );
             for dt in ["f32", "f64"] {
                 let (kind, tol) = dtype_of(dt);
                 let z = f.get("logits").to_kind(kind);
@@ -459,7 +462,10 @@ fn uda_consistency_matches_pytorch() {
         }
     }
     // The mask at β = 0.8 must leave some examples out, or the masked fixtures test nothing.
-    let m = f.get("uda/T1/b0.8/f64/mask").sum(Kind::Double).double_value(&[]);
+    let m = f
+        .get("uda/T1/b0.8/f64/mask")
+        .sum(Kind::Double)
+        .double_value(&[]);
     assert!(m > 0.0 && m < 12.0, "{m}");
 }
 
@@ -486,7 +492,10 @@ fn fixmatch_loss_matches_pytorch() {
 #[test]
 fn drift_ssl_variants_are_rejected() {
     let f = Fixture::load("ssl.safetensors");
-    let (clean, aug) = (f.get("clean").to_kind(Kind::Double), f.get("aug").to_kind(Kind::Double));
+    let (clean, aug) = (
+        f.get("clean").to_kind(Kind::Double),
+        f.get("aug").to_kind(Kind::Double),
+    );
     // Sharpening the *augmented* side instead of the target, or forgetting the temperature.
     let (kl, mask) = uda_consistency(&clean, &aug, 1.0, 0.0);
     let (wrong, _) = masked_means(&kl, &mask);

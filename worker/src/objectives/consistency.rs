@@ -85,7 +85,8 @@ impl Objective for Consistency {
             inputs.push(b);
         }
         let mut parts = LossParts::default();
-        let logits = (!inputs.is_empty()).then(|| ctx.model.forward_t(&Tensor::cat(&inputs, 0), true));
+        let logits =
+            (!inputs.is_empty()).then(|| ctx.model.forward_t(&Tensor::cat(&inputs, 0), true));
         let split = |from: i64, len: i64| logits.as_ref().map(|l| l.narrow(0, from, len));
 
         if self.tsa() {
