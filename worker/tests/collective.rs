@@ -1,34 +1,14 @@
 //! The tensor-level `Collective` over the TCP ring: in-place for contiguous CPU f32 tensors, staged for
 //! anything else, with torch.distributed's semantics.
 
-use butler_worker::collective::{Collective, RingConfig, RingListener, TcpRing};
+mod common;
+
+use butler_worker::collective::{Collective, TcpRing};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 fn rings(world: usize) -> Vec<TcpRing> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect();
-    let hs: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(r, l)| {
-            let peers = peers.clone();
-            std::thread::spawn(move || {
-                l.connect(
-                    r,
-                    &peers,
-                    RingConfig {
-                        timeout: Duration::from_secs(10),
-                        ..Default::default()
-                    },
-                )
-                .unwrap()
-            })
-        })
-        .collect();
-    hs.into_iter().map(|h| h.join().unwrap()).collect()
+    common::rings_with_timeout(world, Duration::from_secs(10))
 }
 
 #[test]

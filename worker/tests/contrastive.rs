@@ -8,9 +8,11 @@
 //! tests run the common bug (other ranks' negatives gathered without gradient) and assert that the same
 //! comparison rejects it, so a pass means something.
 
+mod common;
+
 use butler_common::config::{OptimConfig, OptimKind, ScheduleConfig, ScheduleKind};
 use butler_common::pretrain::{PretrainConfig, PretrainMethod};
-use butler_worker::collective::{RingConfig, RingListener, TcpRing};
+use butler_worker::collective::TcpRing;
 use butler_worker::contrastive::cpc::{cpc_sum, info_nce_sum, predictions_per_sample};
 use butler_worker::contrastive::encoder::{copy_encoder_into, l2_normalize};
 use butler_worker::contrastive::ntxent::{
@@ -193,29 +195,7 @@ fn drift_lars_adapting_biases_is_rejected() {
 }
 
 fn rings(world: usize) -> Vec<TcpRing> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let peers = peers.clone();
-            std::thread::spawn(move || {
-                l.connect(
-                    rank,
-                    &peers,
-                    RingConfig {
-                        timeout: Duration::from_secs(30),
-                        ..Default::default()
-                    },
-                )
-                .unwrap()
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::rings_with_timeout(world, Duration::from_secs(30))
 }
 
 #[test]

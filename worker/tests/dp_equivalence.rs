@@ -1,9 +1,11 @@
 //! Data-parallel training equals single-process training: W workers with per-worker batch B/W reach the
 //! same parameters as 1 worker with batch B after 20 steps on the same data order.
 
+mod common;
+
 use butler_common::config::JobConfig;
 use butler_common::sampler::DistributedSampler;
-use butler_worker::collective::{RingConfig, RingListener, TcpRing};
+use butler_worker::collective::TcpRing;
 use butler_worker::data::InMemorySplit;
 use butler_worker::trainer::{Trainer, UnlabeledBatch};
 use std::path::Path;
@@ -42,29 +44,7 @@ fn data(n: i64) -> InMemorySplit {
 }
 
 fn rings(world: usize) -> Vec<TcpRing> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-        .collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let peers = peers.clone();
-            std::thread::spawn(move || {
-                l.connect(
-                    rank,
-                    &peers,
-                    RingConfig {
-                        timeout: Duration::from_secs(20),
-                        ..Default::default()
-                    },
-                )
-                .unwrap()
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::rings_with_timeout(world, Duration::from_secs(20))
 }
 
 /// The unlabeled samples of step `s`: a global batch of `UNLABELED` samples split unevenly across the
