@@ -86,6 +86,15 @@ pub enum CorruptPolicy {
     Fail,
 }
 
+impl From<crate::config::CorruptSamples> for CorruptPolicy {
+    fn from(c: crate::config::CorruptSamples) -> Self {
+        match c {
+            crate::config::CorruptSamples::Skip => CorruptPolicy::Skip,
+            crate::config::CorruptSamples::Fail => CorruptPolicy::Fail,
+        }
+    }
+}
+
 /// A sample left out under [`CorruptPolicy::Skip`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SkippedSample {

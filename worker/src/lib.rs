@@ -561,14 +561,7 @@ pub(crate) fn open_unlabeled_stream(
         threads: l.threads,
         prefetch: l.prefetch,
         cache_shards: l.cache_shards,
-        policy: match l.corrupt {
-            butler_common::config::CorruptSamples::Skip => {
-                butler_common::shard::CorruptPolicy::Skip
-            }
-            butler_common::config::CorruptSamples::Fail => {
-                butler_common::shard::CorruptPolicy::Fail
-            }
-        },
+        policy: l.corrupt.into(),
         timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
     };
     info!(split = %a.split, samples = a.dataset_len, per_rank_batch = spec.batch, "unlabeled stream assigned");

@@ -17,7 +17,6 @@ use crate::collective::TcpRing;
 use crate::objectives::{PseudoBatch, PseudoTargets};
 use crate::trainer::{Evaluation, Trainer};
 use crate::{loader, rpc, Error, Job, Result};
-use butler_common::config::CorruptSamples;
 use butler_common::pseudo::{Histogram, Selection, Sidecar};
 use butler_common::shard::{read_shard_checked, CorruptPolicy};
 use butler_proto::{PhaseDone, PhaseKind, PhaseRequest, PhaseResponse};
@@ -274,10 +273,7 @@ fn infer(
     std::fs::create_dir_all(&dir).map_err(|e| butler_common::Error::io(&dir, e))?;
     let data_dir = job.manifest_file.parent().unwrap_or(Path::new("."));
     let classes = job.manifest.num_classes();
-    let policy = match job.cfg.loader.corrupt {
-        CorruptSamples::Skip => CorruptPolicy::Skip,
-        CorruptSamples::Fail => CorruptPolicy::Fail,
-    };
+    let policy: CorruptPolicy = job.cfg.loader.corrupt.into();
     let mut hist = Histogram::new(classes);
     let (mut labeled, mut reused) = (0usize, 0usize);
     for (i, entry) in split.shards.iter().enumerate() {

@@ -253,15 +253,20 @@ impl Trainer {
 
     /// Flat copy of all parameters, in a fixed order (for tests and checksums).
     pub fn flat_parameters(&self) -> Vec<f32> {
-        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let flat = Tensor::cat(
-            &named
-                .iter()
-                .map(|(_, t)| t.detach().reshape([-1]))
-                .collect::<Vec<_>>(),
-            0,
-        );
-        Vec::<f32>::try_from(&flat).expect("parameters are f32")
+        flat_parameters(&self.vs)
     }
+}
+
+/// All variables of `vs` flattened into one vector, in name order (for tests and checksums).
+pub fn flat_parameters(vs: &nn::VarStore) -> Vec<f32> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let flat = Tensor::cat(
+        &named
+            .iter()
+            .map(|(_, t)| t.detach().reshape([-1]))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    Vec::<f32>::try_from(&flat).expect("parameters are f32")
 }

@@ -144,13 +144,23 @@ impl GlobalRows {
             }
             None => (None, self.all.zeros_like()),
         };
+        let mine = self.reduce_to_local(&mut grad, mode, comm)?;
+        Ok(anchor.zip(mine).map(|(a, g)| a + g))
+    }
+
+    /// Sums `grad`, the gradient this rank's loss puts on the gathered matrix, over all ranks (unless
+    /// `mode` is `Detached`) and returns this rank's rows of it, or `None` when it holds no rows.
+    fn reduce_to_local(
+        &self,
+        grad: &mut Tensor,
+        mode: GatherGrad,
+        comm: &mut dyn Collective,
+    ) -> Result<Option<Tensor>> {
         if comm.world_size() > 1 && mode == GatherGrad::Exact {
-            comm.all_reduce_sum(&mut grad)?;
+            comm.all_reduce_sum(grad)?;
         }
         let n = self.local_len();
-        Ok(anchor
-            .filter(|_| n > 0)
-            .map(|a| a + grad.narrow(0, self.offset(), n)))
+        Ok((n > 0).then(|| grad.narrow(0, self.offset(), n)))
     }
 
     /// The candidate-role term for `local` (the live tensor whose detached values were gathered):
@@ -176,14 +186,7 @@ impl GlobalRows {
             }
             None => self.all.zeros_like(),
         };
-        if comm.world_size() > 1 && mode == GatherGrad::Exact {
-            comm.all_reduce_sum(&mut grad)?;
-        }
-        let n = self.local_len();
-        if n == 0 {
-            return Ok(None);
-        }
-        let mine = grad.narrow(0, self.offset(), n).detach();
-        Ok(Some((local * mine).sum(Kind::Float)))
+        let mine = self.reduce_to_local(&mut grad, mode, comm)?;
+        Ok(mine.map(|g| (local * g.detach()).sum(Kind::Float)))
     }
 }

@@ -144,15 +144,6 @@ impl Pretrainer {
 
     /// Flat copy of all parameters in name order (tests, checksums).
     pub fn flat_parameters(&self) -> Vec<f32> {
-        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let flat = Tensor::cat(
-            &named
-                .iter()
-                .map(|(_, t)| t.detach().reshape([-1]))
-                .collect::<Vec<_>>(),
-            0,
-        );
-        Vec::<f32>::try_from(&flat).expect("parameters are f32")
+        crate::trainer::flat_parameters(&self.vs)
     }
 }
