@@ -10,4 +10,8 @@ _torch_lib="$(ls -d "$BUTLER_VENV"/lib/python3*/site-packages/torch/lib 2>/dev/n
 if [ -n "$_torch_lib" ]; then
   export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+# The libnccl.so name cudarc loads (scripts/setup-python.sh makes it).
+if [ -d "$BUTLER_VENV/nccl-shim" ]; then
+  export LD_LIBRARY_PATH="$BUTLER_VENV/nccl-shim:$LD_LIBRARY_PATH"
+fi
 unset _torch_lib

@@ -81,6 +81,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.resume && cfg.pseudo_label.is_none() {
         bail!("--resume: only pseudo-label rounds persist their progress today; rerun this job without --resume");
     }
+    // The workers run on this machine: what they would refuse at start is refused here, before the run
+    // directory exists.
+    preflight_devices(&cfg, args.workers)?;
     let out = args
         .out
         .clone()
@@ -132,6 +135,35 @@ pub fn run(args: RunArgs) -> Result<()> {
     result
 }
 
+/// `cluster.device = "cuda"` or `cluster.backend = "nccl"` on a machine that cannot honour them.
+fn preflight_devices(cfg: &JobConfig, workers: u32) -> Result<()> {
+    use butler_common::config::BackendChoice;
+    let device = butler_worker::device::resolve_device(cfg.cluster.device, 0)?;
+    if cfg.cluster.backend != BackendChoice::Nccl {
+        return Ok(());
+    }
+    if !device.is_cuda() {
+        bail!(
+            "cluster.backend = \"nccl\" but this machine has no CUDA device ({}); run `butler doctor`, \
+             or set cluster.backend = \"auto\" or \"ring\"",
+            butler_worker::device::cuda_missing_reason()
+        );
+    }
+    if let butler_worker::collective::nccl::NcclProbe::Missing(why) =
+        butler_worker::collective::nccl::probe()
+    {
+        bail!("cluster.backend = \"nccl\" but NCCL cannot be loaded: {why}; run `butler doctor`");
+    }
+    let gpus = tch::Cuda::device_count().max(0) as u32;
+    if workers > gpus {
+        bail!(
+            "cluster.backend = \"nccl\" needs one GPU per rank, but {workers} workers share this machine's \
+             {gpus} GPU(s); use --workers {gpus}, or cluster.backend = \"ring\" to share GPUs"
+        );
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn supervise(
     args: &RunArgs,
@@ -178,6 +210,9 @@ fn supervise(
                 format!("local-{rank}"),
                 "--threads".into(),
                 threads.to_string(),
+                // One host: rank r takes GPU r mod GPUs.
+                "--local-rank".into(),
+                rank.to_string(),
             ],
             out.join("logs").join(format!("worker-{rank}.log")),
             token,

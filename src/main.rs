@@ -1,10 +1,11 @@
 //! `butler`: the one user-facing binary. Subcommands: `run` (local launcher), `coordinator`, `worker`,
-//! `data` (prepare / inspect), `bench`.
+//! `data` (prepare / inspect), `bench`, `doctor`.
 
 mod bench;
 mod bench_simclr;
 mod bench_stream;
 mod data_cmd;
+mod doctor;
 mod import;
 mod launcher;
 
@@ -39,6 +40,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// What this machine offers: libtorch, CUDA devices, cuDNN, NCCL, and the backend `auto` would pick.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -87,6 +90,10 @@ struct WorkerArgs {
     /// How long to keep trying to reach the coordinator, in seconds.
     #[arg(long, default_value_t = 60)]
     connect_wait_s: u64,
+    /// This worker's index among the workers of its host: it trains on GPU `local_rank mod GPUs`
+    /// (`torchrun`'s LOCAL_RANK).
+    #[arg(long, env = "LOCAL_RANK", default_value_t = 0)]
+    local_rank: usize,
 }
 
 fn init_tracing() {
@@ -120,6 +127,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Doctor(args) => doctor::run(args),
     }
 }
 
@@ -186,6 +194,7 @@ fn worker(args: WorkerArgs) -> Result<()> {
         advertise_host: args.advertise_host,
         threads: args.threads,
         connect_wait: Duration::from_secs(args.connect_wait_s),
+        local_rank: args.local_rank,
     })?;
     tracing::info!(
         rank = report.rank,

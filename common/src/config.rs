@@ -394,6 +394,41 @@ pub struct TrainConfig {
     /// Intra-op threads per worker; 0 lets the launcher split the machine's cores among the workers.
     #[serde(default)]
     pub threads: usize,
+    /// Numeric precision of the forward pass: `fp32`, or `bf16` autocast (master weights, gradients
+    /// and optimizer state stay fp32, as in `torch.autocast(dtype=torch.bfloat16)`).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// `[train] precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+/// `[cluster] device`: where a worker keeps its model and runs its steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when this worker's libtorch sees a GPU, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// `[cluster] backend`: the collective that averages gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// NCCL when every rank is on CUDA and has NCCL, else the TCP ring.
+    #[default]
+    Auto,
+    Nccl,
+    Ring,
 }
 
 fn one() -> u64 {
@@ -420,6 +455,13 @@ pub struct ClusterConfig {
     /// Gradient bucket size in MiB (PyTorch DDP's default is 25).
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Where each worker trains (`auto`: CUDA when available; rank r of a host on GPU
+    /// `local_rank mod devices`).
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// The gradient collective (`auto`: NCCL when every rank is on CUDA, else the TCP ring).
+    #[serde(default)]
+    pub backend: BackendChoice,
 }
 
 fn default_heartbeat_interval_ms() -> u64 {
@@ -446,6 +488,8 @@ impl Default for ClusterConfig {
             collective_timeout_ms: default_collective_timeout_ms(),
             rendezvous_timeout_ms: default_rendezvous_timeout_ms(),
             bucket_mb: default_bucket_mb(),
+            device: DeviceChoice::default(),
+            backend: BackendChoice::default(),
         }
     }
 }
@@ -484,6 +528,13 @@ impl JobConfig {
         }
         if self.train.batch_size == 0 {
             return Err(bad("train.batch_size", "must be at least 1".into()));
+        }
+        if self.cluster.backend == BackendChoice::Nccl && self.cluster.device == DeviceChoice::Cpu {
+            return Err(bad(
+                "cluster.backend",
+                "\"nccl\" needs cluster.device = \"cuda\" or \"auto\" (NCCL runs on CUDA tensors only)"
+                    .into(),
+            ));
         }
         if self.data.unlabeled_ratio == Some(0) {
             return Err(bad("data.unlabeled_ratio", "must be at least 1".into()));

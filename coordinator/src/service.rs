@@ -1,7 +1,7 @@
 //! The gRPC face of the coordinator: token check, status mapping, rendezvous waiting, the heartbeat
 //! watchdog, and the end of the job (summary.json on success, a failure reason otherwise).
 
-use crate::state::{JobState, Refusal};
+use crate::state::{JobState, RankEndpoint, Refusal};
 use crate::summary::Summary;
 use crate::{Error, Result};
 use butler_common::config::JobConfig;
@@ -62,6 +62,7 @@ fn status(r: Refusal) -> Status {
         }
         Refusal::JobFailed(_) => Status::aborted(r.to_string()),
         Refusal::Stage(_) => Status::failed_precondition(r.to_string()),
+        Refusal::Invalid(_) => Status::invalid_argument(r.to_string()),
     }
 }
 
@@ -96,7 +97,13 @@ impl Coordinator for Service {
         let r = req.into_inner();
         let timeout = {
             let mut st = self.0.lock();
-            st.publish_endpoint(r.rank, r.generation, r.endpoint)
+            let published = RankEndpoint {
+                endpoint: r.endpoint,
+                device: r.device,
+                nccl: r.nccl,
+                nccl_id: r.nccl_id,
+            };
+            st.publish_endpoint(r.rank, r.generation, published)
                 .map_err(status)?;
             Duration::from_millis(st.cfg.cluster.rendezvous_timeout_ms)
         };
@@ -116,10 +123,14 @@ impl Coordinator for Service {
                         current: st.generation,
                     }));
                 }
-                if let Some(endpoints) = st.endpoints() {
+                if let Some(all) = st.endpoints() {
+                    let nccl_id = all.first().map(|e| e.nccl_id.clone()).unwrap_or_default();
                     return Ok(Response::new(RendezvousResponse {
                         generation: st.generation,
-                        endpoints,
+                        devices: all.iter().map(|e| e.device.clone()).collect(),
+                        nccl: all.iter().map(|e| e.nccl).collect(),
+                        endpoints: all.into_iter().map(|e| e.endpoint).collect(),
+                        nccl_id,
                     }));
                 }
             }

@@ -54,6 +54,22 @@ pub enum Refusal {
     JobFailed(String),
     /// A stage report that does not follow the job's stage plan.
     Stage(String),
+    /// A request whose content is malformed (named in the message).
+    Invalid(String),
+}
+
+/// What one rank published for the rendezvous; relayed to every rank as it came, never interpreted
+/// beyond the check that only rank 0 carries an NCCL id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RankEndpoint {
+    /// The rank's TCP ring listener ("host:port").
+    pub endpoint: Vec<u8>,
+    /// "cpu" or "cuda".
+    pub device: String,
+    /// Whether the rank can load NCCL.
+    pub nccl: bool,
+    /// Rank 0's NCCL unique id, when it made one.
+    pub nccl_id: Vec<u8>,
 }
 
 impl std::fmt::Display for Refusal {
@@ -73,7 +89,7 @@ impl std::fmt::Display for Refusal {
                 write!(f, "rank {rank} is already held by worker {by:?}")
             }
             Refusal::JobFailed(why) => write!(f, "the job has failed: {why}"),
-            Refusal::Stage(why) => write!(f, "{why}"),
+            Refusal::Stage(why) | Refusal::Invalid(why) => write!(f, "{why}"),
         }
     }
 }
@@ -86,7 +102,7 @@ pub struct JobState {
     /// Samples in the unlabeled stream's split, when the job has one.
     pub unlabeled_len: Option<u64>,
     members: Vec<Option<Member>>,
-    endpoints: Vec<Option<Vec<u8>>>,
+    endpoints: Vec<Option<RankEndpoint>>,
     epochs: BTreeMap<u64, EpochAgg>,
     finished_ok: Vec<Option<RankResult>>,
     failure: Option<String>,
@@ -184,20 +200,26 @@ impl JobState {
         Ok(rank)
     }
 
-    /// Records an endpoint; returns all of them once every rank has published.
+    /// Records what a rank published for the rendezvous.
     pub fn publish_endpoint(
         &mut self,
         rank: u32,
         generation: u64,
-        endpoint: Vec<u8>,
+        endpoint: RankEndpoint,
     ) -> Result<(), Refusal> {
         self.check(rank, generation)?;
+        if rank != 0 && !endpoint.nccl_id.is_empty() {
+            return Err(Refusal::Invalid(format!(
+                "rank {rank} published an NCCL id; only rank 0 creates it"
+            )));
+        }
         self.endpoints[rank as usize] = Some(endpoint);
         self.touch(rank);
         Ok(())
     }
 
-    pub fn endpoints(&self) -> Option<Vec<Vec<u8>>> {
+    /// Every rank's rendezvous record, once all have published.
+    pub fn endpoints(&self) -> Option<Vec<RankEndpoint>> {
         self.endpoints.iter().cloned().collect()
     }
 

@@ -32,6 +32,8 @@ impl GradSync {
         {
             (total * 0.0).backward();
         }
+        // Buckets live where the parameters do (on the GPU for NCCL: no host copy per bucket).
+        let device = params.first().map_or(Device::Cpu, |p| p.device());
         let cap = (bucket_bytes / 4).max(1) as i64;
         let mut plan: Vec<Vec<(usize, i64, i64)>> = vec![Vec::new()];
         let mut used = 0i64;
@@ -52,7 +54,7 @@ impl GradSync {
             .map(|slots| {
                 let len: i64 = slots.iter().map(|s| s.2).sum();
                 Bucket {
-                    flat: Tensor::zeros([len], (Kind::Float, Device::Cpu)),
+                    flat: Tensor::zeros([len], (Kind::Float, device)),
                     slots,
                 }
             })

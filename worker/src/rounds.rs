@@ -13,10 +13,12 @@
 //!
 //! The run directory must be shared by all workers (as for checkpoints): every rank reads every sidecar.
 
-use crate::collective::TcpRing;
+use crate::collective::Collective;
 use crate::objectives::{PseudoBatch, PseudoTargets};
 use crate::trainer::{Evaluation, Trainer};
-use crate::{loader, rpc, Error, Job, Result};
+use crate::error::rpc;
+use crate::job::Job;
+use crate::{loader, Error, Result};
 use butler_common::pseudo::{Histogram, Selection, Sidecar};
 use butler_common::shard::{read_shard_checked, CorruptPolicy};
 use butler_proto::{PhaseDone, PhaseKind, PhaseRequest, PhaseResponse};
@@ -42,7 +44,7 @@ fn round_checkpoint(run_dir: &Path, round: u32) -> PathBuf {
 }
 
 /// Runs phases until the coordinator says DONE; returns the last TRAIN's evaluation and model.
-pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)> {
+pub(crate) fn run(job: &Job, ring: &mut dyn Collective) -> Result<(Evaluation, Trainer)> {
     let ctx = job.ctx;
     let p = job
         .cfg
@@ -88,7 +90,7 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                             read_ratio = ratio,
                             "pseudo-labeled stream"
                         );
-                        crate::open_unlabeled_stream(
+                        crate::job::open_unlabeled_stream(
                             job,
                             pseudo_views(job, t.clone())?,
                             Some(job.per_rank_batch * ratio),
@@ -98,7 +100,7 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                 };
                 let epochs = job.cfg.train.epochs;
                 let from = round as u64 * epochs;
-                let eval = crate::run_epochs(
+                let eval = crate::job::run_epochs(
                     job,
                     &mut trainer,
                     ring,
@@ -108,7 +110,7 @@ pub(crate) fn run(job: &Job, ring: &mut TcpRing) -> Result<(Evaluation, Trainer)
                 )?
                 .eval;
                 if ctx.rank == 0 {
-                    crate::save_model(&trainer, &round_checkpoint(&ctx.run_dir, round))?;
+                    crate::checkpoint::save_model(&trainer, &round_checkpoint(&ctx.run_dir, round))?;
                 }
                 ring.barrier()?;
                 info!(round, test_accuracy = eval.accuracy, "round trained");
@@ -181,7 +183,7 @@ fn next_phase(
 }
 
 /// The model of round `round` from its checkpoint, evaluated.
-fn restore(job: &Job, ring: &mut TcpRing, round: u32) -> Result<(Evaluation, Trainer)> {
+fn restore(job: &Job, ring: &mut dyn Collective, round: u32) -> Result<(Evaluation, Trainer)> {
     let mut t = job.new_trainer()?;
     load_model(&mut t, &round_checkpoint(&job.ctx.run_dir, round))?;
     let e = t.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;

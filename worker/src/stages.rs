@@ -17,11 +17,14 @@
 //!   supervised baseline through the same code.
 
 use crate::augment::TwoViews;
-use crate::collective::TcpRing;
+use crate::collective::Collective;
 use crate::contrastive::encoder::copy_encoder_into;
 use crate::contrastive::pretrain::Pretrainer;
 use crate::loader::{self, ContrastiveViews, ViewMaker};
-use crate::{rpc, save_checkpoint, Error, Job, LabeledAug, Result};
+use crate::checkpoint::save_checkpoint;
+use crate::error::rpc;
+use crate::job::{Job, LabeledAug};
+use crate::{Error, Result};
 use butler_common::config::{JobConfig, ModelConfig};
 use butler_common::manifest::Manifest;
 use butler_common::pretrain::{PretrainConfig, PretrainMethod};
@@ -35,7 +38,7 @@ use tch::{Kind, Reduction, Tensor};
 use tracing::{info, warn};
 
 /// The staged job; returns (test accuracy, test loss, final checkpoint) of the fine-tuned model.
-pub(crate) fn train(job: &mut Job, ring: &mut TcpRing) -> Result<(f64, f64, String)> {
+pub(crate) fn train(job: &mut Job, ring: &mut dyn Collective) -> Result<(f64, f64, String)> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let p = cfg
         .pretrain
@@ -115,14 +118,14 @@ fn sample_len(manifest: &Manifest) -> Result<usize> {
 
 /// Writes `vs` to `rel` under the run directory (atomically); returns `rel`.
 fn save_store(vs: &nn::VarStore, run_dir: &Path, rel: &str) -> Result<String> {
-    crate::save_vars(vs, &run_dir.join(rel))?;
+    crate::checkpoint::save_vars(vs, &run_dir.join(rel))?;
     Ok(rel.to_string())
 }
 
 fn pretrain(
     job: &Job,
     p: &PretrainConfig,
-    ring: &mut TcpRing,
+    ring: &mut dyn Collective,
 ) -> Result<(StageResult, Pretrainer)> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let t0 = Instant::now();
@@ -135,16 +138,18 @@ fn pretrain(
         }),
         _ => Arc::new(loader::Identity),
     };
-    let mut stream = crate::open_unlabeled_stream(job, views, Some(per_rank))?
+    let mut stream = crate::job::open_unlabeled_stream(job, views, Some(per_rank))?
         .ok_or_else(|| Error::Setup("pretraining needs data.unlabeled_split".into()))?;
     let steps_per_epoch = stream.steps_per_epoch();
-    let mut model = Pretrainer::new(
+    let mut model = Pretrainer::new_on(
         p,
         len,
         channels(cfg)?,
         cfg.job.seed,
         steps_per_epoch * p.epochs,
         (cfg.cluster.bucket_mb * 1024.0 * 1024.0) as usize,
+        job.device,
+        cfg.train.precision,
     )?;
     model.broadcast_parameters(ring)?;
     info!(global_batch = p.batch_size, steps_per_epoch, "pretraining");
@@ -214,7 +219,7 @@ fn probe(
     job: &Job,
     p: &PretrainConfig,
     model: &Pretrainer,
-    ring: &mut TcpRing,
+    ring: &mut dyn Collective,
 ) -> Result<(StageResult, (Tensor, Tensor))> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let (train_set, test_set) = (&job.train_set, &job.test_set);
@@ -222,27 +227,30 @@ fn probe(
     let t0 = Instant::now();
     // Raw features, not standardised: the probe's classifier is then exactly ConvBase's, ready for LP-FT
     // (folding a standardisation into it divides by the σ of near-dead features and blows up).
+    let dev = job.device;
     let (train_f, test_f) = tch::no_grad(|| {
         (
-            model.encoder.features(&train_set.x),
-            model.encoder.features(&test_set.x),
+            model.encoder.features(&train_set.x.to_device(dev)),
+            model.encoder.features(&test_set.x.to_device(dev)),
         )
     });
+    let (train_y, test_y) = (train_set.y.to_device(dev), test_set.y.to_device(dev));
     let classes = classes as i64;
     tch::manual_seed(cfg.job.seed as i64);
-    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let mut vs = nn::VarStore::new(tch::Device::Cpu);
     let head = nn::linear(
         vs.root() / "probe",
         train_f.size()[1],
         classes,
         Default::default(),
     );
+    vs.set_device(dev);
     let mut opt = nn::Adam::default().build(&vs, p.probe_lr)?;
     let mut history = Vec::new();
     for _ in 0..p.probe_epochs {
         ctx.check_stop()?;
         let loss = head.forward(&train_f).cross_entropy_loss::<Tensor>(
-            &train_set.y,
+            &train_y,
             None,
             Reduction::Mean,
             -100,
@@ -254,7 +262,7 @@ fn probe(
     let accuracy = tch::no_grad(|| {
         head.forward(&test_f)
             .argmax(-1, false)
-            .eq_tensor(&test_set.y)
+            .eq_tensor(&test_y)
             .to_kind(Kind::Double)
             .mean(Kind::Double)
             .double_value(&[])
@@ -305,7 +313,7 @@ fn finetune(
     p: &PretrainConfig,
     pretrained: Option<&Pretrainer>,
     probe_head: Option<&(Tensor, Tensor)>,
-    ring: &mut TcpRing,
+    ring: &mut dyn Collective,
 ) -> Result<(StageResult, (f64, f64, String))> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let t0 = Instant::now();
@@ -348,7 +356,7 @@ fn finetune(
             view: 0,
         });
     }
-    let run = crate::run_epochs(job, &mut trainer, ring, None, None, 0..cfg.train.epochs)?;
+    let run = crate::job::run_epochs(job, &mut trainer, ring, None, None, 0..cfg.train.epochs)?;
     let eval = run.eval;
     let checkpoint = if ctx.rank == 0 {
         save_checkpoint(&trainer, &ctx.run_dir)?

@@ -4,6 +4,7 @@
 
 use crate::collective::Collective;
 use crate::ddp::GradSync;
+use crate::device::with_precision;
 use crate::mixing::MixRng;
 use crate::models::{self, Model};
 use crate::objectives::{self, Objective, PseudoBatch, StepCtx};
@@ -23,6 +24,7 @@ pub struct Trainer {
     cfg: JobConfig,
     step: u64,
     total_steps: u64,
+    device: Device,
 }
 
 /// This rank's share of a step's unlabeled batch (one tensor per view), and the size of that batch over
@@ -41,8 +43,8 @@ pub struct Evaluation {
 }
 
 impl Trainer {
-    /// Builds the model with parameters drawn from `seed` (only rank 0's draw matters after the
-    /// broadcast) and the configured optimizer.
+    /// Builds the model on the CPU with parameters drawn from `seed` (only rank 0's draw matters after
+    /// the broadcast) and the configured optimizer.
     pub fn new(
         cfg: &JobConfig,
         sample_shape: &[usize],
@@ -50,12 +52,33 @@ impl Trainer {
         seed: u64,
         total_steps: u64,
     ) -> Result<Trainer> {
+        Trainer::new_on(cfg, sample_shape, classes, seed, total_steps, Device::Cpu)
+    }
+
+    /// [`Trainer::new`] with the replica on `device`.
+    pub fn new_on(
+        cfg: &JobConfig,
+        sample_shape: &[usize],
+        classes: usize,
+        seed: u64,
+        total_steps: u64,
+        device: Device,
+    ) -> Result<Trainer> {
         cfg.model.check_input(sample_shape)?;
+        // Parameters are drawn on the host from the seed and then moved, so a CUDA replica starts from
+        // exactly the CPU replica's weights (CUDA's generator would draw different ones).
         tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let mut vs = nn::VarStore::new(Device::Cpu);
         let model = models::build(&vs.root(), &cfg.model, sample_shape, classes);
-        let objective =
-            objectives::build(cfg, sample_shape, classes, model.mix_points(), total_steps)?;
+        vs.set_device(device);
+        let objective = objectives::build(
+            cfg,
+            sample_shape,
+            classes,
+            model.mix_points(),
+            total_steps,
+            device,
+        )?;
         let opt = Optim::build(&cfg.optim, &vs)?;
         let bucket_bytes = (cfg.cluster.bucket_mb * 1024.0 * 1024.0) as usize;
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
@@ -68,7 +91,13 @@ impl Trainer {
             cfg: cfg.clone(),
             step: 0,
             total_steps,
+            device,
         })
+    }
+
+    /// Where this replica's parameters live.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -123,16 +152,26 @@ impl Trainer {
         self.sync.zero_grad();
         let world = comm.world_size() as f64;
         let share = |local: i64, global: u64| local as f64 * world / global.max(1) as f64;
+        // Batches are built on the host; the step runs where the parameters are.
+        let dev = self.device;
+        let (x, y) = (&x.to_device(dev), &y.to_device(dev));
+        let views: Vec<Tensor> = unlabeled
+            .as_ref()
+            .map_or(Vec::new(), |u| u.views.iter().map(|v| v.to_device(dev)).collect());
+        let pseudo = pseudo.map(|p| p.to_device(dev));
         // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.
         let mut rng = MixRng::new(mix(mix(self.cfg.job.seed, self.step), comm.rank() as u64));
-        let parts = self.objective.loss(StepCtx {
-            model: self.model.as_ref(),
-            x,
-            y,
-            rng: &mut rng,
-            step: self.step,
-            unlabeled: unlabeled.as_ref().map_or(&[], |u| u.views),
-            pseudo,
+        let (model, objective) = (self.model.as_ref(), self.objective.as_mut());
+        let parts = with_precision(self.cfg.train.precision, dev, || {
+            objective.loss(StepCtx {
+                model,
+                x,
+                y,
+                rng: &mut rng,
+                step: self.step,
+                unlabeled: &views,
+                pseudo: pseudo.as_ref(),
+            })
         });
         let mut value = 0.0;
         let mut total: Option<Tensor> = None;
@@ -147,7 +186,7 @@ impl Trainer {
             add(l * share(x.size()[0], global_len));
         }
         if let (Some(l), Some(u)) = (parts.unlabeled, &unlabeled) {
-            let local = u.views.first().map_or(0, |v| v.size()[0]);
+            let local = views.first().map_or(0, |v| v.size()[0]);
             add(l * share(local, u.global_len));
         }
         let expected = self.objective.counted_terms();
@@ -160,7 +199,7 @@ impl Trainer {
         );
         if expected > 0 {
             let local: Vec<f32> = parts.counted.iter().map(|c| c.count as f32).collect();
-            let mut counts = Tensor::from_slice(&local);
+            let mut counts = Tensor::from_slice(&local).to_device(dev);
             comm.all_reduce_sum(&mut counts)?;
             let global = Vec::<f32>::try_from(&counts).expect("a 1-D f32 tensor");
             for (c, g) in parts.counted.into_iter().zip(global) {
@@ -195,9 +234,15 @@ impl Trainer {
         let (mut correct, mut loss_sum) = (0f64, 0f64);
         tch::no_grad(|| {
             for chunk in mine.chunks(batch.max(1) as usize) {
-                let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
-                let (xb, yb) = (x.index_select(0, &idx), y.index_select(0, &idx));
-                let logits = self.model.forward_t(&xb, false);
+                let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                    .to_device(x.device());
+                let (xb, yb) = (
+                    x.index_select(0, &idx).to_device(self.device),
+                    y.index_select(0, &idx).to_device(self.device),
+                );
+                let logits = with_precision(self.cfg.train.precision, self.device, || {
+                    self.model.forward_t(&xb, false)
+                });
                 loss_sum += logits
                     .cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)
                     .double_value(&[]);
@@ -209,7 +254,8 @@ impl Trainer {
             }
         });
         // f64 sums travel as f32; exact for counts below 2^24 samples per evaluation.
-        let mut totals = Tensor::from_slice(&[correct as f32, loss_sum as f32, mine.len() as f32]);
+        let mut totals = Tensor::from_slice(&[correct as f32, loss_sum as f32, mine.len() as f32])
+            .to_device(self.device);
         comm.all_reduce_sum(&mut totals)?;
         let t: Vec<f32> =
             Vec::<f32>::try_from(&totals).expect("a 1-D f32 tensor converts to Vec<f32>");
@@ -237,8 +283,12 @@ impl Trainer {
             let parts: Vec<Tensor> = (0..n)
                 .step_by(batch.max(1) as usize)
                 .map(|s| {
-                    self.model
-                        .forward_t(&x.narrow(0, s, batch.min(n - s)), false)
+                    let xb = x.narrow(0, s, batch.min(n - s)).to_device(self.device);
+                    let logits = with_precision(self.cfg.train.precision, self.device, || {
+                        self.model.forward_t(&xb, false)
+                    });
+                    logits
+                        .to_device(Device::Cpu)
                         .to_kind(Kind::Double)
                         .log_softmax(-1, Kind::Double)
                 })
@@ -264,7 +314,7 @@ pub fn flat_parameters(vs: &nn::VarStore) -> Vec<f32> {
     let flat = Tensor::cat(
         &named
             .iter()
-            .map(|(_, t)| t.detach().reshape([-1]))
+            .map(|(_, t)| t.detach().to_device(Device::Cpu).reshape([-1]))
             .collect::<Vec<_>>(),
         0,
     );

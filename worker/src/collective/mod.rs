@@ -1,12 +1,15 @@
-//! The transport-agnostic collective interface the training loop talks to. The TCP ring implements it on
-//! CPU; the NCCL backend will implement it on CUDA. Objectives and the optimizer never see sockets.
+//! The transport-agnostic collective interface the training loop talks to. The TCP ring implements it
+//! on any device (CUDA tensors are staged through host memory); NCCL implements it on CUDA. Objectives
+//! and the optimizer never see sockets or communicators.
 
+pub mod error;
+pub mod nccl;
 pub mod ring;
 
-pub use ring::{CollectiveError, RingConfig, RingListener, TcpRing};
+pub use error::{CollectiveError, Result};
+pub use nccl::NcclCollective;
+pub use ring::{RingConfig, RingListener, TcpRing};
 use tch::{Device, Kind, Tensor};
-
-pub type Result<T> = std::result::Result<T, CollectiveError>;
 
 /// Process-group operations over tensors (PyTorch `torch.distributed` semantics, sum reduction).
 /// Implementations must never hang: a dead or silent peer is an error naming its rank.
@@ -20,6 +23,36 @@ pub trait Collective: Send {
     /// Root's `t` overwrites everyone's.
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
+}
+
+/// The collective of a world of one: every operation is the identity (a single-process run, tests, the
+/// self-checks).
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _t: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dim() == 0 { t.reshape([1]) } else { t.copy() })
+    }
+
+    fn broadcast(&mut self, _t: &mut Tensor, _root: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Runs `op` on `t` as a host f32 slice: in place when `t` is already a contiguous CPU f32 tensor (the

@@ -21,7 +21,7 @@ pub fn info_nce_sum(preds: &Tensor, candidates: &Tensor, offset: i64) -> Tensor 
     // logits[t, i, j] = preds[i, t] · candidates[j, t]
     let logits = Tensor::einsum("itc,jtc->tij", &[preds, candidates], None::<i64>);
     let targets =
-        Tensor::arange_start(offset, offset + n, (Kind::Int64, tch::Device::Cpu)).repeat([l]);
+        Tensor::arange_start(offset, offset + n, (Kind::Int64, preds.device())).repeat([l]);
     logits.reshape([l * n, m]).cross_entropy_loss::<Tensor>(
         &targets,
         None,

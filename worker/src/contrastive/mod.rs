@@ -75,12 +75,13 @@ impl GlobalRows {
             local
         } else {
             let padded = if n < max {
+                let device = local.device();
                 let mut pad_shape = size.clone();
                 pad_shape[0] = max - n;
                 Tensor::cat(
                     &[
                         local,
-                        Tensor::zeros(pad_shape.as_slice(), (Kind::Float, tch::Device::Cpu)),
+                        Tensor::zeros(pad_shape.as_slice(), (Kind::Float, device)),
                     ],
                     0,
                 )
@@ -96,7 +97,7 @@ impl GlobalRows {
                     .enumerate()
                     .flat_map(|(r, &c)| (0..c).map(move |j| r as i64 * max + j))
                     .collect();
-                all.index_select(0, &Tensor::from_slice(&rows))
+                all.index_select(0, &Tensor::from_slice(&rows).to_device(all.device()))
             }
         };
         Ok(GlobalRows {

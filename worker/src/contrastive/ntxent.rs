@@ -22,14 +22,15 @@ pub fn nt_xent_sum(
     let mut logits = anchors.matmul(&candidates.tr()) / tau;
     // Each anchor's similarity with itself is excluded: −∞ written in place (no [k, M] mask, no copy —
     // at a global batch of 4096 the logits are 4096 × 8192 per rank).
-    let rows = Tensor::arange(k, (Kind::Int64, tch::Device::Cpu));
+    let rows = Tensor::arange(k, (Kind::Int64, anchors.device()));
     let own = &rows + self_offset;
     let _ = logits.index_put_(
         &[Some(rows), Some(own)],
         &Tensor::from(f64::NEG_INFINITY).to_kind(logits.kind()),
         false,
     );
-    logits.cross_entropy_loss::<Tensor>(positives, None, Reduction::Sum, -100, 0.0)
+    let positives = positives.to_device(logits.device());
+    logits.cross_entropy_loss::<Tensor>(&positives, None, Reduction::Sum, -100, 0.0)
 }
 
 /// Positives of one rank's anchors laid out as `[view 1 of its n samples; view 2 of them]`, starting at

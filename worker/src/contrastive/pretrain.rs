@@ -7,12 +7,13 @@ use crate::contrastive::encoder::{ConvEncoder, Projection};
 use crate::contrastive::ntxent::global_nt_xent;
 use crate::contrastive::GatherGrad;
 use crate::ddp::GradSync;
+use crate::device::with_precision;
 use crate::optim::Optim;
 use crate::{Error, Result};
-use butler_common::config::ScheduleConfig;
+use butler_common::config::{Precision, ScheduleConfig};
 use butler_common::pretrain::{PretrainConfig, PretrainMethod};
 use tch::nn;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 enum Head {
     SimClr { projection: Projection, tau: f64 },
@@ -30,6 +31,8 @@ pub struct Pretrainer {
     step: u64,
     total_steps: u64,
     gather_grad: GatherGrad,
+    device: Device,
+    precision: Precision,
 }
 
 impl Pretrainer {
@@ -42,8 +45,33 @@ impl Pretrainer {
         total_steps: u64,
         bucket_bytes: usize,
     ) -> Result<Pretrainer> {
+        Pretrainer::new_on(
+            cfg,
+            length,
+            channels,
+            seed,
+            total_steps,
+            bucket_bytes,
+            Device::Cpu,
+            Precision::Fp32,
+        )
+    }
+
+    /// [`Pretrainer::new`] with the replica on `device`, its forward passes in `precision`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_on(
+        cfg: &PretrainConfig,
+        length: usize,
+        channels: usize,
+        seed: u64,
+        total_steps: u64,
+        bucket_bytes: usize,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Pretrainer> {
+        // Drawn on the host and moved, so every device starts from the same weights.
         tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let mut vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
         let encoder = ConvEncoder::new(&(&root / "encoder"), length, channels);
         cfg.check_steps(encoder.steps() as usize)?;
@@ -69,6 +97,7 @@ impl Pretrainer {
                 ))
             }
         };
+        vs.set_device(device);
         let opt = Optim::build(&cfg.optim, &vs)?;
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
         Ok(Pretrainer {
@@ -82,6 +111,8 @@ impl Pretrainer {
             step: 0,
             total_steps,
             gather_grad: GatherGrad::Exact,
+            device,
+            precision,
         })
     }
 
@@ -122,14 +153,19 @@ impl Pretrainer {
         }
         self.opt.set_lr(self.learning_rate());
         self.sync.zero_grad();
+        let (dev, precision) = (self.device, self.precision);
+        let views: Vec<Tensor> = views.iter().map(|v| v.to_device(dev)).collect();
+        // The encoder's forward runs in the configured precision; the global loss (similarities over
+        // the gathered batch, its collectives and its inner backward) in fp32.
+        let fp32 = |f: &dyn Fn() -> Tensor| with_precision(precision, dev, f).to_kind(Kind::Float);
         let (loss, value) = match &self.head {
             Head::SimClr { projection, tau } => {
-                let z1 = projection.embed(&self.encoder.features(&views[0]));
-                let z2 = projection.embed(&self.encoder.features(&views[1]));
+                let z1 = fp32(&|| projection.embed(&self.encoder.features(&views[0])));
+                let z2 = fp32(&|| projection.embed(&self.encoder.features(&views[1])));
                 global_nt_xent(&z1, &z2, *tau, self.gather_grad, comm)?
             }
             Head::Cpc(head) => {
-                let z = CpcHead::latents(&self.encoder, &views[0]);
+                let z = fp32(&|| CpcHead::latents(&self.encoder, &views[0]));
                 global_cpc(head, &z, self.gather_grad, comm)?
             }
         };

@@ -29,6 +29,17 @@ impl Teacher {
         sample_shape: &[usize],
         classes: usize,
     ) -> Result<Teacher> {
+        Teacher::load_on(path, model_cfg, sample_shape, classes, Device::Cpu)
+    }
+
+    /// [`Teacher::load`] onto `device` (the student's).
+    pub fn load_on(
+        path: &Path,
+        model_cfg: &butler_common::config::ModelConfig,
+        sample_shape: &[usize],
+        classes: usize,
+        device: Device,
+    ) -> Result<Teacher> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let fail =
             |e: tch::TchError| Error::Setup(format!("cannot load teacher {}: {e}", path.display()));
@@ -39,7 +50,7 @@ impl Teacher {
             )));
         }
         let teacher = if matches!(ext, "pt" | "ts" | "torchscript") {
-            let mut m = CModule::load_on_device(path, Device::Cpu).map_err(fail)?;
+            let mut m = CModule::load_on_device(path, device).map_err(fail)?;
             m.set_eval();
             Teacher::TorchScript(m)
         } else {
@@ -47,6 +58,7 @@ impl Teacher {
             let mut vs = nn::VarStore::new(Device::Cpu);
             let model = models::build(&vs.root(), model_cfg, sample_shape, classes);
             vs.load(path).map_err(fail)?;
+            vs.set_device(device);
             vs.freeze();
             Teacher::Native { _vs: vs, model }
         };
@@ -54,7 +66,7 @@ impl Teacher {
         // wrong number of classes, a tuple output) fails at setup with its file named, not mid-training.
         let mut shape = vec![1i64];
         shape.extend(sample_shape.iter().map(|&d| d as i64));
-        let probe = tch::Tensor::zeros(shape.as_slice(), (tch::Kind::Float, Device::Cpu));
+        let probe = tch::Tensor::zeros(shape.as_slice(), (tch::Kind::Float, device));
         let cannot_run = |why: String| {
             Error::Setup(format!(
                 "teacher {} cannot run on samples of shape {sample_shape:?}: {why}",
@@ -100,9 +112,10 @@ impl Distill {
         aug: BatchAug,
         sample_shape: &[usize],
         classes: usize,
+        device: Device,
     ) -> Result<Distill> {
         let teacher_cfg = d.teacher_model.as_ref().unwrap_or(&cfg.model);
-        let teacher = Teacher::load(&d.teacher, teacher_cfg, sample_shape, classes)?;
+        let teacher = Teacher::load_on(&d.teacher, teacher_cfg, sample_shape, classes, device)?;
         Ok(Distill {
             aug,
             teacher,

@@ -53,6 +53,19 @@ pub struct PseudoBatch {
     pub targets: PseudoTargets,
 }
 
+impl PseudoBatch {
+    /// The same batch on `device`.
+    pub fn to_device(&self, device: tch::Device) -> PseudoBatch {
+        PseudoBatch {
+            x: self.x.to_device(device),
+            targets: match &self.targets {
+                PseudoTargets::Hard(t) => PseudoTargets::Hard(t.to_device(device)),
+                PseudoTargets::Soft(t) => PseudoTargets::Soft(t.to_device(device)),
+            },
+        }
+    }
+}
+
 pub enum PseudoTargets {
     /// Hard labels `[n]` (int64).
     Hard(Tensor),
@@ -103,6 +116,7 @@ pub fn build(
     classes: usize,
     model_mix_points: usize,
     total_steps: u64,
+    device: tch::Device,
 ) -> Result<Box<dyn Objective>> {
     let aug = BatchAug::new(&cfg.regularize, sample_shape, classes, model_mix_points)?;
     if let Some(s) = &cfg.ssl {
@@ -120,7 +134,7 @@ pub fn build(
         )));
     }
     Ok(match &cfg.regularize.distill {
-        Some(d) => Box::new(kd::Distill::new(cfg, d, aug, sample_shape, classes)?),
+        Some(d) => Box::new(kd::Distill::new(cfg, d, aug, sample_shape, classes, device)?),
         None => Box::new(supervised::Supervised::new(aug, cfg.train.label_smoothing)),
     })
 }

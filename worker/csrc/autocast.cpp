@@ -1,0 +1,40 @@
+// A C ABI over ATen's autocast state, for the precisions tch does not expose: tch's `autocast` only
+// toggles CUDA autocast with its default dtype (fp16), and never CPU autocast. butler's `[train]
+// precision = "bf16"` needs bf16 on either device type.
+#include <ATen/autocast_mode.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+
+extern "C" {
+
+// Enters a bf16 autocast region on `cuda ? CUDA : CPU`; writes the previous enabled state to
+// `prev_enabled`. Returns 0 on success, 1 if libtorch threw (nothing changed then).
+int butler_autocast_enter_bf16(int cuda, int* prev_enabled) {
+  try {
+    const auto dev = cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+    *prev_enabled = at::autocast::is_autocast_enabled(dev) ? 1 : 0;
+    at::autocast::set_autocast_dtype(dev, at::kBFloat16);
+    at::autocast::set_autocast_enabled(dev, true);
+    at::autocast::increment_nesting();
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// Leaves the region entered by butler_autocast_enter_bf16, restoring `prev_enabled`; clears the
+// cast cache when the outermost region ends (as torch.autocast's __exit__ does).
+int butler_autocast_exit(int cuda, int prev_enabled) {
+  try {
+    const auto dev = cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+    if (at::autocast::decrement_nesting() == 0) {
+      at::autocast::clear_cache();
+    }
+    at::autocast::set_autocast_enabled(dev, prev_enabled != 0);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,341 @@
+//! What every driver trains with once the worker has joined: the loaded job (`Job`: labeled subset,
+//! test split, device, labeled-batch augmentation), the epoch loop (`run_epochs`), the unlabeled stream
+//! and the views it yields.
+
+use crate::collective::Collective;
+use crate::error::rpc;
+use crate::session::Ctx;
+use crate::trainer::{self, Trainer};
+use crate::{augment, loader, rounds, streams, Error, Result};
+use crate::data::InMemorySplit;
+use butler_common::config::JobConfig;
+use butler_common::sampler::{labeled_subset, DistributedSampler};
+use butler_proto::{AssignmentRequest, MetricsReport, Stream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::Device;
+use tracing::{info, warn};
+
+/// What every phase of a job shares once the data is loaded and the ring is up.
+pub(crate) struct Job<'a> {
+    pub(crate) ctx: &'a Ctx<'a>,
+    pub(crate) cfg: &'a JobConfig,
+    pub(crate) manifest: butler_common::manifest::Manifest,
+    pub(crate) manifest_file: PathBuf,
+    pub(crate) train_set: InMemorySplit,
+    pub(crate) test_set: InMemorySplit,
+    pub(crate) per_rank_batch: u64,
+    pub(crate) steps_per_epoch: u64,
+    /// Per-sample augmentation of labeled batches.
+    pub(crate) labeled_aug: Option<LabeledAug>,
+    /// Where the model and its steps live; batches are built on the host and copied there.
+    pub(crate) device: Device,
+}
+
+/// A pipeline applied to every labeled sample, with the generator view it draws from.
+pub(crate) struct LabeledAug {
+    pub(crate) pipeline: augment::Pipeline,
+    pub(crate) view: u64,
+}
+
+/// The generator view of `[augment] labeled` (the loader's views are 0 and 1).
+const LABELED_VIEW: u64 = 2;
+
+impl<'a> Job<'a> {
+    /// Validates the config against the world and loads the labeled (sub)set and the test split.
+    pub(crate) fn load(ctx: &'a Ctx<'a>, cfg: &'a JobConfig, device: Device) -> Result<Job<'a>> {
+        cfg.validate_world(ctx.world)?;
+        let (manifest, manifest_file) = cfg.check_data()?;
+        let mut train_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.train_split)?;
+        if let Some(k) = cfg.data.labels_per_class {
+            let labels = Vec::<i64>::try_from(&train_set.y)?;
+            train_set = train_set.subset(&labeled_subset(&labels, k, cfg.subset_seed()));
+        }
+        let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
+        let per_rank_batch = (cfg.train.batch_size / ctx.world as usize) as u64;
+        // Every rank runs the same number of steps: ceil(ceil(n / world) / per-rank batch).
+        let steps_per_epoch = train_set
+            .len
+            .div_ceil(ctx.world as u64)
+            .div_ceil(per_rank_batch);
+        let labeled_aug = labeled_augmentation(cfg, &manifest.sample_shape)?;
+        Ok(Job {
+            ctx,
+            cfg,
+            manifest,
+            manifest_file,
+            train_set,
+            test_set,
+            per_rank_batch,
+            steps_per_epoch,
+            labeled_aug,
+            device,
+        })
+    }
+
+    pub(crate) fn new_trainer(&self) -> Result<Trainer> {
+        Trainer::new_on(
+            self.cfg,
+            &self.manifest.sample_shape,
+            self.manifest.num_classes(),
+            self.cfg.job.seed,
+            self.steps_per_epoch * self.cfg.train.epochs,
+            self.device,
+        )
+    }
+}
+
+/// What [`run_epochs`] did.
+pub(crate) struct EpochsRun {
+    /// The last evaluation.
+    pub(crate) eval: trainer::Evaluation,
+    /// This rank's mean labeled loss per epoch.
+    pub(crate) losses: Vec<f64>,
+    /// Labeled samples this rank trained on.
+    pub(crate) samples: u64,
+}
+
+/// Trains the (global) epochs `epochs` — labeled batches from the coordinator's assignment, the
+/// unlabeled stream's batches when there is one, pseudo-labeled samples picked from them when a table
+/// is given — reporting metrics after each; returns the last evaluation.
+pub(crate) fn run_epochs(
+    job: &Job,
+    trainer: &mut Trainer,
+    ring: &mut dyn Collective,
+    mut unlabeled: Option<&mut streams::UnlabeledStream>,
+    pseudo: Option<&rounds::PseudoTable>,
+    epochs: std::ops::Range<u64>,
+) -> Result<EpochsRun> {
+    let (ctx, cfg) = (job.ctx, job.cfg);
+    let shape = &job.manifest.sample_shape;
+    let mut last_eval = None;
+    let mut skipped_total = 0usize;
+    let (mut losses, mut samples) = (Vec::new(), 0u64);
+    let last_epoch = epochs.end.saturating_sub(1);
+    let first_epoch = epochs.start;
+    for epoch in epochs {
+        ctx.progress.epoch.store(epoch, Ordering::Relaxed);
+        let a = ctx
+            .rt
+            .block_on(ctx.client.clone().get_assignment(AssignmentRequest {
+                rank: ctx.rank,
+                generation: ctx.generation,
+                epoch,
+                stream: Stream::Labeled as i32,
+            }))
+            .map_err(rpc("get_assignment"))?
+            .into_inner();
+        if !a.has_epoch {
+            break;
+        }
+        if a.dataset_len != job.train_set.len {
+            return Err(Error::Setup(format!(
+                "the coordinator assigns a training set of {} samples but this worker has {} (different data or config?)",
+                a.dataset_len, job.train_set.len
+            )));
+        }
+        let sampler = DistributedSampler {
+            dataset_len: a.dataset_len,
+            seed: a.seed,
+            epoch: a.epoch,
+            shuffle: a.shuffle,
+            world_size: a.world_size,
+            rank: a.rank,
+            start: a.start,
+        };
+        let t0 = Instant::now();
+        let (mut loss_sum, mut seen) = (0.0, 0u64);
+        let lr = trainer.learning_rate();
+        let per_rank_batch = job.per_rank_batch;
+        for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
+            ctx.check_stop()?;
+            let (x, y) = match &job.labeled_aug {
+                Some(a) => {
+                    job.train_set
+                        .batch_augmented(batch, &a.pipeline, cfg.job.seed, epoch, a.view)
+                }
+                None => job.train_set.batch(batch),
+            };
+            let global = sampler.global_batch_len(k as u64, per_rank_batch);
+            let mut pseudo_batch = None;
+            let u = match unlabeled.as_deref_mut() {
+                Some(stream) => {
+                    let (b, global_u) = stream.next_batch()?;
+                    for s in &b.skipped {
+                        warn!(shard = %s.shard.display(), index = s.index, reason = %s.reason, "skipped a corrupt unlabeled sample");
+                    }
+                    skipped_total += b.skipped.len();
+                    match pseudo {
+                        // Pseudo-label rounds train on the selected samples only, as a labeled term.
+                        Some(table) => {
+                            pseudo_batch = Some(table.batch(&b, shape));
+                            None
+                        }
+                        None => Some((view_tensors(&b, shape), global_u)),
+                    }
+                }
+                None => None,
+            };
+            let u_batch = u.as_ref().map(|(views, g)| trainer::UnlabeledBatch {
+                views,
+                global_len: *g,
+            });
+            let loss = trainer.step_with(&x, &y, global, u_batch, pseudo_batch.as_ref(), ring)?;
+            if !loss.is_finite() {
+                return Err(Error::Setup(format!(
+                    "training diverged: loss is {loss} at epoch {epoch} step {}",
+                    trainer.steps_taken()
+                )));
+            }
+            loss_sum += loss * batch.len() as f64;
+            seen += batch.len() as u64;
+            ctx.progress
+                .step
+                .store(trainer.steps_taken(), Ordering::Relaxed);
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        samples += seen;
+        losses.push(if seen > 0 {
+            loss_sum / seen as f64
+        } else {
+            0.0
+        });
+        let last = epoch == last_epoch;
+        let eval = if last || (epoch - first_epoch + 1).is_multiple_of(cfg.train.eval_every) {
+            let e = trainer.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
+            last_eval = Some(e);
+            Some(e)
+        } else {
+            None
+        };
+        let report = MetricsReport {
+            rank: ctx.rank,
+            generation: ctx.generation,
+            epoch,
+            step: trainer.steps_taken(),
+            train_loss: *losses.last().expect("pushed above"),
+            train_samples: seen,
+            train_seconds: seconds,
+            learning_rate: lr,
+            test_accuracy: eval.filter(|_| ctx.rank == 0).map(|e| e.accuracy),
+            test_loss: eval.filter(|_| ctx.rank == 0).map(|e| e.loss),
+        };
+        ctx.rt
+            .block_on(ctx.client.clone().report_metrics(report))
+            .map_err(rpc("report_metrics"))?;
+    }
+    if skipped_total > 0 {
+        warn!(skipped_total, "corrupt unlabeled samples were skipped");
+    }
+    let eval = last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))?;
+    Ok(EpochsRun {
+        eval,
+        losses,
+        samples,
+    })
+}
+
+/// The unlabeled stream, when the job has one: its assignment comes from the coordinator (split, seed,
+/// world, rank — never sample lists), the order and the reading happen here.
+/// `batch` overrides the per-rank batch of μ·b samples (pseudo-label rounds read more of a pool the
+/// fewer of its samples are selected; contrastive pretraining has its own batch).
+pub(crate) fn open_unlabeled_stream(
+    job: &Job,
+    views: Arc<dyn loader::ViewMaker>,
+    batch: Option<u64>,
+) -> Result<Option<streams::UnlabeledStream>> {
+    let (ctx, cfg, manifest, manifest_file) =
+        (job.ctx, job.cfg, &job.manifest, job.manifest_file.as_path());
+    let per_rank_batch = job.per_rank_batch;
+    if cfg.data.unlabeled_split.is_none() {
+        return Ok(None);
+    }
+    let a = ctx
+        .rt
+        .block_on(ctx.client.clone().get_assignment(AssignmentRequest {
+            rank: ctx.rank,
+            generation: ctx.generation,
+            epoch: 0,
+            stream: Stream::Unlabeled as i32,
+        }))
+        .map_err(rpc("get_assignment(unlabeled)"))?
+        .into_inner();
+    let l = &cfg.loader;
+    let spec = loader::LoaderSpec {
+        dir: manifest_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
+        manifest: Arc::new(manifest.clone()),
+        split: a.split.clone(),
+        epoch: a.epoch,
+        batch: batch.unwrap_or(per_rank_batch * cfg.unlabeled_ratio()) as usize,
+        threads: l.threads,
+        prefetch: l.prefetch,
+        cache_shards: l.cache_shards,
+        policy: l.corrupt.into(),
+        timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
+    };
+    info!(split = %a.split, samples = a.dataset_len, per_rank_batch = spec.batch, "unlabeled stream assigned");
+    let stream = streams::UnlabeledStream::new(
+        spec,
+        a.seed,
+        l.shuffle_window,
+        a.world_size,
+        a.rank,
+        views,
+        streams::Cursor {
+            epoch: a.epoch,
+            step: a.start,
+        },
+    )?;
+    Ok(Some(stream))
+}
+
+/// The views the unlabeled stream yields: (clean, strong) for UDA, (weak, strong) for FixMatch, the raw
+/// sample otherwise.
+pub(crate) fn unlabeled_views(cfg: &JobConfig, shape: &[usize]) -> Result<Arc<dyn loader::ViewMaker>> {
+    use butler_common::semi::SslMethod;
+    let Some(ssl) = &cfg.ssl else {
+        return Ok(Arc::new(loader::Identity));
+    };
+    let mut aug = augment::WeakStrong::for_sample_shape(shape, cfg.augment.flip)
+        .map_err(|e| Error::Setup(format!("ssl: {e}")))?;
+    if ssl.method == SslMethod::Uda {
+        // UDA's target is the prediction on the original sample.
+        aug.weak = augment::Pipeline::new();
+    }
+    Ok(Arc::new(loader::WeakStrongViews {
+        seed: cfg.job.seed,
+        aug,
+    }))
+}
+
+/// The per-sample augmentation of the labeled batch, when `[augment] labeled` asks for one.
+fn labeled_augmentation(cfg: &JobConfig, shape: &[usize]) -> Result<Option<LabeledAug>> {
+    use butler_common::semi::AugmentLevel;
+    if cfg.augment.labeled == AugmentLevel::None {
+        return Ok(None);
+    }
+    let aug = augment::WeakStrong::for_sample_shape(shape, cfg.augment.flip)
+        .map_err(|e| Error::Setup(format!("augment.labeled: {e}")))?;
+    Ok(Some(LabeledAug {
+        pipeline: match cfg.augment.labeled {
+            AugmentLevel::Strong => aug.strong,
+            _ => aug.weak,
+        },
+        view: LABELED_VIEW,
+    }))
+}
+
+/// One tensor `[n, ...shape]` per view of a loaded batch.
+pub(crate) fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch::Tensor> {
+    let mut dims = vec![b.len() as i64];
+    dims.extend(shape.iter().map(|&d| d as i64));
+    b.views
+        .iter()
+        .map(|v| tch::Tensor::from_slice(v).reshape(dims.as_slice()))
+        .collect()
+}
