@@ -165,13 +165,14 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The job config of the training checks: ConvBase, AdamW, cosine schedule, label smoothing and Mixup,
-/// plus `extra` sections.
+/// The job config of the training checks: ConvBase, AdamW, cosine schedule, label smoothing, Mixup
+/// unless `extra` has an `[ssl]` section, plus `extra`.
 pub fn config(extra: &str, precision: Precision) -> JobConfig {
-    let unlabeled = if extra.contains("[ssl]") {
-        "unlabeled_split='u'\n"
+    // SSL methods take no batch regularizer (the config refuses the combination).
+    let (unlabeled, regularize) = if extra.contains("[ssl]") {
+        ("unlabeled_split='u'\n", "")
     } else {
-        ""
+        ("", "[regularize.mix]\nmixup_alpha=0.2\n")
     };
     let precision = match precision {
         Precision::Fp32 => "fp32",
@@ -181,7 +182,7 @@ pub fn config(extra: &str, precision: Precision) -> JobConfig {
         "[job]\nname='selfcheck'\nseed=3\n[data]\nmanifest='unused'\n{unlabeled}[model]\nkind='conv_base'\nchannels=8\n\
          [optim]\nkind='adamw'\nlr=0.003\nweight_decay=0.01\n[schedule]\nkind='cosine'\nwarmup_steps=3\n\
          [train]\nepochs=1\nbatch_size={BATCH}\nlabel_smoothing=0.1\nprecision='{precision}'\n\
-         [regularize.mix]\nmixup_alpha=0.2\n[cluster]\nbucket_mb=0.01\n{extra}"
+         {regularize}[cluster]\nbucket_mb=0.01\n{extra}"
     );
     JobConfig::from_toml(&text, Path::new("selfcheck.toml")).expect("the self-check config is valid")
 }
