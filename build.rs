@@ -3,7 +3,8 @@
 //! each package needs its own.
 
 fn main() {
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
+    let lib =
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath={lib}");
     if let Ok(venv) = std::env::var("BUTLER_VENV") {
         println!("cargo:rustc-link-arg=-Wl,-rpath={venv}/nccl-shim");

@@ -4,6 +4,7 @@
 //! - `allreduce`: the TCP ring, one process per rank (`bench/allreduce.sh`, vs gloo).
 //! - `augment`: per-sample augmentation in loader threads (`bench/augment.sh`, vs torchvision v2).
 //! - `simclr`: time per SimCLR step at a large global batch (`bench/simclr.sh`, vs PyTorch DDP).
+//! - `nccl`, `train`: on a GPU (`bench/gpu_vs_torch.py`, vs torch.distributed NCCL and plain PyTorch).
 
 use anyhow::{bail, Context, Result};
 use butler_worker::augment::{Pipeline, SampleKey, TwoViews, WeakStrong};
@@ -26,6 +27,10 @@ pub enum BenchCommand {
     Manifest(crate::bench_stream::ManifestArgs),
     /// Time per SimCLR step (global negatives, exact gradients, LARS), one process per rank.
     Simclr(crate::bench_simclr::SimclrArgs),
+    /// All-reduce on a world-1 NCCL communicator (needs a GPU).
+    Nccl(crate::bench_gpu::NcclArgs),
+    /// Training samples/s of ConvBase through the Trainer on one device.
+    Train(crate::bench_gpu::TrainArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -106,6 +111,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Stream(a) => crate::bench_stream::stream(&a),
         BenchCommand::Manifest(a) => crate::bench_stream::manifest(&a),
         BenchCommand::Simclr(a) => crate::bench_simclr::simclr(&a),
+        BenchCommand::Nccl(a) => crate::bench_gpu::nccl(&a),
+        BenchCommand::Train(a) => crate::bench_gpu::train(&a),
     }
 }
 

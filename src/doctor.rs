@@ -130,12 +130,26 @@ fn print_text(r: &Report) {
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!("butler {}", r.butler);
     println!("libtorch           {} (tch 0.24)", r.libtorch);
-    println!("libtorch_cuda.so   {}", if r.libtorch_cuda_loaded { "loaded" } else { "not loaded" });
+    println!(
+        "libtorch_cuda.so   {}",
+        if r.libtorch_cuda_loaded {
+            "loaded"
+        } else {
+            "not loaded"
+        }
+    );
     println!("CUDA available     {}", yes(r.cuda_available));
     if let Some(why) = &r.cuda_reason {
         println!("  why not          {why}");
     }
-    println!("CUDA driver        {}", if r.cuda_driver { "libcuda.so.1 found" } else { "not found" });
+    println!(
+        "CUDA driver        {}",
+        if r.cuda_driver {
+            "libcuda.so.1 found"
+        } else {
+            "not found"
+        }
+    );
     for d in &r.cuda_devices {
         println!("  {d}");
     }
@@ -146,5 +160,8 @@ fn print_text(r: &Report) {
         (None, None) => println!("NCCL               not available"),
     }
     println!("device = \"auto\"    {}", r.auto_device);
-    println!("backend = \"auto\"   {} ({})", r.auto_backend, r.auto_backend_reason);
+    println!(
+        "backend = \"auto\"   {} ({})",
+        r.auto_backend, r.auto_backend_reason
+    );
 }

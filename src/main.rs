@@ -2,6 +2,7 @@
 //! `data` (prepare / inspect), `bench`, `doctor`.
 
 mod bench;
+mod bench_gpu;
 mod bench_simclr;
 mod bench_stream;
 mod data_cmd;

@@ -22,7 +22,9 @@ fn the_binary_links_libtorch_cuda_and_doctor_says_what_it_found() {
     assert_eq!(v["libtorch_cuda_loaded"], true, "{v}");
     assert_eq!(v["libtorch"], "2.11.0");
     // The project's libnccl.so link makes NCCL loadable (scripts/setup-python.sh).
-    let nccl = v["nccl"].as_str().unwrap_or_else(|| panic!("NCCL not found: {v}"));
+    let nccl = v["nccl"]
+        .as_str()
+        .unwrap_or_else(|| panic!("NCCL not found: {v}"));
     assert!(nccl.starts_with("2."), "{nccl}");
     if v["cuda_available"] == false {
         assert_eq!(v["auto_device"], "Cpu");
@@ -45,8 +47,14 @@ fn cuda_or_nccl_on_a_machine_without_them_is_refused_before_anything_is_written(
     }
     let dir = tempfile::tempdir().unwrap();
     for (cluster, expect) in [
-        ("device = \"cuda\"", "cluster.device = \"cuda\" but libtorch sees no CUDA device"),
-        ("backend = \"nccl\"", "cluster.backend = \"nccl\" but this machine has no CUDA device"),
+        (
+            "device = \"cuda\"",
+            "cluster.device = \"cuda\" but libtorch sees no CUDA device",
+        ),
+        (
+            "backend = \"nccl\"",
+            "cluster.backend = \"nccl\" but this machine has no CUDA device",
+        ),
         (
             "device = \"cpu\"\nbackend = \"nccl\"",
             "cluster.backend: \"nccl\" needs cluster.device = \"cuda\"",
@@ -64,7 +72,10 @@ fn cuda_or_nccl_on_a_machine_without_them_is_refused_before_anything_is_written(
         assert!(!o.status.success(), "{cluster}: accepted");
         let e = stderr(&o);
         assert!(e.contains(expect), "{cluster}: {e}");
-        assert!(!out.exists(), "{cluster}: a refused job created its run directory");
+        assert!(
+            !out.exists(),
+            "{cluster}: a refused job created its run directory"
+        );
     }
 }
 
@@ -85,7 +96,15 @@ fn a_worker_asked_for_cuda_without_one_fails_naming_the_cause() {
     let run_dir = dir.path().join("run");
     let addr = dir.path().join("addr");
     let coord = butler()
-        .args(["coordinator", "--world-size", "1", "--listen", "127.0.0.1:0", "--token", "t"])
+        .args([
+            "coordinator",
+            "--world-size",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "t",
+        ])
         .arg("--config")
         .arg(&cfg)
         .arg("--run-dir")
@@ -97,7 +116,10 @@ fn a_worker_asked_for_cuda_without_one_fails_naming_the_cause() {
         .unwrap();
     let start = std::time::Instant::now();
     while !addr.exists() {
-        assert!(start.elapsed().as_secs() < 30, "the coordinator did not start");
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the coordinator did not start"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let url = format!("http://{}", std::fs::read_to_string(&addr).unwrap());
@@ -107,7 +129,10 @@ fn a_worker_asked_for_cuda_without_one_fails_naming_the_cause() {
         .unwrap();
     assert!(!w.status.success());
     let e = stderr(&w);
-    assert!(e.contains("cluster.device = \"cuda\"") && e.contains("butler doctor"), "{e}");
+    assert!(
+        e.contains("cluster.device = \"cuda\"") && e.contains("butler doctor"),
+        "{e}"
+    );
     let c = coord.wait_with_output().unwrap();
     assert!(!c.status.success(), "the coordinator reported success");
     assert!(!run_dir.join("summary.json").exists());
@@ -144,9 +169,10 @@ fn rank_zeros_nccl_id_travels_through_the_coordinator_unchanged() {
     let answers: Vec<_> = rt.block_on(async {
         let mut clients = Vec::new();
         for rank in 0..2u32 {
-            let mut c = butler_worker::client::connect(&url, "secret", std::time::Duration::from_secs(10))
-                .await
-                .unwrap();
+            let mut c =
+                butler_worker::client::connect(&url, "secret", std::time::Duration::from_secs(10))
+                    .await
+                    .unwrap();
             let reg = c
                 .register(butler_proto::RegisterRequest {
                     worker_id: format!("w{rank}"),
@@ -172,7 +198,11 @@ fn rank_zeros_nccl_id_travels_through_the_coordinator_unchanged() {
             .await
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-        assert!(refused.message().contains("only rank 0"), "{}", refused.message());
+        assert!(
+            refused.message().contains("only rank 0"),
+            "{}",
+            refused.message()
+        );
         let calls = clients.iter().map(|(c, reg)| {
             let mut c = c.clone();
             let rank = reg.rank;
@@ -195,7 +225,10 @@ fn rank_zeros_nccl_id_travels_through_the_coordinator_unchanged() {
     });
     for a in &answers {
         assert_eq!(a.nccl_id, id.to_vec(), "the id changed on the way");
-        assert_eq!(a.devices, vec!["cuda:0@h".to_string(), "cuda:1@h".to_string()]);
+        assert_eq!(
+            a.devices,
+            vec!["cuda:0@h".to_string(), "cuda:1@h".to_string()]
+        );
         assert_eq!(a.nccl, vec![true, true]);
         let (b, _) = butler_worker::device::select_backend(
             butler_common::config::BackendChoice::Auto,

@@ -8,7 +8,8 @@
 
 fn main() {
     // Set by torch-sys (`links = "tch"`) for its direct dependents.
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
+    let lib =
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath={lib}");
     if let Ok(venv) = std::env::var("BUTLER_VENV") {
         // The `libnccl.so` name cudarc looks for (the wheel ships only `libnccl.so.2`); see

@@ -128,7 +128,10 @@ pub fn select_backend(
         None
     };
     match (choice, problem) {
-        (_, None) => Ok((Backend::Nccl, "every rank is on its own CUDA device with NCCL".into())),
+        (_, None) => Ok((
+            Backend::Nccl,
+            "every rank is on its own CUDA device with NCCL".into(),
+        )),
         (BackendChoice::Auto, Some(why)) => Ok((Backend::Ring, format!("TCP ring: {why}"))),
         (_, Some(why)) => Err(format!(
             "cluster.backend = \"nccl\" but {why}; run `butler doctor` on those machines, or set \
@@ -206,7 +209,9 @@ mod tests {
             return;
         }
         assert_eq!(resolve_device(DeviceChoice::Auto, 0).unwrap(), Device::Cpu);
-        let e = resolve_device(DeviceChoice::Cuda, 0).unwrap_err().to_string();
+        let e = resolve_device(DeviceChoice::Cuda, 0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cluster.device = \"cuda\""), "{e}");
         assert!(e.contains("butler doctor"), "{e}");
     }
@@ -221,7 +226,10 @@ mod tests {
         assert_eq!(bf16.kind(), tch::Kind::BFloat16);
         // Outside the region autocast is off again.
         assert_eq!(a.matmul(&w).kind(), tch::Kind::Float);
-        let diff = (bf16.to_kind(tch::Kind::Float) - &fp32).abs().max().double_value(&[]);
+        let diff = (bf16.to_kind(tch::Kind::Float) - &fp32)
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(diff < 0.2, "bf16 matmul differs from fp32 by {diff}");
     }
 }

@@ -3,11 +3,11 @@
 //! and the views it yields.
 
 use crate::collective::Collective;
+use crate::data::InMemorySplit;
 use crate::error::rpc;
 use crate::session::Ctx;
 use crate::trainer::{self, Trainer};
 use crate::{augment, loader, rounds, streams, Error, Result};
-use crate::data::InMemorySplit;
 use butler_common::config::JobConfig;
 use butler_common::sampler::{labeled_subset, DistributedSampler};
 use butler_proto::{AssignmentRequest, MetricsReport, Stream};
@@ -296,7 +296,10 @@ pub(crate) fn open_unlabeled_stream(
 
 /// The views the unlabeled stream yields: (clean, strong) for UDA, (weak, strong) for FixMatch, the raw
 /// sample otherwise.
-pub(crate) fn unlabeled_views(cfg: &JobConfig, shape: &[usize]) -> Result<Arc<dyn loader::ViewMaker>> {
+pub(crate) fn unlabeled_views(
+    cfg: &JobConfig,
+    shape: &[usize],
+) -> Result<Arc<dyn loader::ViewMaker>> {
     use butler_common::semi::SslMethod;
     let Some(ssl) = &cfg.ssl else {
         return Ok(Arc::new(loader::Identity));

@@ -14,10 +14,10 @@
 //! The run directory must be shared by all workers (as for checkpoints): every rank reads every sidecar.
 
 use crate::collective::Collective;
-use crate::objectives::{PseudoBatch, PseudoTargets};
-use crate::trainer::{Evaluation, Trainer};
 use crate::error::rpc;
 use crate::job::Job;
+use crate::objectives::{PseudoBatch, PseudoTargets};
+use crate::trainer::{Evaluation, Trainer};
 use crate::{loader, Error, Result};
 use butler_common::pseudo::{Histogram, Selection, Sidecar};
 use butler_common::shard::{read_shard_checked, CorruptPolicy};
@@ -110,7 +110,10 @@ pub(crate) fn run(job: &Job, ring: &mut dyn Collective) -> Result<(Evaluation, T
                 )?
                 .eval;
                 if ctx.rank == 0 {
-                    crate::checkpoint::save_model(&trainer, &round_checkpoint(&ctx.run_dir, round))?;
+                    crate::checkpoint::save_model(
+                        &trainer,
+                        &round_checkpoint(&ctx.run_dir, round),
+                    )?;
                 }
                 ring.barrier()?;
                 info!(round, test_accuracy = eval.accuracy, "round trained");

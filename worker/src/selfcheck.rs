@@ -91,7 +91,11 @@ pub fn run_all() -> Vec<CheckResult> {
     let mut out = vec![
         compare(names[0], &|d| train_supervised(d, "", Precision::Fp32)),
         compare(names[1], &|d| {
-            train_supervised(d, "[ssl]\nmethod='fixmatch'\nthreshold=0.15\n", Precision::Fp32)
+            train_supervised(
+                d,
+                "[ssl]\nmethod='fixmatch'\nthreshold=0.15\n",
+                Precision::Fp32,
+            )
         }),
         compare(names[2], &|d| train_simclr(d)),
     ];
@@ -131,7 +135,8 @@ pub fn run_all() -> Vec<CheckResult> {
 /// parameters must be equal bit for bit (checkpoints are written from host copies).
 pub fn checkpoint_round_trip(from: Device, to: Device) -> std::result::Result<String, String> {
     let cfg = config("", Precision::Fp32);
-    let mut trained = Trainer::new_on(&cfg, &[40], 10, cfg.job.seed, 4, from).map_err(|e| e.to_string())?;
+    let mut trained =
+        Trainer::new_on(&cfg, &[40], 10, cfg.job.seed, 4, from).map_err(|e| e.to_string())?;
     tch::manual_seed(1);
     let (x, y) = (
         Tensor::randn([BATCH, 40], (Kind::Float, Device::Cpu)),
@@ -143,13 +148,19 @@ pub fn checkpoint_round_trip(from: Device, to: Device) -> std::result::Result<St
     let dir = std::env::temp_dir().join(format!("butler-selfcheck-{}", std::process::id()));
     let path = dir.join("model.safetensors");
     crate::checkpoint::save_model(&trained, &path).map_err(|e| e.to_string())?;
-    let mut fresh = Trainer::new_on(&cfg, &[40], 10, cfg.job.seed + 1, 4, to).map_err(|e| e.to_string())?;
-    let loaded = fresh.vs.load(&path).map_err(|e| format!("loading {}: {e}", path.display()));
+    let mut fresh =
+        Trainer::new_on(&cfg, &[40], 10, cfg.job.seed + 1, 4, to).map_err(|e| e.to_string())?;
+    let loaded = fresh
+        .vs
+        .load(&path)
+        .map_err(|e| format!("loading {}: {e}", path.display()));
     let _ = std::fs::remove_dir_all(&dir);
     loaded?;
     let d = max_abs_diff(&trained.flat_parameters(), &fresh.flat_parameters());
     if d == 0.0 {
-        Ok(format!("trained on {from:?}, loaded on {to:?}: parameters identical"))
+        Ok(format!(
+            "trained on {from:?}, loaded on {to:?}: parameters identical"
+        ))
     } else {
         Err(format!("parameters differ by {d:.2e} after the round trip"))
     }
@@ -184,7 +195,8 @@ pub fn config(extra: &str, precision: Precision) -> JobConfig {
          [train]\nepochs=1\nbatch_size={BATCH}\nlabel_smoothing=0.1\nprecision='{precision}'\n\
          {regularize}[cluster]\nbucket_mb=0.01\n{extra}"
     );
-    JobConfig::from_toml(&text, Path::new("selfcheck.toml")).expect("the self-check config is valid")
+    JobConfig::from_toml(&text, Path::new("selfcheck.toml"))
+        .expect("the self-check config is valid")
 }
 
 /// One replica on `device`, trained [`STEPS`] steps on seeded host data (plus an unlabeled stream of
@@ -195,14 +207,20 @@ pub fn train_supervised(device: Device, extra: &str, precision: Precision) -> Ve
     tch::manual_seed(11);
     let x = Tensor::randn([BATCH * STEPS as i64, 40], (Kind::Float, Device::Cpu));
     let y = Tensor::randint(10, [BATCH * STEPS as i64], (Kind::Int64, Device::Cpu));
-    let pool = Tensor::randn([UNLABELED * STEPS as i64 + 1, 40], (Kind::Float, Device::Cpu)) * 2.0;
+    let pool = Tensor::randn(
+        [UNLABELED * STEPS as i64 + 1, 40],
+        (Kind::Float, Device::Cpu),
+    ) * 2.0;
     let mut trainer = Trainer::new_on(&cfg, &[40], 10, cfg.job.seed, 4 * STEPS as u64, device)
         .expect("the self-check trainer builds");
     let mut comm = SingleProcess;
     for s in 0..STEPS as i64 {
         let (xb, yb) = (x.narrow(0, s * BATCH, BATCH), y.narrow(0, s * BATCH, BATCH));
         let clean = pool.narrow(0, s * UNLABELED, UNLABELED);
-        let views = vec![clean.shallow_clone(), &clean + pool.narrow(0, s * UNLABELED + 1, UNLABELED) * 0.3];
+        let views = vec![
+            clean.shallow_clone(),
+            &clean + pool.narrow(0, s * UNLABELED + 1, UNLABELED) * 0.3,
+        ];
         let u = ssl.then(|| UnlabeledBatch {
             views: &views,
             global_len: UNLABELED as u64,
@@ -256,8 +274,17 @@ pub fn train_simclr(device: Device) -> Vec<f32> {
             ]
         })
         .collect();
-    let mut p = Pretrainer::new_on(&cfg, 40, 6, 5, 3 * STEPS as u64, 4096, device, Precision::Fp32)
-        .expect("the self-check pretrainer builds");
+    let mut p = Pretrainer::new_on(
+        &cfg,
+        40,
+        6,
+        5,
+        3 * STEPS as u64,
+        4096,
+        device,
+        Precision::Fp32,
+    )
+    .expect("the self-check pretrainer builds");
     let mut comm = SingleProcess;
     for [a, b] in &data {
         p.step(&[a.shallow_clone(), b.shallow_clone()], &mut comm)
@@ -279,31 +306,55 @@ fn nccl_world_one(gpu: usize) -> std::result::Result<String, CheckError> {
     }
     let fail = |e: crate::collective::CollectiveError| CheckError::Fail(e.to_string());
     let id = nccl::create_unique_id().map_err(fail)?;
-    let mut comm = nccl::NcclCollective::init(0, 1, &id, gpu, Duration::from_secs(30), None)
-        .map_err(fail)?;
+    let mut comm =
+        nccl::NcclCollective::init(0, 1, &id, gpu, Duration::from_secs(30), None).map_err(fail)?;
     tch::manual_seed(5);
     let host = Tensor::randn([1000, 7], (Kind::Float, Device::Cpu));
     let mut dev = host.to_device(Device::Cuda(gpu));
     comm.all_reduce_sum(&mut dev).map_err(fail)?;
     let mut staged = host.copy();
     comm.all_reduce_sum(&mut staged).map_err(fail)?;
-    let gathered = comm.all_gather(&host.to_device(Device::Cuda(gpu))).map_err(fail)?;
+    let gathered = comm
+        .all_gather(&host.to_device(Device::Cuda(gpu)))
+        .map_err(fail)?;
     let mut b = host.to_device(Device::Cuda(gpu));
     comm.broadcast(&mut b, 0).map_err(fail)?;
     comm.barrier().map_err(fail)?;
     let mut half = host.to_kind(Kind::BFloat16).to_device(Device::Cuda(gpu));
     comm.all_reduce_sum(&mut half).map_err(fail)?;
     let diffs = [
-        ("all_reduce", (dev.to_device(Device::Cpu) - &host).abs().max().double_value(&[])),
-        ("all_reduce (host tensor)", (&staged - &host).abs().max().double_value(&[])),
-        ("all_gather", (gathered.to_device(Device::Cpu) - &host).abs().max().double_value(&[])),
-        ("broadcast", (b.to_device(Device::Cpu) - &host).abs().max().double_value(&[])),
         (
-            "all_reduce bf16",
-            (half.to_device(Device::Cpu).to_kind(Kind::Float) - host.to_kind(Kind::BFloat16).to_kind(Kind::Float))
+            "all_reduce",
+            (dev.to_device(Device::Cpu) - &host)
                 .abs()
                 .max()
                 .double_value(&[]),
+        ),
+        (
+            "all_reduce (host tensor)",
+            (&staged - &host).abs().max().double_value(&[]),
+        ),
+        (
+            "all_gather",
+            (gathered.to_device(Device::Cpu) - &host)
+                .abs()
+                .max()
+                .double_value(&[]),
+        ),
+        (
+            "broadcast",
+            (b.to_device(Device::Cpu) - &host)
+                .abs()
+                .max()
+                .double_value(&[]),
+        ),
+        (
+            "all_reduce bf16",
+            (half.to_device(Device::Cpu).to_kind(Kind::Float)
+                - host.to_kind(Kind::BFloat16).to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]),
         ),
     ];
     let bad: Vec<String> = diffs
@@ -355,8 +406,14 @@ fn ring_on_cuda(device: Device) -> std::result::Result<String, String> {
                     0,
                 );
                 Ok((
-                    (sum.to_device(Device::Cpu) - want_sum).abs().max().double_value(&[]),
-                    (all.to_device(Device::Cpu) - want_all).abs().max().double_value(&[]),
+                    (sum.to_device(Device::Cpu) - want_sum)
+                        .abs()
+                        .max()
+                        .double_value(&[]),
+                    (all.to_device(Device::Cpu) - want_all)
+                        .abs()
+                        .max()
+                        .double_value(&[]),
                 ))
             })
         })
@@ -367,7 +424,9 @@ fn ring_on_cuda(device: Device) -> std::result::Result<String, String> {
         worst = worst.max(a).max(b);
     }
     if worst == 0.0 {
-        Ok(format!("all_reduce and all_gather of {device:?} tensors exact on both ranks"))
+        Ok(format!(
+            "all_reduce and all_gather of {device:?} tensors exact on both ranks"
+        ))
     } else {
         Err(format!("results off by {worst:.2e}"))
     }

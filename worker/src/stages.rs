@@ -17,13 +17,13 @@
 //!   supervised baseline through the same code.
 
 use crate::augment::TwoViews;
+use crate::checkpoint::save_checkpoint;
 use crate::collective::Collective;
 use crate::contrastive::encoder::copy_encoder_into;
 use crate::contrastive::pretrain::Pretrainer;
-use crate::loader::{self, ContrastiveViews, ViewMaker};
-use crate::checkpoint::save_checkpoint;
 use crate::error::rpc;
 use crate::job::{Job, LabeledAug};
+use crate::loader::{self, ContrastiveViews, ViewMaker};
 use crate::{Error, Result};
 use butler_common::config::{JobConfig, ModelConfig};
 use butler_common::manifest::Manifest;

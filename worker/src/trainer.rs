@@ -155,9 +155,9 @@ impl Trainer {
         // Batches are built on the host; the step runs where the parameters are.
         let dev = self.device;
         let (x, y) = (&x.to_device(dev), &y.to_device(dev));
-        let views: Vec<Tensor> = unlabeled
-            .as_ref()
-            .map_or(Vec::new(), |u| u.views.iter().map(|v| v.to_device(dev)).collect());
+        let views: Vec<Tensor> = unlabeled.as_ref().map_or(Vec::new(), |u| {
+            u.views.iter().map(|v| v.to_device(dev)).collect()
+        });
         let pseudo = pseudo.map(|p| p.to_device(dev));
         // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.
         let mut rng = MixRng::new(mix(mix(self.cfg.job.seed, self.step), comm.rank() as u64));

@@ -38,7 +38,10 @@ fn self_checks_skip_without_a_gpu_and_their_training_is_deterministic() {
             .unwrap()
             .flat_parameters()
     };
-    assert!(max_abs_diff(&a, &untrained) > 1e-3, "training did not move the parameters");
+    assert!(
+        max_abs_diff(&a, &untrained) > 1e-3,
+        "training did not move the parameters"
+    );
     // bf16 autocast on the CPU: close to fp32, not equal (the matmuls really ran in bf16).
     let bf16 = train_supervised(Device::Cpu, "", Precision::Bf16);
     let d = max_abs_diff(&a, &bf16);

@@ -126,7 +126,8 @@ fn distillation_on_unlabeled_data_is_the_kd_term_alone() {
     tch::manual_seed(5);
     let vs = nn::VarStore::new(Device::Cpu);
     let student = models::build(&vs.root(), &cfg.model, &[40], 10);
-    let mut objective = objectives::build(&cfg, &[40], 10, student.mix_points(), 100, tch::Device::Cpu).unwrap();
+    let mut objective =
+        objectives::build(&cfg, &[40], 10, student.mix_points(), 100, tch::Device::Cpu).unwrap();
     let x = Tensor::randn([4, 40], (Kind::Float, Device::Cpu));
     let y = Tensor::from_slice(&[1i64, 2, 3, 4]);
     let u = Tensor::randn([6, 40], (Kind::Float, Device::Cpu));

@@ -89,7 +89,9 @@ pub enum CollectiveError {
     #[error("{op}: ring unusable after an earlier failure: {cause}")]
     Poisoned { op: &'static str, cause: String },
     /// A backend's library or device is missing on this machine.
-    #[error("{what} is not available: {detail} (run `butler doctor` to see what this machine offers)")]
+    #[error(
+        "{what} is not available: {detail} (run `butler doctor` to see what this machine offers)"
+    )]
     Unavailable { what: String, detail: String },
     /// NCCL or the CUDA driver returned an error.
     #[error("{op}: NCCL: {detail}")]
@@ -131,4 +133,3 @@ impl CollectiveError {
         }
     }
 }
-

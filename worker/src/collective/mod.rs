@@ -43,7 +43,11 @@ impl Collective for SingleProcess {
     }
 
     fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
-        Ok(if t.dim() == 0 { t.reshape([1]) } else { t.copy() })
+        Ok(if t.dim() == 0 {
+            t.reshape([1])
+        } else {
+            t.copy()
+        })
     }
 
     fn broadcast(&mut self, _t: &mut Tensor, _root: usize) -> Result<()> {

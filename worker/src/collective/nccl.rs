@@ -155,10 +155,15 @@ impl NcclCollective {
                 detail: why,
             });
         }
-        let id: [u8; NCCL_ID_BYTES] = id.try_into().map_err(|_| CollectiveError::InvalidArgument {
-            op,
-            detail: format!("NCCL unique id has {} bytes, expected {NCCL_ID_BYTES}", id.len()),
-        })?;
+        let id: [u8; NCCL_ID_BYTES] =
+            id.try_into()
+                .map_err(|_| CollectiveError::InvalidArgument {
+                    op,
+                    detail: format!(
+                        "NCCL unique id has {} bytes, expected {NCCL_ID_BYTES}",
+                        id.len()
+                    ),
+                })?;
         let driver = |what: &'static str| {
             move |e: cudarc::driver::DriverError| CollectiveError::Nccl {
                 op,
@@ -169,7 +174,9 @@ impl NcclCollective {
         // this thread, so NCCL binds to this device.
         let ctx = CudaContext::new(device).map_err(driver("cannot open the device's context"))?;
         let stream = ctx.default_stream();
-        let event = ctx.new_event(None).map_err(driver("cannot create an event"))?;
+        let event = ctx
+            .new_event(None)
+            .map_err(driver("cannot create an event"))?;
         let mut config = default_config();
         config.blocking = 0;
         let unique = sys::ncclUniqueId {
@@ -277,7 +284,10 @@ impl NcclCollective {
     fn run(
         &mut self,
         op: &'static str,
-        call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
+        call: impl FnOnce(
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<()> {
         if let Some(cause) = &self.broken {
             return Err(CollectiveError::Poisoned {

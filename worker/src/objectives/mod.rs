@@ -134,7 +134,14 @@ pub fn build(
         )));
     }
     Ok(match &cfg.regularize.distill {
-        Some(d) => Box::new(kd::Distill::new(cfg, d, aug, sample_shape, classes, device)?),
+        Some(d) => Box::new(kd::Distill::new(
+            cfg,
+            d,
+            aug,
+            sample_shape,
+            classes,
+            device,
+        )?),
         None => Box::new(supervised::Supervised::new(aug, cfg.train.label_smoothing)),
     })
 }
