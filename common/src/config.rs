@@ -1,7 +1,6 @@
 //! The job config: one TOML file, parsed strictly (an unknown or missing key is an error that names it),
 //! validated once by the coordinator and handed verbatim to every worker.
 
-use crate::manifest::Manifest;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -684,28 +683,6 @@ impl JobConfig {
         Ok(())
     }
 
-    /// Number of training samples the sampler covers: the whole train split, or the labeled subset.
-    pub fn train_len(&self, m: &Manifest, file: &Path) -> Result<u64> {
-        let split = m.split(&self.data.train_split, file)?;
-        match self.data.labels_per_class {
-            None => Ok(split.num_samples),
-            Some(0) => Err(Error::invalid(
-                "data.labels_per_class",
-                "must be at least 1",
-            )),
-            Some(k) => {
-                let counts = split.class_counts.as_ref().ok_or_else(|| Error::Manifest {
-                    path: file.to_path_buf(),
-                    message: format!(
-                        "split {:?} has no class_counts, which data.labels_per_class needs (re-run `butler data prepare`)",
-                        self.data.train_split
-                    ),
-                })?;
-                Ok(crate::sampler::subset_len(counts, k))
-            }
-        }
-    }
-
     /// μ: `data.unlabeled_ratio`, or the method's default (FixMatch 7, otherwise 1).
     pub fn unlabeled_ratio(&self) -> u64 {
         self.data
@@ -720,61 +697,6 @@ impl JobConfig {
         self.data.subset_seed.unwrap_or(self.job.seed)
     }
 
-    /// Loads the manifest and checks that the splits exist, are labeled, and fit the model.
-    pub fn check_data(&self) -> Result<(Manifest, PathBuf)> {
-        let (m, file) = Manifest::load(&self.data.manifest)?;
-        for split in [&self.data.train_split, &self.data.test_split] {
-            if !m.split(split, &file)?.labeled {
-                return Err(Error::Manifest {
-                    path: file.clone(),
-                    message: format!(
-                        "split {split:?} is unlabeled; supervised training needs labels"
-                    ),
-                });
-            }
-            m.check_shards_exist(split, &file)?;
-        }
-        self.model
-            .check_input(&m.sample_shape)
-            .map_err(|e| match e {
-                Error::Invalid { context, message } => Error::Invalid {
-                    context,
-                    message: format!("{message} (dataset {:?} in {})", m.name, file.display()),
-                },
-                other => other,
-            })?;
-        self.train_len(&m, &file)?;
-        if let Some(u) = &self.data.unlabeled_split {
-            m.split(u, &file)?;
-            m.check_shards_exist(u, &file)?;
-            let pretrains = self
-                .pretrain
-                .as_ref()
-                .is_some_and(|p| p.method != crate::pretrain::PretrainMethod::None);
-            if self.regularize.distill.is_none()
-                && self.ssl.is_none()
-                && self.pseudo_label.is_none()
-                && !pretrains
-            {
-                return Err(Error::invalid(
-                    "data.unlabeled_split",
-                    "is set but no configured method uses unlabeled data ([ssl], [pseudo_label], [pretrain] or regularize.distill)",
-                ));
-            }
-        }
-        if let Some(d) = &self.regularize.distill {
-            if !d.teacher.is_file() {
-                return Err(Error::invalid(
-                    "regularize.distill.teacher",
-                    format!("{} does not exist (train the teacher first; its checkpoint is <run>/checkpoints/final.safetensors)", d.teacher.display()),
-                ));
-            }
-            if let Some(t) = &d.teacher_model {
-                t.check_input(&m.sample_shape)?;
-            }
-        }
-        Ok((m, file))
-    }
 }
 
 #[cfg(test)]

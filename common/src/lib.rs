@@ -2,16 +2,12 @@
 //! format, the seeded sampler that turns (seed, epoch, world size) into an order, atomic file writes,
 //! and the error type that carries file, key and shard context.
 
-pub mod assign;
 pub mod config;
 pub mod error;
 pub mod fsutil;
-pub mod manifest;
 pub mod pretrain;
 pub mod pseudo;
 pub mod sampler;
 pub mod semi;
-pub mod shard;
-pub mod webdataset;
 
 pub use error::{Error, Result};

@@ -4,13 +4,11 @@
 //! Architecture Invariant: training runs on one plain thread (tch `Tensor` is `Send` but not `Sync`);
 //! the async runtime only carries RPCs and the heartbeat.
 
-pub mod augment;
 pub mod client;
 pub mod collective;
 pub mod contrastive;
 pub mod data;
 pub mod ddp;
-pub mod loader;
 pub mod losses;
 pub mod mixing;
 pub mod models;
@@ -18,12 +16,14 @@ pub mod objectives;
 pub mod optim;
 pub mod rounds;
 mod stages;
-pub mod streams;
 pub mod trainer;
+
+pub use butler_data::{augment, loader, streams};
 
 use butler_common::config::JobConfig;
 use butler_common::fsutil;
 use butler_common::sampler::{labeled_subset, DistributedSampler};
+use butler_data::JobDataCheck;
 use butler_proto::{
     AssignmentRequest, FinishRequest, MetricsReport, RegisterRequest, RendezvousRequest, Stream,
 };
@@ -264,7 +264,7 @@ fn join_ring(ctx: &Ctx, cfg: &JobConfig, advertise_host: &str) -> Result<collect
 pub(crate) struct Job<'a> {
     pub(crate) ctx: &'a Ctx<'a>,
     pub(crate) cfg: &'a JobConfig,
-    pub(crate) manifest: butler_common::manifest::Manifest,
+    pub(crate) manifest: butler_data::manifest::Manifest,
     pub(crate) manifest_file: PathBuf,
     pub(crate) train_set: InMemorySplit,
     pub(crate) test_set: InMemorySplit,

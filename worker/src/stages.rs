@@ -23,7 +23,7 @@ use crate::contrastive::pretrain::Pretrainer;
 use crate::loader::{self, ContrastiveViews, ViewMaker};
 use crate::{rpc, save_checkpoint, Error, Job, LabeledAug, Result};
 use butler_common::config::{JobConfig, ModelConfig};
-use butler_common::manifest::Manifest;
+use butler_data::manifest::Manifest;
 use butler_common::pretrain::{PretrainConfig, PretrainMethod};
 use butler_proto::{Stage, StageRequest, StageResult};
 use std::path::Path;

@@ -4,8 +4,9 @@
 //! Samples are `[L]` or `[C, L]`; every transform acts along the last axis and draws its parameters once
 //! per sample, so all channels of a sample move together (noise excepted: it is drawn per value).
 
-use super::{check_len, symmetric_index, Transform};
-use crate::mixing::{cutout_regions_1d, MixRng};
+use super::transform::{check_len, symmetric_index, Transform};
+use crate::regions::cutout_regions_1d;
+use crate::rng::MixRng;
 
 /// `(channels, length)` of a 1-D sample shape.
 ///

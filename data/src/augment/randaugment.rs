@@ -20,8 +20,8 @@
 //! selectable (torchvision's default is nearest).
 
 use super::two_d::{brightness, chw, contrast, saturation, warp, Interpolation};
-use super::{check_len, Transform};
-use crate::mixing::MixRng;
+use super::transform::{check_len, Transform};
+use crate::rng::MixRng;
 
 /// One RandAugment operation. [`Op::ALL`] lists them in torchvision's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
