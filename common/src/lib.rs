@@ -5,6 +5,8 @@
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod model;
+pub mod optim;
 pub mod pretrain;
 pub mod pseudo;
 pub mod sampler;
