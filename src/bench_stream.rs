@@ -5,10 +5,10 @@
 
 use anyhow::Result;
 use butler_data::assign::ShardedOrder;
-use butler_data::manifest::Manifest;
-use butler_data::shard::CorruptPolicy;
 use butler_data::augment::WeakStrong;
 use butler_data::loader::{LoaderSpec, StreamLoader, ViewMaker, WeakStrongViews};
+use butler_data::manifest::Manifest;
+use butler_data::shard::CorruptPolicy;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -543,7 +543,6 @@ impl JobConfig {
     pub fn subset_seed(&self) -> u64 {
         self.data.subset_seed.unwrap_or(self.job.seed)
     }
-
 }
 
 #[cfg(test)]

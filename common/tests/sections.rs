@@ -2,8 +2,8 @@
 //! they live in their own modules, so their round trips through `JobConfig` are tested from outside.
 
 mod semi {
-    use butler_common::semi::*;
     use butler_common::config::JobConfig;
+    use butler_common::semi::*;
     use std::path::Path;
 
     fn parse(extra_data: &str, sections: &str) -> Result<JobConfig, String> {

@@ -40,7 +40,6 @@ impl JobDataCheck for JobConfig {
         }
     }
 
-
     fn check_data(&self) -> Result<(Manifest, PathBuf)> {
         let (m, file) = Manifest::load(&self.data.manifest)?;
         for split in [&self.data.train_split, &self.data.test_split] {

@@ -11,10 +11,10 @@
 //! warning naming shard and index) or fails the stream (policy `Fail`); a corrupt or truncated shard always
 //! fails it, with an error naming the file.
 
-use crate::{Error, Result};
 use crate::assign::RankSequence;
 use crate::manifest::Manifest;
 use crate::shard::{read_shard_checked, CorruptPolicy, ShardData, SkippedSample};
+use crate::{Error, Result};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -73,7 +73,6 @@ impl Box2d {
     }
 }
 
-
 /// `n_holes` cutout holes of `size` positions for one 1-D sample of `len` positions, each centred at a
 /// uniform position in `[0, len)` and clipped (see [`Span::centred`]); holes may overlap. Call it once
 /// per sample: the worker's `mixing::cutout` takes one list per sample.

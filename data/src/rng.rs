@@ -4,7 +4,6 @@
 
 use butler_common::sampler::SplitMix64;
 
-
 /// The seeded generator behind every mixing decision: λ from a Beta distribution, region centres, hole
 /// positions.
 #[derive(Clone, Debug)]

@@ -4,9 +4,9 @@
 //! The cursor (epoch, step within the epoch) is all it takes to resume at the same sample with the same
 //! augmentation.
 
+use crate::assign::ShardedOrder;
 use crate::loader::{LoadedBatch, LoaderSpec, StreamLoader, ViewMaker};
 use crate::{Error, Result};
-use crate::assign::ShardedOrder;
 use std::sync::Arc;
 
 /// Where a stream is: the epoch, and the steps already taken in it.

@@ -2,10 +2,10 @@
 //! seeded per sample, and corrupt samples or shards.
 
 use butler_data::assign::ShardedOrder;
-use butler_data::manifest::{Manifest, ShardEntry, Split, MANIFEST_FORMAT, MANIFEST_VERSION};
-use butler_data::shard::{write_shard, CorruptPolicy, ShardData};
 use butler_data::loader::{Identity, LoadedBatch, LoaderSpec, StreamLoader, ViewMaker};
+use butler_data::manifest::{Manifest, ShardEntry, Split, MANIFEST_FORMAT, MANIFEST_VERSION};
 use butler_data::rng::MixRng;
+use butler_data::shard::{write_shard, CorruptPolicy, ShardData};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;

@@ -30,8 +30,8 @@ use crate::rng::MixRng;
 use butler_common::sampler::mix;
 
 pub use randaugment::{Op, RandAugment};
-pub use transform::Transform;
 use transform::check_len;
+pub use transform::Transform;
 
 /// Separates augmentation streams from the other users of `mix(seed, ·)` (the epoch permutation uses
 /// `mix(seed, epoch)` directly). The bytes spell "augment\0".

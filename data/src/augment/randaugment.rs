@@ -19,8 +19,8 @@
 //! Geometric ops fill with 0 outside the image, as torchvision's default; the interpolation is
 //! selectable (torchvision's default is nearest).
 
-use super::two_d::{brightness, chw, contrast, saturation, warp, Interpolation};
 use super::transform::{check_len, Transform};
+use super::two_d::{brightness, chw, contrast, saturation, warp, Interpolation};
 use crate::rng::MixRng;
 
 /// One RandAugment operation. [`Op::ALL`] lists them in torchvision's order.
