@@ -220,7 +220,7 @@ impl Transform for CorrelatedNoise {
 
 /// 1-D Cutout (DeVries & Taylor 2017 on signals): `holes` spans of `size` positions set to zero in every
 /// channel, centres uniform, clipped at the ends — the same draws as the batch Cutout
-/// ([`crate::mixing::cutout_regions_1d`]).
+/// ([`crate::regions::cutout_regions_1d`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Cutout1d {
     pub holes: usize,

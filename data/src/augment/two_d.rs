@@ -656,7 +656,7 @@ impl Transform for GaussianBlur {
 
 /// Cutout (DeVries & Taylor 2017): `holes` squares of `size × size` set to 0 in every channel, centres
 /// uniform over the image and clipped at the borders — the draws of the batch Cutout
-/// ([`crate::mixing::cutout_regions_2d`]: `cy` then `cx` per hole).
+/// ([`crate::regions::cutout_regions_2d`]: `cy` then `cx` per hole).
 #[derive(Clone, Copy, Debug)]
 pub struct Cutout {
     pub holes: usize,
