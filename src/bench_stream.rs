@@ -4,11 +4,11 @@
 //! `butler bench manifest`: load time and memory of a manifest with many shards.
 
 use anyhow::Result;
-use butler_common::assign::ShardedOrder;
-use butler_common::manifest::Manifest;
-use butler_common::shard::CorruptPolicy;
-use butler_worker::augment::WeakStrong;
-use butler_worker::loader::{LoaderSpec, StreamLoader, ViewMaker, WeakStrongViews};
+use butler_data::assign::ShardedOrder;
+use butler_data::augment::WeakStrong;
+use butler_data::loader::{LoaderSpec, StreamLoader, ViewMaker, WeakStrongViews};
+use butler_data::manifest::Manifest;
+use butler_data::shard::CorruptPolicy;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,7 +125,7 @@ fn stream_rank(a: &StreamArgs, rank: u32) -> Result<()> {
         threads: a.threads,
         prefetch: 2,
         // As the worker's stream sizes it: at least the shards a shuffle window spans.
-        cache_shards: butler_worker::streams::cache_for_window(
+        cache_shards: butler_data::streams::cache_for_window(
             a.cache_shards,
             a.shuffle_window,
             &sizes,

@@ -3,10 +3,10 @@
 
 use crate::import::{ClassOrigin, ClassSpec, SplitSpec, SplitWriter};
 use anyhow::{bail, Context, Result};
-use butler_common::manifest::{
+use butler_data::manifest::{
     Manifest, ShardEntry, ShardFormat, Split, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
 };
-use butler_common::shard::{read_shard_checked, write_shard, CorruptPolicy, ShardData};
+use butler_data::shard::{read_shard_checked, write_shard, CorruptPolicy, ShardData};
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};

@@ -10,11 +10,11 @@
 //! too, and the new split's ids start after every id the other splits use.
 
 use anyhow::{anyhow, bail, Context, Result};
-use butler_common::manifest::{
+use butler_data::manifest::{
     Manifest, ShardEntry, ShardFormat, Split, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
 };
-use butler_common::shard::{write_shard, ShardData};
-use butler_common::webdataset::{check_image_shape, decode_image, image_extension, TarShardWriter};
+use butler_data::shard::{write_shard, ShardData};
+use butler_data::webdataset::{check_image_shape, decode_image, image_extension, TarShardWriter};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -1273,7 +1273,7 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn decode_file(path: &Path) -> Result<butler_common::webdataset::DecodedImage> {
+fn decode_file(path: &Path) -> Result<butler_data::webdataset::DecodedImage> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     decode_image(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
 }

@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use butler_common::config::JobConfig;
+use butler_data::JobDataCheck;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
 use std::path::{Path, PathBuf};

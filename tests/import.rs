@@ -3,9 +3,9 @@
 //! malformed input is a clear error that leaves no output behind. No Python, no downloads.
 
 mod common;
-use butler_common::manifest::{Manifest, ShardEntry, ShardFormat, Split};
-use butler_common::shard::{read_shard_checked, read_split, CorruptPolicy, ShardData};
-use butler_common::webdataset::TarShardWriter;
+use butler_data::manifest::{Manifest, ShardEntry, ShardFormat, Split};
+use butler_data::shard::{read_shard_checked, read_split, CorruptPolicy, ShardData};
+use butler_data::webdataset::TarShardWriter;
 use common::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,8 @@
 //! The job config: one TOML file, parsed strictly (an unknown or missing key is an error that names it),
 //! validated once by the coordinator and handed verbatim to every worker.
 
-use crate::manifest::Manifest;
+pub use crate::model::{conv1d_out_len, ModelConfig};
+pub use crate::optim::{OptimConfig, OptimKind, ScheduleConfig, ScheduleKind};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -208,173 +209,6 @@ fn default_train_split() -> String {
 }
 fn default_test_split() -> String {
     "test".into()
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ModelConfig {
-    /// Flattens the sample, then Linear→ReLU per hidden width, then Linear to the classes.
-    Mlp {
-        hidden: Vec<usize>,
-        /// Optional: the input size the model is built for; must match the data.
-        #[serde(default)]
-        input_dim: Option<usize>,
-    },
-    /// The MNIST-1D paper's ConvBase: conv1d 1→c k5 s2 p1, c→c k3 s2 p1, c→c k3 s2 p1, ReLU after each,
-    /// then Linear(c·L', classes). For length 40 and c = 25 that is Linear(125, 10).
-    ConvBase {
-        #[serde(default = "default_channels")]
-        channels: usize,
-        /// Optional: the sequence length the model is built for; must match the data.
-        #[serde(default)]
-        input_length: Option<usize>,
-    },
-}
-
-fn default_channels() -> usize {
-    25
-}
-
-/// Output length of a conv1d layer.
-pub fn conv1d_out_len(len: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
-    (len + 2 * padding)
-        .checked_sub(kernel)
-        .map(|v| v / stride + 1)
-}
-
-impl ModelConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ModelConfig::Mlp { .. } => "mlp",
-            ModelConfig::ConvBase { .. } => "conv_base",
-        }
-    }
-
-    /// Checks that this model can consume samples of `sample_shape`; the error says what each side has.
-    pub fn check_input(&self, sample_shape: &[usize]) -> Result<()> {
-        let mismatch =
-            |message: String| Error::invalid(format!("model {} vs data", self.kind()), message);
-        match self {
-            ModelConfig::Mlp { input_dim, .. } => {
-                let numel: usize = sample_shape.iter().product();
-                if let Some(d) = input_dim {
-                    if *d != numel {
-                        return Err(mismatch(format!(
-                            "model.input_dim = {d} but the data's samples have shape {sample_shape:?} ({numel} values)"
-                        )));
-                    }
-                }
-            }
-            ModelConfig::ConvBase { input_length, .. } => {
-                let len = match sample_shape {
-                    [l] | [1, l] => *l,
-                    other => {
-                        return Err(mismatch(format!(
-                            "conv_base takes 1-D sequences ([length] or [1, length]) but the data's samples have shape {other:?}"
-                        )))
-                    }
-                };
-                if let Some(l) = input_length {
-                    if *l != len {
-                        return Err(mismatch(format!(
-                            "model.input_length = {l} but the data's sequences have length {len}"
-                        )));
-                    }
-                }
-                let out = conv1d_out_len(len, 5, 2, 1)
-                    .and_then(|l| conv1d_out_len(l, 3, 2, 1))
-                    .and_then(|l| conv1d_out_len(l, 3, 2, 1));
-                if out.is_none_or(|l| l == 0) {
-                    return Err(mismatch(format!(
-                        "sequence length {len} is too short for conv_base"
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimKind {
-    Sgd,
-    Adam,
-    Adamw,
-    /// Layer-wise adaptive rate scaling (large-batch contrastive pretraining); uses `momentum`,
-    /// `weight_decay` and `trust_coefficient`.
-    Lars,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptimConfig {
-    pub kind: OptimKind,
-    /// Peak learning rate (after warmup).
-    pub lr: f64,
-    #[serde(default)]
-    pub momentum: f64,
-    #[serde(default)]
-    pub nesterov: bool,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default = "default_betas")]
-    pub betas: [f64; 2],
-    #[serde(default = "default_eps")]
-    pub eps: f64,
-    /// LARS's η (only with `kind = "lars"`).
-    #[serde(default = "default_trust_coefficient")]
-    pub trust_coefficient: f64,
-}
-
-fn default_trust_coefficient() -> f64 {
-    0.001
-}
-
-fn default_betas() -> [f64; 2] {
-    [0.9, 0.999]
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScheduleKind {
-    #[default]
-    Constant,
-    Cosine,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleConfig {
-    #[serde(default)]
-    pub kind: ScheduleKind,
-    /// Linear warmup from 0 to `optim.lr` over this many optimizer steps.
-    #[serde(default)]
-    pub warmup_steps: u64,
-    /// Floor of the cosine decay, as a fraction of `optim.lr`.
-    #[serde(default)]
-    pub min_lr_ratio: f64,
-}
-
-impl ScheduleConfig {
-    /// Learning rate at optimizer step `step` (0-based) of `total` steps.
-    pub fn lr_at(&self, base: f64, step: u64, total: u64) -> f64 {
-        if step < self.warmup_steps {
-            return base * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        match self.kind {
-            ScheduleKind::Constant => base,
-            ScheduleKind::Cosine => {
-                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
-                let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
-                let floor = base * self.min_lr_ratio;
-                floor + (base - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-            }
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -595,7 +429,12 @@ impl JobConfig {
             ));
         }
         if let Some(p) = &self.pretrain {
-            p.validate(self, origin)?;
+            p.validate(
+                &self.model,
+                self.data.labels_per_class,
+                self.data.unlabeled_split.as_deref(),
+                origin,
+            )?;
         }
         if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
             return Err(bad("schedule.min_lr_ratio", "must lie in [0, 1]".into()));
@@ -637,7 +476,14 @@ impl JobConfig {
             }
         }
         self.validate_regularizers(&bad)?;
-        crate::semi::validate(self, &bad)?;
+        let r = &self.regularize;
+        let facts = crate::semi::JobFacts {
+            pretrain: self.pretrain.is_some(),
+            unlabeled_split: self.data.unlabeled_split.is_some(),
+            distill: r.distill.is_some(),
+            batch_regularizers: r.mix.is_some() || r.manifold_mixup.is_some() || r.cutout.is_some(),
+        };
+        crate::semi::validate(self.ssl.as_ref(), self.pseudo_label.as_ref(), &facts, &bad)?;
         if let ModelConfig::ConvBase { channels: 0, .. } = &self.model {
             return Err(bad("model.channels", "must be positive".into()));
         }
@@ -735,28 +581,6 @@ impl JobConfig {
         Ok(())
     }
 
-    /// Number of training samples the sampler covers: the whole train split, or the labeled subset.
-    pub fn train_len(&self, m: &Manifest, file: &Path) -> Result<u64> {
-        let split = m.split(&self.data.train_split, file)?;
-        match self.data.labels_per_class {
-            None => Ok(split.num_samples),
-            Some(0) => Err(Error::invalid(
-                "data.labels_per_class",
-                "must be at least 1",
-            )),
-            Some(k) => {
-                let counts = split.class_counts.as_ref().ok_or_else(|| Error::Manifest {
-                    path: file.to_path_buf(),
-                    message: format!(
-                        "split {:?} has no class_counts, which data.labels_per_class needs (re-run `butler data prepare`)",
-                        self.data.train_split
-                    ),
-                })?;
-                Ok(crate::sampler::subset_len(counts, k))
-            }
-        }
-    }
-
     /// μ: `data.unlabeled_ratio`, or the method's default (FixMatch 7, otherwise 1).
     pub fn unlabeled_ratio(&self) -> u64 {
         self.data
@@ -769,62 +593,6 @@ impl JobConfig {
 
     pub fn subset_seed(&self) -> u64 {
         self.data.subset_seed.unwrap_or(self.job.seed)
-    }
-
-    /// Loads the manifest and checks that the splits exist, are labeled, and fit the model.
-    pub fn check_data(&self) -> Result<(Manifest, PathBuf)> {
-        let (m, file) = Manifest::load(&self.data.manifest)?;
-        for split in [&self.data.train_split, &self.data.test_split] {
-            if !m.split(split, &file)?.labeled {
-                return Err(Error::Manifest {
-                    path: file.clone(),
-                    message: format!(
-                        "split {split:?} is unlabeled; supervised training needs labels"
-                    ),
-                });
-            }
-            m.check_shards_exist(split, &file)?;
-        }
-        self.model
-            .check_input(&m.sample_shape)
-            .map_err(|e| match e {
-                Error::Invalid { context, message } => Error::Invalid {
-                    context,
-                    message: format!("{message} (dataset {:?} in {})", m.name, file.display()),
-                },
-                other => other,
-            })?;
-        self.train_len(&m, &file)?;
-        if let Some(u) = &self.data.unlabeled_split {
-            m.split(u, &file)?;
-            m.check_shards_exist(u, &file)?;
-            let pretrains = self
-                .pretrain
-                .as_ref()
-                .is_some_and(|p| p.method != crate::pretrain::PretrainMethod::None);
-            if self.regularize.distill.is_none()
-                && self.ssl.is_none()
-                && self.pseudo_label.is_none()
-                && !pretrains
-            {
-                return Err(Error::invalid(
-                    "data.unlabeled_split",
-                    "is set but no configured method uses unlabeled data ([ssl], [pseudo_label], [pretrain] or regularize.distill)",
-                ));
-            }
-        }
-        if let Some(d) = &self.regularize.distill {
-            if !d.teacher.is_file() {
-                return Err(Error::invalid(
-                    "regularize.distill.teacher",
-                    format!("{} does not exist (train the teacher first; its checkpoint is <run>/checkpoints/final.safetensors)", d.teacher.display()),
-                ));
-            }
-            if let Some(t) = &d.teacher_model {
-                t.check_input(&m.sample_shape)?;
-            }
-        }
-        Ok((m, file))
     }
 }
 
@@ -923,43 +691,5 @@ batch_size = 100
             let e = parse(&GOOD.replace(from, to)).unwrap_err().to_string();
             assert!(e.contains(key), "{to}: {e}");
         }
-    }
-
-    #[test]
-    fn model_shape_checks() {
-        let conv = ModelConfig::ConvBase {
-            channels: 25,
-            input_length: None,
-        };
-        assert!(conv.check_input(&[40]).is_ok());
-        assert!(conv
-            .check_input(&[1, 8, 8])
-            .unwrap_err()
-            .to_string()
-            .contains("[1, 8, 8]"));
-        let mlp = ModelConfig::Mlp {
-            hidden: vec![8],
-            input_dim: Some(64),
-        };
-        assert!(mlp.check_input(&[1, 8, 8]).is_ok());
-        assert!(mlp
-            .check_input(&[40])
-            .unwrap_err()
-            .to_string()
-            .contains("input_dim = 64"));
-    }
-
-    #[test]
-    fn schedules() {
-        let s = ScheduleConfig {
-            kind: ScheduleKind::Cosine,
-            warmup_steps: 10,
-            min_lr_ratio: 0.0,
-        };
-        assert!((s.lr_at(1.0, 0, 110) - 0.1).abs() < 1e-12);
-        assert!((s.lr_at(1.0, 9, 110) - 1.0).abs() < 1e-12);
-        assert!((s.lr_at(1.0, 10, 110) - 1.0).abs() < 1e-12);
-        assert!((s.lr_at(1.0, 60, 110) - 0.5).abs() < 1e-12);
-        assert!(s.lr_at(1.0, 109, 110) < 0.001);
     }
 }

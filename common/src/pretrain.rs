@@ -3,7 +3,8 @@
 //! `[optim]`, `[schedule]` and `[train]`. `method = "none"` skips the first two stages: the same
 //! fine-tuning recipe from a random encoder, i.e. the supervised baseline.
 
-use crate::config::{JobConfig, ModelConfig, OptimConfig, OptimKind, ScheduleConfig};
+use crate::model::ModelConfig;
+use crate::optim::{OptimConfig, OptimKind, ScheduleConfig};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -91,22 +92,29 @@ fn default_probe_lr() -> f64 {
 }
 
 impl PretrainConfig {
-    /// Checks that need no data and no world size (called from `JobConfig::validate`).
-    pub fn validate(&self, job: &JobConfig, origin: &Path) -> Result<()> {
+    /// Checks that need no data and no world size (called from `JobConfig::validate` with the job's
+    /// model, `data.labels_per_class` and `data.unlabeled_split`).
+    pub fn validate(
+        &self,
+        model: &ModelConfig,
+        labels_per_class: Option<u64>,
+        unlabeled_split: Option<&str>,
+        origin: &Path,
+    ) -> Result<()> {
         let bad = |key: &str, why: String| Error::Config {
             path: origin.into(),
             message: format!("pretrain.{key}: {why}"),
         };
-        if !matches!(job.model, ModelConfig::ConvBase { .. }) {
+        if !matches!(model, ModelConfig::ConvBase { .. }) {
             return Err(bad(
                 "method",
                 format!(
                     "staged pretraining needs model.kind = \"conv_base\" (its encoder is ConvBase's conv stack), not {:?}",
-                    job.model.kind()
+                    model.kind()
                 ),
             ));
         }
-        if job.data.labels_per_class.is_none() {
+        if labels_per_class.is_none() {
             return Err(bad(
                 "method",
                 "the fine-tuning stage trains on data.labels_per_class labels per class; set it"
@@ -116,7 +124,7 @@ impl PretrainConfig {
         if self.method == PretrainMethod::None {
             return Ok(());
         }
-        if job.data.unlabeled_split.is_none() {
+        if unlabeled_split.is_none() {
             return Err(bad(
                 "method",
                 "contrastive pretraining reads data.unlabeled_split; set it".into(),
@@ -202,69 +210,4 @@ pub fn check_optim(o: &OptimConfig) -> std::result::Result<(), (&'static str, St
         return Err(("trust_coefficient", "must be a finite number > 0".into()));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::config::{JobConfig, OptimKind};
-    use std::path::Path;
-
-    const JOB: &str = "[job]\nname='p'\nseed=1\n[data]\nmanifest='m'\nlabels_per_class=4\nunlabeled_split='u'\n\
-        [model]\nkind='conv_base'\n[optim]\nkind='adam'\nlr=0.01\n[train]\nepochs=1\nbatch_size=12\n\
-        [pretrain]\nmethod='simclr'\nbatch_size=4096\n[pretrain.optim]\nkind='lars'\nlr=4.8\n";
-
-    #[test]
-    fn pretrain_section_survives_the_trip_to_the_workers() {
-        let c = JobConfig::from_toml(JOB, Path::new("p.toml")).unwrap();
-        let p = c.pretrain.as_ref().unwrap();
-        assert_eq!(p.optim.kind, OptimKind::Lars);
-        assert_eq!(p.optim.trust_coefficient, 0.001);
-        assert!(p.finetune_from_probe);
-        // The coordinator hands workers the normalised TOML.
-        let again = JobConfig::from_toml(&c.to_toml(), Path::new("again.toml")).unwrap();
-        assert_eq!(again, c);
-        let plain = JOB
-            .split("[pretrain]")
-            .next()
-            .unwrap()
-            .replace("unlabeled_split='u'\n", "");
-        assert!(JobConfig::from_toml(&plain, Path::new("plain.toml"))
-            .unwrap()
-            .pretrain
-            .is_none());
-    }
-
-    #[test]
-    fn pretrain_keys_are_strict_and_values_checked() {
-        let e = JobConfig::from_toml(
-            &JOB.replace("batch_size=4096", "batch_size=4096\nnegatives='local'"),
-            Path::new("p.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("negatives"), "{e}");
-        for (from, to, key) in [
-            ("batch_size=4096", "batch_size=1", "pretrain.batch_size"),
-            (
-                "method='simclr'",
-                "method='simclr'\ntemperature=0.0",
-                "pretrain.temperature",
-            ),
-            ("lr=4.8", "lr=-1.0", "pretrain.optim.lr"),
-            (
-                "method='simclr'",
-                "method='cpc'\ncpc_horizons=0",
-                "pretrain.cpc_horizons",
-            ),
-        ] {
-            let e = JobConfig::from_toml(&JOB.replace(from, to), Path::new("p.toml"))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(key), "{key}: {e}");
-        }
-        let c = JobConfig::from_toml(JOB, Path::new("p.toml")).unwrap();
-        let e = c.validate_world(3).unwrap_err().to_string(); // 12 divides by 3, 4096 does not
-        assert!(e.contains("pretrain.batch_size"), "{e}");
-        assert!(c.validate_world(2).is_ok());
-    }
 }

@@ -142,9 +142,25 @@ fn yes() -> bool {
     true
 }
 
-/// Cross-section checks; `bad(key, why)` builds the config error.
+/// What the cross-section checks need to know of the rest of the job (`JobConfig::validate` fills it
+/// in), so that this module does not import the config that embeds its sections.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JobFacts {
+    /// A `[pretrain]` section is present.
+    pub pretrain: bool,
+    /// `data.unlabeled_split` is set.
+    pub unlabeled_split: bool,
+    /// `regularize.distill` is set.
+    pub distill: bool,
+    /// Any of `regularize.mix`, `manifold_mixup` or `cutout` is set.
+    pub batch_regularizers: bool,
+}
+
+/// Cross-section checks of `[ssl]` and `[pseudo_label]`; `bad(key, why)` builds the config error.
 pub fn validate(
-    cfg: &crate::config::JobConfig,
+    ssl: Option<&SslConfig>,
+    pseudo_label: Option<&PseudoLabelConfig>,
+    job: &JobFacts,
     bad: &dyn Fn(&str, String) -> crate::Error,
 ) -> crate::Result<()> {
     let unit = |key: &str, p: f64| {
@@ -161,28 +177,27 @@ pub fn validate(
             Err(bad(key, format!("{v} must be a finite number > 0")))
         }
     };
-    if cfg.pretrain.is_some() && (cfg.ssl.is_some() || cfg.pseudo_label.is_some()) {
+    if job.pretrain && (ssl.is_some() || pseudo_label.is_some()) {
         return Err(bad(
             "pretrain",
             "cannot be combined with [ssl] or [pseudo_label] (a staged job fine-tunes on labels only)"
                 .into(),
         ));
     }
-    if let Some(s) = &cfg.ssl {
-        if cfg.data.unlabeled_split.is_none() {
+    if let Some(s) = ssl {
+        if !job.unlabeled_split {
             return Err(bad(
                 "ssl",
                 "needs data.unlabeled_split (the unlabeled stream it regularizes on)".into(),
             ));
         }
-        if cfg.regularize.distill.is_some() {
+        if job.distill {
             return Err(bad(
                 "ssl",
                 "cannot be combined with regularize.distill (both own the unlabeled stream)".into(),
             ));
         }
-        let r = &cfg.regularize;
-        if r.mix.is_some() || r.manifold_mixup.is_some() || r.cutout.is_some() {
+        if job.batch_regularizers {
             return Err(bad(
                 "ssl",
                 "cannot be combined with regularize.mix, manifold_mixup or cutout (use [augment] for the labeled batch)".into(),
@@ -200,7 +215,7 @@ pub fn validate(
             ));
         }
     }
-    if let Some(p) = &cfg.pseudo_label {
+    if let Some(p) = pseudo_label {
         if p.rounds < 2 {
             return Err(bad(
                 "pseudo_label.rounds",
@@ -210,13 +225,13 @@ pub fn validate(
                 ),
             ));
         }
-        if cfg.data.unlabeled_split.is_none() {
+        if !job.unlabeled_split {
             return Err(bad(
                 "pseudo_label",
                 "needs data.unlabeled_split (the pool it labels)".into(),
             ));
         }
-        if cfg.ssl.is_some() || cfg.regularize.distill.is_some() {
+        if ssl.is_some() || job.distill {
             return Err(bad(
                 "pseudo_label",
                 "cannot be combined with ssl or regularize.distill (each owns the unlabeled stream)"
@@ -239,115 +254,4 @@ pub fn validate(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::JobConfig;
-    use std::path::Path;
-
-    fn parse(extra_data: &str, sections: &str) -> Result<JobConfig, String> {
-        let text = format!(
-            "[job]\nname='t'\n[data]\nmanifest='m'\n{extra_data}[model]\nkind='mlp'\nhidden=[8]\n\
-             [optim]\nkind='sgd'\nlr=0.1\n[train]\nepochs=1\nbatch_size=8\n{sections}"
-        );
-        JobConfig::from_toml(&text, Path::new("job.toml")).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn semi_supervised_config_errors_name_the_key_and_cause() {
-        let u = "unlabeled_split='u'\n";
-        let ok = parse(u, "[ssl]\nmethod='fixmatch'\n").unwrap();
-        assert_eq!(ok.unlabeled_ratio(), 7, "FixMatch's default μ");
-        assert_eq!(ok.ssl.unwrap().threshold(), 0.95);
-        let mu3 = parse(
-            "unlabeled_split='u'\nunlabeled_ratio=3\n",
-            "[ssl]\nmethod='fixmatch'\n",
-        )
-        .unwrap();
-        assert_eq!(mu3.unlabeled_ratio(), 3);
-        let uda = parse(u, "[ssl]\nmethod='uda'\ntsa='exp'\n").unwrap();
-        assert_eq!(uda.ssl.unwrap().threshold(), 0.0);
-        for (data, sections, want) in [
-            ("", "[ssl]\nmethod='uda'\n", "needs data.unlabeled_split"),
-            (u, "[ssl]\nmethod='mixmatch'\n", "unknown variant"),
-            (u, "[ssl]\nmethod='fixmatch'\ntsa='linear'\n", "UDA options"),
-            (u, "[ssl]\nmethod='uda'\nthreshold=1.5\n", "ssl.threshold"),
-            (u, "[ssl]\nmethod='uda'\ntemperature=0\n", "ssl.temperature"),
-            (u, "[ssl]\nmethod='uda'\nlambda_u=-1\n", "ssl.lambda_u"),
-            (
-                u,
-                "[ssl]\nmethod='uda'\n[regularize.mix]\nmixup_alpha=1.0\n",
-                "cannot be combined",
-            ),
-            (u, "[pseudo_label]\nrounds=1\n", "pseudo_label.rounds"),
-            (
-                "",
-                "[pseudo_label]\nrounds=2\n",
-                "needs data.unlabeled_split",
-            ),
-            (
-                u,
-                "[pseudo_label]\nrounds=2\ntop_k_per_class=0\n",
-                "top_k_per_class",
-            ),
-            (
-                u,
-                "[pseudo_label]\nrounds=2\n[ssl]\nmethod='uda'\n",
-                "cannot be combined",
-            ),
-            (u, "[augment]\nlabeled='medium'\n", "unknown variant"),
-        ] {
-            let e = parse(data, sections).unwrap_err();
-            assert!(
-                e.contains(want) && e.contains("job.toml"),
-                "{sections}: {e}"
-            );
-        }
-        // A staged job with consistency training as well: refused, not silently ignored.
-        let staged = "[job]\nname='t'\n[data]\nmanifest='m'\nlabels_per_class=4\nunlabeled_split='u'\n\
-             [model]\nkind='conv_base'\n[optim]\nkind='adam'\nlr=0.01\n[train]\nepochs=1\nbatch_size=8\n\
-             [pretrain]\nmethod='simclr'\n[pretrain.optim]\nkind='lars'\nlr=1.0\n";
-        assert!(JobConfig::from_toml(staged, Path::new("job.toml")).is_ok());
-        let e = JobConfig::from_toml(
-            &format!("{staged}[ssl]\nmethod='fixmatch'\n"),
-            Path::new("job.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("pretrain") && e.contains("cannot be combined"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn tsa_thresholds_follow_the_schedules() {
-        let k = 10;
-        // At t = 0: linear and log start at 1/K, exp at exp(−5)·(1 − 1/K) + 1/K.
-        assert!((TsaSchedule::Linear.threshold(0, 100, k) - 0.1).abs() < 1e-12);
-        assert!((TsaSchedule::Log.threshold(0, 100, k) - 0.1).abs() < 1e-12);
-        let exp0 = (-5f64).exp() * 0.9 + 0.1;
-        assert!((TsaSchedule::Exp.threshold(0, 100, k) - exp0).abs() < 1e-12);
-        // At t = T all reach 1 (or, for log, 1 − e^−5 of the way).
-        assert!((TsaSchedule::Linear.threshold(100, 100, k) - 1.0).abs() < 1e-12);
-        assert!((TsaSchedule::Exp.threshold(100, 100, k) - 1.0).abs() < 1e-12);
-        let log_t = (1.0 - (-5f64).exp()) * 0.9 + 0.1;
-        assert!((TsaSchedule::Log.threshold(100, 100, k) - log_t).abs() < 1e-12);
-        // Half way: linear 0.55, log above it, exp below it.
-        let (l, g, e) = (
-            TsaSchedule::Linear.threshold(50, 100, k),
-            TsaSchedule::Log.threshold(50, 100, k),
-            TsaSchedule::Exp.threshold(50, 100, k),
-        );
-        assert!((l - 0.55).abs() < 1e-12);
-        assert!(g > l && e < l);
-        assert_eq!(TsaSchedule::None.threshold(0, 100, k), 1.0);
-        // Past the end stays at the end.
-        assert_eq!(
-            TsaSchedule::Linear.threshold(500, 100, k),
-            TsaSchedule::Linear.threshold(100, 100, k)
-        );
-    }
 }

@@ -6,6 +6,7 @@ use crate::summary::Summary;
 use crate::{Error, Result};
 use butler_common::config::JobConfig;
 use butler_common::fsutil;
+use butler_data::JobDataCheck;
 use butler_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use butler_proto::*;
 use std::net::SocketAddr;
@@ -161,7 +162,7 @@ impl Coordinator for Service {
                             "this job has no unlabeled stream (data.unlabeled_split)",
                         )
                     })?;
-                let (lo, hi) = butler_common::assign::part_bounds(len, st.world_size, r.rank);
+                let (lo, hi) = butler_data::assign::part_bounds(len, st.world_size, r.rank);
                 return Ok(Response::new(AssignmentResponse {
                     generation: st.generation,
                     epoch: r.epoch,

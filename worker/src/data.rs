@@ -3,8 +3,8 @@
 
 use crate::augment::{Pipeline, SampleKey};
 use crate::Result;
-use butler_common::manifest::Manifest;
-use butler_common::shard::read_split;
+use butler_data::manifest::Manifest;
+use butler_data::shard::read_split;
 use std::path::Path;
 use tch::Tensor;
 

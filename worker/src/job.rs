@@ -9,6 +9,7 @@ use crate::session::Ctx;
 use crate::trainer::{self, Trainer};
 use crate::{augment, loader, rounds, streams, Error, Result};
 use butler_common::config::JobConfig;
+use butler_data::JobDataCheck;
 use butler_common::sampler::{labeled_subset, DistributedSampler};
 use butler_proto::{AssignmentRequest, MetricsReport, Stream};
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use tracing::{info, warn};
 pub(crate) struct Job<'a> {
     pub(crate) ctx: &'a Ctx<'a>,
     pub(crate) cfg: &'a JobConfig,
-    pub(crate) manifest: butler_common::manifest::Manifest,
+    pub(crate) manifest: butler_data::manifest::Manifest,
     pub(crate) manifest_file: PathBuf,
     pub(crate) train_set: InMemorySplit,
     pub(crate) test_set: InMemorySplit,

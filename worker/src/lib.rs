@@ -7,7 +7,6 @@
 //! the async runtime only carries RPCs and the heartbeat. The training loop sees `&mut dyn Collective`,
 //! never a transport.
 
-pub mod augment;
 pub mod checkpoint;
 pub mod client;
 pub mod collective;
@@ -17,7 +16,6 @@ pub mod ddp;
 pub mod device;
 mod error;
 mod job;
-pub mod loader;
 pub mod losses;
 pub mod mixing;
 pub mod models;
@@ -28,8 +26,8 @@ pub mod rounds;
 pub mod selfcheck;
 mod session;
 mod stages;
-pub mod streams;
 pub mod trainer;
 
+pub use butler_data::{augment, loader, streams};
 pub use error::{Error, Result};
 pub use process::{run, WorkerOptions, WorkerReport};

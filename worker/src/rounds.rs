@@ -20,7 +20,7 @@ use crate::objectives::{PseudoBatch, PseudoTargets};
 use crate::trainer::{Evaluation, Trainer};
 use crate::{loader, Error, Result};
 use butler_common::pseudo::{Histogram, Selection, Sidecar};
-use butler_common::shard::{read_shard_checked, CorruptPolicy};
+use butler_data::shard::{read_shard_checked, CorruptPolicy};
 use butler_proto::{PhaseDone, PhaseKind, PhaseRequest, PhaseResponse};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! The streaming loader: background threads read shards, pick this rank's samples in its planned order
-//! (`butler_common::assign`), make the augmented views, and hand finished batches to the training
+//! (`crate::assign`), make the augmented views, and hand finished batches to the training
 //! thread ahead of the step — with bounded memory whatever the size of the pool.
 //!
 //! Memory is bounded by `cache_shards` decoded shards plus `threads × prefetch` batches. Batches come out in
@@ -11,10 +11,10 @@
 //! warning naming shard and index) or fails the stream (policy `Fail`); a corrupt or truncated shard always
 //! fails it, with an error naming the file.
 
+use crate::assign::RankSequence;
+use crate::manifest::Manifest;
+use crate::shard::{read_shard_checked, CorruptPolicy, ShardData, SkippedSample};
 use crate::{Error, Result};
-use butler_common::assign::RankSequence;
-use butler_common::manifest::Manifest;
-use butler_common::shard::{read_shard_checked, CorruptPolicy, ShardData, SkippedSample};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,7 +119,7 @@ impl ShardCache {
             slot
         };
         let loaded = slot.get_or_init(|| self.read(shard).map(Arc::new).map_err(|e| e.to_string()));
-        loaded.clone().map_err(Error::Setup)
+        loaded.clone().map_err(Error::Loader)
     }
 
     fn read(&self, shard: u32) -> Result<CachedShard> {
@@ -128,9 +128,9 @@ impl ShardCache {
             .manifest
             .splits
             .get(&self.spec.split)
-            .ok_or_else(|| Error::Setup(format!("no split {:?}", self.spec.split)))?;
+            .ok_or_else(|| Error::Loader(format!("no split {:?}", self.spec.split)))?;
         let entry = split.shards.get(shard as usize).ok_or_else(|| {
-            Error::Setup(format!("split {:?} has no shard #{shard}", self.spec.split))
+            Error::Loader(format!("split {:?} has no shard #{shard}", self.spec.split))
         })?;
         let (data, skipped) = read_shard_checked(
             &self.spec.dir,
@@ -180,7 +180,7 @@ impl StreamLoader {
             .splits
             .get(&spec.split)
             .map(|s| s.labeled)
-            .ok_or_else(|| Error::Setup(format!("no split {:?} in the manifest", spec.split)))?;
+            .ok_or_else(|| Error::Loader(format!("no split {:?} in the manifest", spec.split)))?;
         let threads_n = spec.threads.max(1);
         let stop = Arc::new(AtomicBool::new(false));
         let cache = Arc::new(ShardCache {
@@ -209,7 +209,7 @@ impl StreamLoader {
                         step += threads_n as u64;
                     }
                 })
-                .map_err(|e| Error::Setup(format!("cannot start a loader thread: {e}")))?;
+                .map_err(|e| Error::Loader(format!("cannot start a loader thread: {e}")))?;
             threads.push(handle);
         }
         Ok(StreamLoader {
@@ -254,7 +254,7 @@ fn build(
             match shard.skipped.get(&(s.index as usize)) {
                 Some(reason) => out.skipped.push(reason.clone()),
                 None => {
-                    return Err(Error::Setup(format!(
+                    return Err(Error::Loader(format!(
                         "shard #{} of split {:?} has no sample {} although the manifest lists it",
                         s.shard, spec.split, s.index
                     )))
@@ -290,11 +290,11 @@ impl Iterator for StreamLoader {
         self.next += 1;
         Some(match rx.recv_timeout(self.timeout) {
             Ok(batch) => batch,
-            Err(RecvTimeoutError::Timeout) => Err(Error::Setup(format!(
+            Err(RecvTimeoutError::Timeout) => Err(Error::Loader(format!(
                 "the data loader produced no batch within {:?}",
                 self.timeout
             ))),
-            Err(RecvTimeoutError::Disconnected) => Err(Error::Setup(
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Loader(
                 "a data loader thread stopped unexpectedly".into(),
             )),
         })

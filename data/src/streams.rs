@@ -4,9 +4,9 @@
 //! The cursor (epoch, step within the epoch) is all it takes to resume at the same sample with the same
 //! augmentation.
 
+use crate::assign::ShardedOrder;
 use crate::loader::{LoadedBatch, LoaderSpec, StreamLoader, ViewMaker};
 use crate::{Error, Result};
-use butler_common::assign::ShardedOrder;
 use std::sync::Arc;
 
 /// Where a stream is: the epoch, and the steps already taken in it.
@@ -62,10 +62,10 @@ impl UnlabeledStream {
     ) -> Result<Self> {
         let split =
             spec.manifest.splits.get(&spec.split).ok_or_else(|| {
-                Error::Setup(format!("no split {:?} in the manifest", spec.split))
+                Error::Loader(format!("no split {:?} in the manifest", spec.split))
             })?;
         if split.num_samples < world as u64 {
-            return Err(Error::Setup(format!(
+            return Err(Error::Loader(format!(
                 "split {:?} has {} samples, fewer than the {world} ranks",
                 spec.split, split.num_samples
             )));
@@ -146,7 +146,7 @@ impl UnlabeledStream {
             .as_mut()
             .and_then(|l| l.next())
             .ok_or_else(|| {
-                Error::Setup("the unlabeled loader ended before its planned steps".into())
+                Error::Loader("the unlabeled loader ended before its planned steps".into())
             })??;
         self.cursor.step += 1;
         Ok((batch, global))

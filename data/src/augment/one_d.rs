@@ -4,8 +4,9 @@
 //! Samples are `[L]` or `[C, L]`; every transform acts along the last axis and draws its parameters once
 //! per sample, so all channels of a sample move together (noise excepted: it is drawn per value).
 
-use super::{check_len, symmetric_index, Transform};
-use crate::mixing::{cutout_regions_1d, MixRng};
+use super::transform::{check_len, symmetric_index, Transform};
+use crate::regions::cutout_regions_1d;
+use crate::rng::MixRng;
 
 /// `(channels, length)` of a 1-D sample shape.
 ///
@@ -219,7 +220,7 @@ impl Transform for CorrelatedNoise {
 
 /// 1-D Cutout (DeVries & Taylor 2017 on signals): `holes` spans of `size` positions set to zero in every
 /// channel, centres uniform, clipped at the ends — the same draws as the batch Cutout
-/// ([`crate::mixing::cutout_regions_1d`]).
+/// ([`crate::regions::cutout_regions_1d`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Cutout1d {
     pub holes: usize,

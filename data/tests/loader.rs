@@ -1,11 +1,11 @@
 //! The streaming loader over a sharded split: the planned order, resume from a cursor, augmentation
 //! seeded per sample, and corrupt samples or shards.
 
-use butler_common::assign::ShardedOrder;
-use butler_common::manifest::{Manifest, ShardEntry, Split, MANIFEST_FORMAT, MANIFEST_VERSION};
-use butler_common::shard::{write_shard, CorruptPolicy, ShardData};
-use butler_worker::loader::{Identity, LoadedBatch, LoaderSpec, StreamLoader, ViewMaker};
-use butler_worker::mixing::MixRng;
+use butler_data::assign::ShardedOrder;
+use butler_data::loader::{Identity, LoadedBatch, LoaderSpec, StreamLoader, ViewMaker};
+use butler_data::manifest::{Manifest, ShardEntry, Split, MANIFEST_FORMAT, MANIFEST_VERSION};
+use butler_data::rng::MixRng;
+use butler_data::shard::{write_shard, CorruptPolicy, ShardData};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -281,7 +281,7 @@ fn corrupt_shard_fails_the_stream_naming_the_file_under_any_policy() {
 
 #[test]
 fn unlabeled_stream_rolls_epochs_and_resumes_from_its_cursor() {
-    use butler_worker::streams::{Cursor, UnlabeledStream};
+    use butler_data::streams::{Cursor, UnlabeledStream};
     let dir = tempfile::tempdir().unwrap();
     let sizes = [13u64, 9, 20];
     let m = dataset(dir.path(), &sizes, None);

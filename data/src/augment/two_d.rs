@@ -10,8 +10,9 @@
 //! Coordinates: pixel `(y, x)` has its centre at integer coordinates `(y, x)`; the image covers
 //! `[−½, H − ½) × [−½, W − ½)`.
 
-use super::{check_len, reflect_index, uniform_in, Transform};
-use crate::mixing::{cutout_regions_2d, Box2d, MixRng};
+use super::transform::{check_len, reflect_index, uniform_in, Transform};
+use crate::regions::{cutout_regions_2d, Box2d};
+use crate::rng::MixRng;
 
 /// ITU-R BT.601 luma weights for R, G, B (torchvision's `rgb_to_grayscale`, PIL's `L` mode).
 pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
@@ -655,7 +656,7 @@ impl Transform for GaussianBlur {
 
 /// Cutout (DeVries & Taylor 2017): `holes` squares of `size × size` set to 0 in every channel, centres
 /// uniform over the image and clipped at the borders — the draws of the batch Cutout
-/// ([`crate::mixing::cutout_regions_2d`]: `cy` then `cx` per hole).
+/// ([`crate::regions::cutout_regions_2d`]: `cy` then `cx` per hole).
 #[derive(Clone, Copy, Debug)]
 pub struct Cutout {
     pub holes: usize,

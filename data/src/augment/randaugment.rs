@@ -19,9 +19,9 @@
 //! Geometric ops fill with 0 outside the image, as torchvision's default; the interpolation is
 //! selectable (torchvision's default is nearest).
 
+use super::transform::{check_len, Transform};
 use super::two_d::{brightness, chw, contrast, saturation, warp, Interpolation};
-use super::{check_len, Transform};
-use crate::mixing::MixRng;
+use crate::rng::MixRng;
 
 /// One RandAugment operation. [`Op::ALL`] lists them in torchvision's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -14,7 +14,7 @@
 //! (a [`Period`] ends), the samples not yet consumed — in global-sequence order — are cut and shuffled again
 //! for the new world, so the rest of the epoch still covers every unseen sample exactly once.
 
-use crate::sampler::{epoch_permutation, mix, SplitMix64};
+use butler_common::sampler::{epoch_permutation, mix, SplitMix64};
 use std::collections::HashSet;
 
 /// One sample of a sharded split: shard index in the manifest's list, index within the shard.

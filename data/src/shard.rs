@@ -3,28 +3,12 @@
 //! WebDataset tar shards of [`crate::webdataset`], and applies the corrupt-sample policy.
 
 use crate::manifest::{Manifest, ShardEntry, ShardFormat};
-use crate::{fsutil, Error, Result};
+pub use crate::samples::{CorruptPolicy, ShardData, SkippedSample};
+use crate::{Error, Result};
+use butler_common::fsutil;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
-
-/// The samples of one shard (or of a whole split, once concatenated).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ShardData {
-    pub x: Vec<f32>,
-    pub y: Option<Vec<i64>>,
-    pub ids: Vec<u64>,
-}
-
-impl ShardData {
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-}
+use std::path::Path;
 
 fn to_le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
     v.iter().flat_map(|&e| f(e)).collect()
@@ -72,49 +56,6 @@ pub fn write_shard(path: &Path, sample_shape: &[usize], data: &ShardData) -> Res
     })?;
     fsutil::write_atomic(path, &bytes)?;
     Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
-/// What a reader does with a corrupt sample (one that does not decode, has the wrong shape, or has a
-/// missing, unreadable or out-of-range label). A shard that is corrupt as a whole (missing, checksum
-/// mismatch, unreadable container, wrong sample count) is always an error, whatever the policy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum CorruptPolicy {
-    /// Leave the sample out and report it in the returned list.
-    Skip,
-    /// Fail with an error naming the shard file and the sample's index in it.
-    #[default]
-    Fail,
-}
-
-impl From<crate::config::CorruptSamples> for CorruptPolicy {
-    fn from(c: crate::config::CorruptSamples) -> Self {
-        match c {
-            crate::config::CorruptSamples::Skip => CorruptPolicy::Skip,
-            crate::config::CorruptSamples::Fail => CorruptPolicy::Fail,
-        }
-    }
-}
-
-/// A sample left out under [`CorruptPolicy::Skip`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SkippedSample {
-    /// The shard file (the manifest's directory joined with the entry's path).
-    pub shard: PathBuf,
-    /// Position of the sample within the shard (its id is the shard's `first_id + index`).
-    pub index: usize,
-    pub reason: String,
-}
-
-impl std::fmt::Display for SkippedSample {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "shard {}: sample {}: {}",
-            self.shard.display(),
-            self.index,
-            self.reason
-        )
-    }
 }
 
 /// Reads one shard listed in `manifest`, verifying its checksum, tensor names, dtypes and shapes.

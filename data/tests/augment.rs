@@ -1,14 +1,14 @@
 //! The augmentation library on hand-made samples: determinism per (seed, epoch, sample, view), shapes and
 //! value ranges, and each transform doing what its documentation says.
 
-use butler_worker::augment::one_d::{self, AmplitudeScale, Cutout1d, GaussianNoise, Roll, Shear};
-use butler_worker::augment::two_d::{
+use butler_data::augment::one_d::{self, AmplitudeScale, Cutout1d, GaussianNoise, Roll, Shear};
+use butler_data::augment::two_d::{
     self, ColorJitter, Cutout, GaussianBlur, Grayscale, HorizontalFlip, PadCrop, RandomResizedCrop,
 };
-use butler_worker::augment::{
+use butler_data::augment::{
     sample_rng, Op, Pipeline, RandAugment, SampleKey, Transform, TwoViews, WeakStrong,
 };
-use butler_worker::mixing::MixRng;
+use butler_data::rng::MixRng;
 
 /// A deterministic, non-symmetric test image in [0, 1].
 fn image(c: usize, h: usize, w: usize) -> Vec<f32> {

@@ -12,8 +12,9 @@
 //! manifest says is always an error naming the file.
 
 use crate::manifest::{Manifest, ShardEntry};
-use crate::shard::{CorruptPolicy, ShardData, SkippedSample};
-use crate::{fsutil, Error, Result};
+use crate::samples::{CorruptPolicy, ShardData, SkippedSample};
+use crate::{Error, Result};
+use butler_common::fsutil;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
