@@ -3,7 +3,7 @@
 
 use crate::{Error, Result};
 use butler_common::config::{BackendChoice, DeviceChoice, Precision};
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// The device this worker trains on. `local_rank` is the worker's index among the workers of its host
 /// (the launcher's or `LOCAL_RANK`); it picks GPU `local_rank mod count` of the GPUs this process sees
@@ -81,6 +81,22 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// `t` (a host batch) on `device`. To a GPU the batch goes through pinned memory with a non-blocking copy
+/// (the copy overlaps with the kernels already queued; libtorch's pinned-memory cache keeps the staging
+/// buffer alive until the copy has run); where pinning fails, a plain copy.
+pub fn to_step_device(t: &Tensor, device: Device) -> Tensor {
+    if !device.is_cuda() || t.device() != Device::Cpu {
+        return t.to_device(device);
+    }
+    // `Device::Cpu` passes no device to `pin_memory` (the current accelerator), the non-deprecated form.
+    match t.f_pin_memory(Device::Cpu) {
+        Ok(pinned) => pinned
+            .f_to_device_(device, t.kind(), true, false)
+            .unwrap_or_else(|_| t.to_device(device)),
+        Err(_) => t.to_device(device),
+    }
 }
 
 /// The collective every rank uses. Every rank evaluates this on the same rendezvous answer, so all agree.

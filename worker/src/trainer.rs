@@ -4,7 +4,7 @@
 
 use crate::collective::Collective;
 use crate::ddp::GradSync;
-use crate::device::with_precision;
+use crate::device::{to_step_device, with_precision};
 use crate::mixing::MixRng;
 use crate::models::{self, Model};
 use crate::objectives::{self, Objective, PseudoBatch, StepCtx};
@@ -154,9 +154,9 @@ impl Trainer {
         let share = |local: i64, global: u64| local as f64 * world / global.max(1) as f64;
         // Batches are built on the host; the step runs where the parameters are.
         let dev = self.device;
-        let (x, y) = (&x.to_device(dev), &y.to_device(dev));
+        let (x, y) = (&to_step_device(x, dev), &to_step_device(y, dev));
         let views: Vec<Tensor> = unlabeled.as_ref().map_or(Vec::new(), |u| {
-            u.views.iter().map(|v| v.to_device(dev)).collect()
+            u.views.iter().map(|v| to_step_device(v, dev)).collect()
         });
         let pseudo = pseudo.map(|p| p.to_device(dev));
         // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.

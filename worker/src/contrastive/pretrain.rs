@@ -154,7 +154,10 @@ impl Pretrainer {
         self.opt.set_lr(self.learning_rate());
         self.sync.zero_grad();
         let (dev, precision) = (self.device, self.precision);
-        let views: Vec<Tensor> = views.iter().map(|v| v.to_device(dev)).collect();
+        let views: Vec<Tensor> = views
+            .iter()
+            .map(|v| crate::device::to_step_device(v, dev))
+            .collect();
         // The encoder's forward runs in the configured precision; the global loss (similarities over
         // the gathered batch, its collectives and its inner backward) in fp32.
         let fp32 = |f: &dyn Fn() -> Tensor| with_precision(precision, dev, f).to_kind(Kind::Float);
