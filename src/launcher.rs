@@ -18,7 +18,7 @@ pub struct RunArgs {
     /// Number of worker processes.
     #[arg(long, default_value_t = 2)]
     pub workers: u32,
-    /// Run directory for logs, metrics, checkpoints and summary.json (default: runs/<job name>).
+    /// Run directory for logs, metrics, checkpoints and summary.json (default: runs/JOB_NAME).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Intra-op threads per worker (default: the machine's cores divided among the workers).
