@@ -122,23 +122,6 @@ fn batch_not_divisible_by_workers_is_rejected() {
     assert!(stderr(&o).contains("not divisible by 3"), "{}", stderr(&o));
 }
 
-fn wait_for_file(path: &std::path::Path, limit: Duration) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.is_empty() {
-                return s;
-            }
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "{} did not appear within {limit:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn worker_with_wrong_token_is_rejected_and_logged() {
     let dir = tempfile::tempdir().unwrap();
@@ -147,26 +130,7 @@ fn worker_with_wrong_token_is_rejected_and_logged() {
         "job.toml",
         &small_config(&mnist1d(), "rendezvous_timeout_ms = 30000"),
     );
-    let addr_file = dir.path().join("addr");
-    let mut coord = butler()
-        .args([
-            "coordinator",
-            "--world-size",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .env("BUTLER_TOKEN", "right-token")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = wait_for_file(&addr_file, Duration::from_secs(30));
+    let (mut coord, addr) = start_coordinator(&cfg, &dir.path().join("run"), 1, "right-token");
     let o = butler()
         .args([
             "worker",
@@ -211,26 +175,7 @@ fn killed_worker_fails_the_job_without_hanging() {
     .replace("epochs = 2", "epochs = 500");
     let cfg = write(dir.path(), "job.toml", &text);
     let run = dir.path().join("run");
-    let addr_file = dir.path().join("addr");
-    let mut coord = butler()
-        .args([
-            "coordinator",
-            "--world-size",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg("--run-dir")
-        .arg(&run)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .env("BUTLER_TOKEN", "t")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = wait_for_file(&addr_file, Duration::from_secs(30));
+    let (mut coord, addr) = start_coordinator(&cfg, &run, 2, "t");
     let worker = |rank: u32| {
         butler()
             .args([

@@ -94,35 +94,8 @@ fn a_worker_asked_for_cuda_without_one_fails_naming_the_cause() {
         &small_config(&mnist1d(), "device = \"cuda\""),
     );
     let run_dir = dir.path().join("run");
-    let addr = dir.path().join("addr");
-    let coord = butler()
-        .args([
-            "coordinator",
-            "--world-size",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--token",
-            "t",
-        ])
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .arg("--addr-file")
-        .arg(&addr)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !addr.exists() {
-        assert!(
-            start.elapsed().as_secs() < 30,
-            "the coordinator did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let url = format!("http://{}", std::fs::read_to_string(&addr).unwrap());
+    let (coord, addr) = start_coordinator(&cfg, &run_dir, 1, "t");
+    let url = format!("http://{addr}");
     let w = butler()
         .args(["worker", "--token", "t", "--coordinator", &url])
         .output()

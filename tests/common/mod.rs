@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn butler() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_butler"));
@@ -57,4 +58,53 @@ pub fn copy_dataset(src: &Path, dst: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
+}
+
+/// Waits until `path` holds something, returning it (panics after `limit`).
+pub fn wait_for_file(path: &Path, limit: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.is_empty() {
+                return s;
+            }
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{} did not appear within {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `butler coordinator` for `world` workers on a free loopback port, its stderr piped; returns the
+/// process and the address it listens on.
+pub fn start_coordinator(
+    config: &Path,
+    run_dir: &Path,
+    world: u32,
+    token: &str,
+) -> (Child, String) {
+    let addr_file = run_dir.with_extension("addr");
+    let child = butler()
+        .args([
+            "coordinator",
+            "--world-size",
+            &world.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(config)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env("BUTLER_TOKEN", token)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = wait_for_file(&addr_file, Duration::from_secs(30));
+    (child, addr)
 }
