@@ -159,6 +159,14 @@ pub fn select_backend(
 extern "C" {
     fn butler_autocast_enter_bf16(cuda: i32, prev_enabled: *mut i32) -> i32;
     fn butler_autocast_exit(cuda: i32, prev_enabled: i32) -> i32;
+    fn butler_cuda_fp32_ieee(ieee: i32) -> i32;
+}
+
+/// Makes CUDA's fp32 math IEEE fp32 (no TF32 in convolutions or matmuls, deterministic cuDNN), as the
+/// CUDA ≡ CPU self-checks need, or restores libtorch's defaults (TF32 convolutions). Process-wide.
+pub fn set_cuda_fp32_ieee(ieee: bool) -> bool {
+    // SAFETY: plain setters of ATen's global context; the shim catches C++ exceptions.
+    unsafe { butler_cuda_fp32_ieee(i32::from(ieee)) == 0 }
 }
 
 /// Runs `f` under the configured precision on `device`: plain for fp32; for bf16 under ATen's autocast
@@ -230,6 +238,12 @@ mod tests {
             .to_string();
         assert!(e.contains("cluster.device = \"cuda\""), "{e}");
         assert!(e.contains("butler doctor"), "{e}");
+    }
+
+    #[test]
+    fn the_fp32_mode_switch_works_without_a_gpu() {
+        assert!(set_cuda_fp32_ieee(true));
+        assert!(set_cuda_fp32_ieee(false));
     }
 
     #[test]

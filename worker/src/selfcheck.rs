@@ -74,6 +74,9 @@ pub fn run_all() -> Vec<CheckResult> {
             .collect();
     }
     let gpu = Device::Cuda(0);
+    // libtorch runs CUDA convolutions in TF32 by default (~1e-3 relative error): the CPU comparison needs
+    // IEEE fp32 and deterministic algorithms.
+    crate::device::set_cuda_fp32_ieee(true);
     let compare = |name: &str, run: &dyn Fn(Device) -> Vec<f32>| {
         let (cpu, cuda) = (run(Device::Cpu), run(gpu));
         let d = max_abs_diff(&cpu, &cuda);
@@ -128,6 +131,7 @@ pub fn run_all() -> Vec<CheckResult> {
         Ok(detail) => result(names[6], Outcome::Pass, detail),
         Err(why) => result(names[6], Outcome::Fail, why),
     });
+    crate::device::set_cuda_fp32_ieee(false);
     out
 }
 

@@ -1,6 +1,7 @@
-// A C ABI over ATen's autocast state, for the precisions tch does not expose: tch's `autocast` only
-// toggles CUDA autocast with its default dtype (fp16), and never CPU autocast. butler's `[train]
-// precision = "bf16"` needs bf16 on either device type.
+// A C ABI over the ATen precision state tch does not expose: autocast with dtype bf16 (tch's `autocast`
+// only toggles CUDA autocast with its default dtype, fp16, and never CPU autocast), and CUDA's fp32
+// math mode (libtorch runs CUDA convolutions in TF32 by default).
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
@@ -31,6 +32,21 @@ int butler_autocast_exit(int cuda, int prev_enabled) {
       at::autocast::clear_cache();
     }
     at::autocast::set_autocast_enabled(dev, prev_enabled != 0);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// IEEE fp32 on CUDA (`ieee` != 0: no TF32 in cuDNN convolutions or cuBLAS matmuls, deterministic cuDNN
+// algorithms, no autotuning) or libtorch's defaults back (TF32 convolutions, fp32 matmuls).
+int butler_cuda_fp32_ieee(int ieee) {
+  try {
+    auto& ctx = at::globalContext();
+    ctx.setAllowTF32CuDNN(ieee == 0);
+    ctx.setAllowTF32CuBLAS(false);
+    ctx.setDeterministicCuDNN(ieee != 0);
+    ctx.setBenchmarkCuDNN(false);
     return 0;
   } catch (...) {
     return 1;
