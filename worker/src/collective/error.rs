@@ -105,6 +105,14 @@ pub enum CollectiveError {
         rank: Option<usize>,
         what: String,
     },
+    /// An NCCL operation was waiting when the coordinator reported a failed peer; the communicator was
+    /// aborted rather than left to the deadline.
+    #[error("{op}: NCCL operation aborted: the coordinator reports: {reason}")]
+    PeerGone {
+        op: &'static str,
+        rank: Option<usize>,
+        reason: String,
+    },
     /// Should not happen (a helper thread could not be started or panicked).
     #[error("{op}: internal error: {detail}")]
     Internal { op: &'static str, detail: String },
@@ -123,7 +131,8 @@ impl CollectiveError {
             | CollectiveError::PeerIo { rank, .. }
             | CollectiveError::Protocol { rank, .. }
             | CollectiveError::PeerAborted { rank, .. } => Some(*rank),
-            CollectiveError::DeviceTimeout { rank, .. } => *rank,
+            CollectiveError::DeviceTimeout { rank, .. }
+            | CollectiveError::PeerGone { rank, .. } => *rank,
             CollectiveError::InvalidArgument { .. }
             | CollectiveError::Unavailable { .. }
             | CollectiveError::Nccl { .. }

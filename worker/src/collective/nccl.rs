@@ -260,6 +260,11 @@ impl NcclCollective {
             if Instant::now() >= deadline {
                 return Err(self.timed_out(op));
             }
+            if backoff.sleeping() {
+                if let Some(reason) = self.suspect.as_ref().and_then(|f| f()) {
+                    return Err(self.peer_gone(op, reason));
+                }
+            }
             backoff.pause();
         }
     }
@@ -277,6 +282,17 @@ impl NcclCollective {
             timeout: self.timeout,
             rank: reported.as_deref().and_then(first_rank_mentioned),
             what,
+        }
+    }
+
+    /// The coordinator reported a failed peer while an operation waited: abort and name it.
+    fn peer_gone(&mut self, op: &'static str, reason: String) -> CollectiveError {
+        self.abort();
+        self.broken = Some(format!("{op}: aborted, {reason}"));
+        CollectiveError::PeerGone {
+            op,
+            rank: first_rank_mentioned(&reason),
+            reason,
         }
     }
 
@@ -317,6 +333,13 @@ impl NcclCollective {
             }
             if Instant::now() >= deadline {
                 return Err(self.timed_out(op));
+            }
+            // Past the first microseconds, a collective that waits may wait on a peer the coordinator
+            // already knows to be gone: give up now rather than at the deadline.
+            if backoff.sleeping() {
+                if let Some(reason) = self.suspect.as_ref().and_then(|f| f()) {
+                    return Err(self.peer_gone(op, reason));
+                }
             }
             backoff.pause();
         }
@@ -395,6 +418,11 @@ fn element_type(op: &'static str, t: &Tensor) -> Result<sys::ncclDataType_t> {
 struct Backoff(u32);
 
 impl Backoff {
+    /// Whether the spinning phase is over.
+    fn sleeping(&self) -> bool {
+        self.0 >= 64
+    }
+
     fn pause(&mut self) {
         self.0 += 1;
         if self.0 < 64 {
