@@ -48,7 +48,14 @@ PY
 shim="$(mktemp -d)"
 if [ -n "$nccl_so" ]; then ln -s "$nccl_so" "$shim/libnccl.so"; else echo "warning: no libnccl.so.2 next to torch" >&2; fi
 export LD_LIBRARY_PATH="$torch_lib:$shim${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+# NCCL's own messages go to stderr, so stdout stays the JSON the script parses.
+export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}" NCCL_DEBUG_FILE=/dev/stderr
+# The binary needs glibc >= 2.34 and libstdc++ >= GLIBCXX_3.4.29, and libtorch from the path above: say
+# so now rather than mid-run.
+if ldd gpu-stage/butler 2>&1 | grep 'not found' >&2; then
+  echo "gpu-stage/butler cannot load its libraries on this machine (above); nothing run" >&2
+  exit 2
+fi
 out="${OUT:-.}/gpu-check.txt"
 set +e
 timeout 300 "$py" bench/gpu_vs_torch.py --butler gpu-stage/butler --device cuda 2>&1 | tee "$out"

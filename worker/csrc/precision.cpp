@@ -8,12 +8,13 @@
 
 extern "C" {
 
-// Enters a bf16 autocast region on `cuda ? CUDA : CPU`; writes the previous enabled state to
-// `prev_enabled`. Returns 0 on success, 1 if libtorch threw (nothing changed then).
-int butler_autocast_enter_bf16(int cuda, int* prev_enabled) {
+// Enters a bf16 autocast region on `cuda ? CUDA : CPU`; writes the previous enabled state and dtype to
+// `prev_enabled`, `prev_dtype`. Returns 0 on success, 1 if libtorch threw (nothing changed then).
+int butler_autocast_enter_bf16(int cuda, int* prev_enabled, int* prev_dtype) {
   try {
     const auto dev = cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
     *prev_enabled = at::autocast::is_autocast_enabled(dev) ? 1 : 0;
+    *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(dev));
     at::autocast::set_autocast_dtype(dev, at::kBFloat16);
     at::autocast::set_autocast_enabled(dev, true);
     at::autocast::increment_nesting();
@@ -23,15 +24,16 @@ int butler_autocast_enter_bf16(int cuda, int* prev_enabled) {
   }
 }
 
-// Leaves the region entered by butler_autocast_enter_bf16, restoring `prev_enabled`; clears the
-// cast cache when the outermost region ends (as torch.autocast's __exit__ does).
-int butler_autocast_exit(int cuda, int prev_enabled) {
+// Leaves the region entered by butler_autocast_enter_bf16, restoring the saved state; clears the cast
+// cache when the outermost region ends (as torch.autocast's __exit__ does).
+int butler_autocast_exit(int cuda, int prev_enabled, int prev_dtype) {
   try {
     const auto dev = cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
     if (at::autocast::decrement_nesting() == 0) {
       at::autocast::clear_cache();
     }
     at::autocast::set_autocast_enabled(dev, prev_enabled != 0);
+    at::autocast::set_autocast_dtype(dev, static_cast<at::ScalarType>(prev_dtype));
     return 0;
   } catch (...) {
     return 1;

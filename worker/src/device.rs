@@ -68,13 +68,38 @@ pub fn cuda_device_names() -> Vec<String> {
         .collect()
 }
 
-/// How this rank describes its device in the rendezvous: `cpu`, or `cuda:<index>@<host>` so that
-/// ranks sharing one GPU can be told apart from ranks on distinct ones.
+/// How this rank describes its device in the rendezvous: `cpu`, or `cuda:<index>@<host>#<GPU UUID>`
+/// so that ranks sharing one GPU can be told apart from ranks on distinct ones — by the UUID, since
+/// processes that each see one GPU through `CUDA_VISIBLE_DEVICES` all call it `cuda:0`, and pods on one
+/// node may share a host name.
 pub fn device_label(device: Device) -> String {
     match device {
-        Device::Cuda(i) => format!("cuda:{i}@{}", hostname()),
+        Device::Cuda(i) => {
+            let uuid = if crate::collective::nccl::driver_present() {
+                cudarc::driver::CudaContext::new(i)
+                    .and_then(|c| c.uuid())
+                    .map(|u| {
+                        u.bytes
+                            .iter()
+                            .map(|b| format!("{:02x}", *b as u8))
+                            .collect::<String>()
+                    })
+                    .ok()
+            } else {
+                None
+            };
+            match uuid {
+                Some(u) => format!("cuda:{i}@{}#{u}", hostname()),
+                None => format!("cuda:{i}@{}", hostname()),
+            }
+        }
         _ => "cpu".to_string(),
     }
+}
+
+/// The part of a device label that identifies the physical GPU: its UUID when the label has one.
+fn gpu_identity(label: &str) -> &str {
+    label.rsplit_once('#').map_or(label, |(_, uuid)| uuid)
 }
 
 fn hostname() -> String {
@@ -90,8 +115,9 @@ pub fn to_step_device(t: &Tensor, device: Device) -> Tensor {
     if !device.is_cuda() || t.device() != Device::Cpu {
         return t.to_device(device);
     }
-    // `Device::Cpu` passes no device to `pin_memory` (the current accelerator), the non-deprecated form.
-    match t.f_pin_memory(Device::Cpu) {
+    // `_pin_memory(self, cuda:i)` takes CUDA's pinned allocator directly; tch's `pin_memory(device)` would
+    // pass a CPU device for "none" (deprecated, and CPU is no accelerator: it throws).
+    match t.f_internal_pin_memory(device) {
         Ok(pinned) => pinned
             .f_to_device_(device, t.kind(), true, false)
             .unwrap_or_else(|_| t.to_device(device)),
@@ -126,7 +152,7 @@ pub fn select_backend(
     let mut shared = Vec::new();
     for (a, da) in devices.iter().enumerate() {
         for (b, db) in devices.iter().enumerate().skip(a + 1) {
-            if da.starts_with("cuda") && da == db {
+            if da.starts_with("cuda") && gpu_identity(da) == gpu_identity(db) {
                 shared.push(format!("ranks {a} and {b} share {da}"));
             }
         }
@@ -157,8 +183,8 @@ pub fn select_backend(
 }
 
 extern "C" {
-    fn butler_autocast_enter_bf16(cuda: i32, prev_enabled: *mut i32) -> i32;
-    fn butler_autocast_exit(cuda: i32, prev_enabled: i32) -> i32;
+    fn butler_autocast_enter_bf16(cuda: i32, prev_enabled: *mut i32, prev_dtype: *mut i32) -> i32;
+    fn butler_autocast_exit(cuda: i32, prev_enabled: i32, prev_dtype: i32) -> i32;
     fn butler_cuda_fp32_ieee(ieee: i32) -> i32;
 }
 
@@ -177,16 +203,29 @@ pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() 
     if precision == Precision::Fp32 {
         return f();
     }
-    let cuda = i32::from(device.is_cuda());
-    let mut prev = 0;
-    // SAFETY: plain calls into ATen's thread-local autocast state; the shim catches C++ exceptions.
-    let entered = unsafe { butler_autocast_enter_bf16(cuda, &mut prev) } == 0;
-    let out = f();
-    if entered {
-        // SAFETY: as above; restores the state saved on entry.
-        unsafe { butler_autocast_exit(cuda, prev) };
+    /// Leaves the region on every exit, unwinding included.
+    struct Region {
+        cuda: i32,
+        prev_enabled: i32,
+        prev_dtype: i32,
     }
-    out
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: restores the state saved on entry; the shim catches C++ exceptions.
+            unsafe { butler_autocast_exit(self.cuda, self.prev_enabled, self.prev_dtype) };
+        }
+    }
+    let cuda = i32::from(device.is_cuda());
+    let (mut prev_enabled, mut prev_dtype) = (0, 0);
+    // SAFETY: plain calls into ATen's thread-local autocast state; the shim catches C++ exceptions.
+    let entered =
+        unsafe { butler_autocast_enter_bf16(cuda, &mut prev_enabled, &mut prev_dtype) } == 0;
+    let _region = entered.then_some(Region {
+        cuda,
+        prev_enabled,
+        prev_dtype,
+    });
+    f()
 }
 
 #[cfg(test)]
@@ -213,6 +252,14 @@ mod tests {
         let (b, why) = select_backend(BackendChoice::Auto, &shared, &[true, true]).unwrap();
         assert_eq!(b, Backend::Ring);
         assert!(why.contains("share cuda:0@a"), "{why}");
+        // One GPU per process (CUDA_VISIBLE_DEVICES): same ordinal and host, different GPUs.
+        let own = labels(&["cuda:0@n#aa01", "cuda:0@n#bb02"]);
+        let (b, _) = select_backend(BackendChoice::Auto, &own, &[true, true]).unwrap();
+        assert_eq!(b, Backend::Nccl);
+        // The same GPU seen from two containers with different host names.
+        let same = labels(&["cuda:0@p1#aa01", "cuda:1@p2#aa01"]);
+        let (b, _) = select_backend(BackendChoice::Auto, &same, &[true, true]).unwrap();
+        assert_eq!(b, Backend::Ring);
     }
 
     #[test]

@@ -240,9 +240,12 @@ impl Trainer {
                     x.index_select(0, &idx).to_device(self.device),
                     y.index_select(0, &idx).to_device(self.device),
                 );
+                // Loss and argmax in fp32 whatever the forward's precision (a bf16 sum of ~1000 losses
+                // would round in steps of 8).
                 let logits = with_precision(self.cfg.train.precision, self.device, || {
                     self.model.forward_t(&xb, false)
-                });
+                })
+                .to_kind(Kind::Float);
                 loss_sum += logits
                     .cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)
                     .double_value(&[]);

@@ -29,8 +29,8 @@ fn self_checks_skip_without_a_gpu_and_their_training_is_deterministic() {
         selfcheck::checkpoint_round_trip(Device::Cpu, Device::Cpu),
         Ok("trained on Cpu, loaded on Cpu: parameters identical".to_string())
     );
-    let a = train_supervised(Device::Cpu, "", Precision::Fp32);
-    let b = train_supervised(Device::Cpu, "", Precision::Fp32);
+    let a = train_supervised(Device::Cpu, "", Precision::Fp32).unwrap();
+    let b = train_supervised(Device::Cpu, "", Precision::Fp32).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     let untrained = {
         let cfg = selfcheck::config("", Precision::Fp32);
@@ -43,16 +43,17 @@ fn self_checks_skip_without_a_gpu_and_their_training_is_deterministic() {
         "training did not move the parameters"
     );
     // bf16 autocast on the CPU: close to fp32, not equal (the matmuls really ran in bf16).
-    let bf16 = train_supervised(Device::Cpu, "", Precision::Bf16);
+    let bf16 = train_supervised(Device::Cpu, "", Precision::Bf16).unwrap();
     let d = max_abs_diff(&a, &bf16);
     assert!(d > 0.0 && d < 0.1, "bf16 vs fp32 on the CPU: {d}");
-    let s = train_simclr(Device::Cpu);
-    assert_eq!(max_abs_diff(&s, &train_simclr(Device::Cpu)), 0.0);
+    let s = train_simclr(Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&s, &train_simclr(Device::Cpu).unwrap()), 0.0);
     let f = train_supervised(
         Device::Cpu,
         "[ssl]\nmethod='fixmatch'\nthreshold=0.15\n",
         Precision::Fp32,
-    );
+    )
+    .unwrap();
     assert!(
         max_abs_diff(&f, &a) > 1e-4,
         "the unlabeled term must change the FixMatch replica"

@@ -52,6 +52,12 @@ pub fn probe() -> NcclProbe {
         );
     }
     match nccl::get_nccl_version() {
+        // The communicator config we fill is nccl.h 2.28's (`ncclConfig_v22800`).
+        Ok(version) if version < 22800 => NcclProbe::Missing(format!(
+            "the libnccl.so found is NCCL {}; butler needs 2.28 or newer (the torch 2.11 wheel's \
+             nvidia-nccl-cu13 has 2.28.9: is an older system NCCL first on LD_LIBRARY_PATH?)",
+            version_string(version)
+        )),
         Ok(version) => NcclProbe::Available { version },
         Err(e) => NcclProbe::Missing(format!("ncclGetVersion failed: {}", error_string(&e))),
     }
@@ -210,6 +216,23 @@ impl NcclCollective {
 
     pub fn device(&self) -> usize {
         self.device
+    }
+
+    /// Sum across ranks into a new tensor (NCCL's out-of-place form). At world size 1 NCCL skips an
+    /// in-place reduction altogether, so the self-checks and the benchmark use this one, which at least
+    /// moves the data.
+    pub fn all_reduce_sum_out_of_place(&mut self, t: &Tensor) -> Result<Tensor> {
+        let op = "all_reduce";
+        let dt = element_type(op, t)?;
+        let (input, _) = self.on_device(t);
+        let out = input.empty_like();
+        let (src, dst, n) = (input.data_ptr(), out.data_ptr(), input.numel());
+        // SAFETY: `src` and `dst` are contiguous device buffers of `n` elements, alive until `run` has
+        // waited for the operation.
+        self.run(op, |comm, stream| unsafe {
+            nccl::all_reduce(src, dst, n, dt, sys::ncclRedOp_t::ncclSum, comm, stream)
+        })?;
+        Ok(out)
     }
 
     /// Marks the communicator broken, aborts it, and builds the error for `op`.
@@ -412,24 +435,28 @@ fn element_type(op: &'static str, t: &Tensor) -> Result<sys::ncclDataType_t> {
     })
 }
 
-/// Spins briefly, then sleeps with growing pauses (up to 1 ms): collectives usually finish in
-/// microseconds, dead peers are detected in seconds.
-#[derive(Default)]
-struct Backoff(u32);
+/// Spins (yielding) for the first half millisecond, then sleeps in short steps: a collective usually
+/// finishes in microseconds to a millisecond, and a late wake-up adds to every bucket of every step;
+/// dead peers are detected in seconds.
+struct Backoff(Instant);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Instant::now())
+    }
+}
 
 impl Backoff {
     /// Whether the spinning phase is over.
     fn sleeping(&self) -> bool {
-        self.0 >= 64
+        self.0.elapsed() >= Duration::from_micros(500)
     }
 
     fn pause(&mut self) {
-        self.0 += 1;
-        if self.0 < 64 {
-            std::thread::yield_now();
+        if self.sleeping() {
+            std::thread::sleep(Duration::from_micros(20));
         } else {
-            let us = (u64::from(self.0 - 63) * 10).min(1000);
-            std::thread::sleep(Duration::from_micros(us));
+            std::thread::yield_now();
         }
     }
 }

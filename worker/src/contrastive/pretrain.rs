@@ -35,6 +35,40 @@ pub struct Pretrainer {
     precision: Precision,
 }
 
+/// The encoder and the method's head under `root`.
+fn build_networks(
+    cfg: &PretrainConfig,
+    root: &nn::Path,
+    length: usize,
+    channels: usize,
+) -> Result<(ConvEncoder, Head)> {
+    let encoder = ConvEncoder::new(&(root / "encoder"), length, channels);
+    cfg.check_steps(encoder.steps() as usize)?;
+    let head = match cfg.method {
+        PretrainMethod::Simclr => Head::SimClr {
+            projection: Projection::new(
+                &(root / "projection"),
+                encoder.feature_dim(),
+                cfg.projection_hidden as i64,
+                cfg.projection_dim as i64,
+            ),
+            tau: cfg.temperature,
+        },
+        PretrainMethod::Cpc => Head::Cpc(CpcHead::new(
+            &(root / "cpc"),
+            encoder.channels(),
+            cfg.cpc_context as i64,
+            cfg.cpc_horizons as i64,
+        )),
+        PretrainMethod::None => {
+            return Err(Error::Setup(
+                "pretrain.method = \"none\" has no pretraining stage".into(),
+            ))
+        }
+    };
+    Ok((encoder, head))
+}
+
 impl Pretrainer {
     /// Parameters are drawn from `seed` (only rank 0's draw matters after `broadcast_parameters`).
     pub fn new(
@@ -69,35 +103,21 @@ impl Pretrainer {
         device: Device,
         precision: Precision,
     ) -> Result<Pretrainer> {
-        // Drawn on the host and moved, so every device starts from the same weights.
+        // Drawn on the host, so every device starts from the same weights. On a GPU the networks are
+        // then built again on the device and the host draw copied in, rather than the host store being
+        // moved: tch flattens a GRU's weights for cuDNN only when it is built on CUDA (else every CUDA
+        // forward copies them and warns).
         tch::manual_seed(seed as i64);
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let root = vs.root();
-        let encoder = ConvEncoder::new(&(&root / "encoder"), length, channels);
-        cfg.check_steps(encoder.steps() as usize)?;
-        let head = match cfg.method {
-            PretrainMethod::Simclr => Head::SimClr {
-                projection: Projection::new(
-                    &(&root / "projection"),
-                    encoder.feature_dim(),
-                    cfg.projection_hidden as i64,
-                    cfg.projection_dim as i64,
-                ),
-                tau: cfg.temperature,
-            },
-            PretrainMethod::Cpc => Head::Cpc(CpcHead::new(
-                &(&root / "cpc"),
-                encoder.channels(),
-                cfg.cpc_context as i64,
-                cfg.cpc_horizons as i64,
-            )),
-            PretrainMethod::None => {
-                return Err(Error::Setup(
-                    "pretrain.method = \"none\" has no pretraining stage".into(),
-                ))
-            }
+        let host = nn::VarStore::new(Device::Cpu);
+        let (encoder, head) = build_networks(cfg, &host.root(), length, channels)?;
+        let (vs, encoder, head) = if device == Device::Cpu {
+            (host, encoder, head)
+        } else {
+            let mut on_device = nn::VarStore::new(device);
+            let (encoder, head) = build_networks(cfg, &on_device.root(), length, channels)?;
+            on_device.copy(&host)?;
+            (on_device, encoder, head)
         };
-        vs.set_device(device);
         let opt = Optim::build(&cfg.optim, &vs)?;
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
         Ok(Pretrainer {
