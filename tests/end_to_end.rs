@@ -79,6 +79,8 @@ fn distillation_on_the_unlabeled_stream_runs_end_to_end() {
     assert!(o.status.success(), "student: {}", stderr(&o));
     let log = std::fs::read_to_string(out.join("logs/worker-1.log")).unwrap();
     assert!(log.contains("unlabeled stream assigned"), "{log}");
+    // Log files carry no terminal colour codes.
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log}");
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert!(s["test_accuracy"].as_f64().unwrap() > 0.0);
