@@ -232,6 +232,11 @@ pub struct TrainConfig {
     /// and optimizer state stay fp32, as in `torch.autocast(dtype=torch.bfloat16)`).
     #[serde(default)]
     pub precision: Precision,
+    /// Decay of an exponential moving average of the weights, kept identically on every rank and used
+    /// for evaluation, pseudo-labelling and the final checkpoint (FixMatch, USB and timm evaluate the
+    /// EMA model); e.g. 0.999. Absent: no EMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
 }
 
 /// `[train] precision`.
@@ -362,6 +367,16 @@ impl JobConfig {
         }
         if self.train.batch_size == 0 {
             return Err(bad("train.batch_size", "must be at least 1".into()));
+        }
+        if let Some(d) = self.train.ema {
+            if !(d > 0.0 && d < 1.0) {
+                return Err(bad(
+                    "train.ema",
+                    format!(
+                        "{d} is not a decay: it must lie strictly between 0 and 1 (e.g. 0.999)"
+                    ),
+                ));
+            }
         }
         if self.cluster.backend == BackendChoice::Nccl && self.cluster.device == DeviceChoice::Cpu {
             return Err(bad(

@@ -15,9 +15,9 @@ pub(crate) fn save_checkpoint(trainer: &Trainer, run_dir: &Path) -> Result<Strin
     Ok(rel.to_string())
 }
 
-/// Writes the trainer's parameters to `path` atomically.
+/// Writes the trainer's evaluated weights (the EMA when `[train] ema` is set) to `path` atomically.
 pub(crate) fn save_model(trainer: &Trainer, path: &Path) -> Result<()> {
-    save_vars(&trainer.vs, path)
+    trainer.with_eval_weights(|| save_vars(&trainer.vs, path))
 }
 
 /// Writes a variable store to `path` atomically.

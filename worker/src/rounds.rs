@@ -193,13 +193,16 @@ fn restore(job: &Job, ring: &mut dyn Collective, round: u32) -> Result<(Evaluati
     Ok((e, t))
 }
 
+/// Loads a round's checkpoint as the trainer's parameters (and restarts its EMA there).
 fn load_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
     trainer.vs.load(path).map_err(|e| {
         Error::Setup(format!(
             "cannot load round checkpoint {}: {e}",
             path.display()
         ))
-    })
+    })?;
+    trainer.reset_ema();
+    Ok(())
 }
 
 /// How many pool samples a rank reads per labeled sample so that, on average, μ = `data.unlabeled_ratio`

@@ -25,6 +25,58 @@ pub struct Trainer {
     step: u64,
     total_steps: u64,
     device: Device,
+    /// The weights' exponential moving average (`[train] ema`): one tensor per trainable variable, in
+    /// `ema_of`'s order, on the parameters' device.
+    ema: Option<Ema>,
+}
+
+struct Ema {
+    decay: f64,
+    params: Vec<Tensor>,
+    averages: Vec<Tensor>,
+}
+
+impl Ema {
+    fn new(decay: f64, params: Vec<Tensor>) -> Ema {
+        let averages = params.iter().map(|p| p.detach().copy()).collect();
+        Ema {
+            decay,
+            params,
+            averages,
+        }
+    }
+
+    /// average ← decay·average + (1 − decay)·parameter (timm's `ModelEmaV2`, torch's
+    /// `AveragedModel` with an EMA function), after each optimizer step.
+    fn update(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for (a, p) in self.averages.iter_mut().zip(&self.params) {
+            let _ = a.g_mul_scalar_(self.decay);
+            let _ = a.g_add_(&(p.detach() * (1.0 - self.decay)));
+        }
+    }
+
+    /// Restarts the average at the current parameters (after the broadcast from rank 0, or a load).
+    fn reset(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for (a, p) in self.averages.iter_mut().zip(&self.params) {
+            a.copy_(&p.detach());
+        }
+    }
+
+    /// Runs `f` with the averages in place of the parameters, then puts the parameters back.
+    fn swapped<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = tch::no_grad_guard();
+        let saved: Vec<Tensor> = self.params.iter().map(|p| p.detach().copy()).collect();
+        for (p, a) in self.params.iter().zip(&self.averages) {
+            p.detach().copy_(a);
+        }
+        let out = f();
+        for (p, s) in self.params.iter().zip(&saved) {
+            p.detach().copy_(s);
+        }
+        out
+    }
 }
 
 /// This rank's share of a step's unlabeled batch (one tensor per view), and the size of that batch over
@@ -82,6 +134,10 @@ impl Trainer {
         let opt = Optim::build(&cfg.optim, &vs)?;
         let bucket_bytes = (cfg.cluster.bucket_mb * 1024.0 * 1024.0) as usize;
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
+        let ema = cfg
+            .train
+            .ema
+            .map(|decay| Ema::new(decay, vs.trainable_variables()));
         Ok(Trainer {
             vs,
             model,
@@ -92,6 +148,7 @@ impl Trainer {
             step: 0,
             total_steps,
             device,
+            ema,
         })
     }
 
@@ -108,8 +165,35 @@ impl Trainer {
         self.sync.num_buckets()
     }
 
+    /// Replaces every rank's parameters by rank 0's (and restarts the EMA there, so it is identical on
+    /// every rank).
     pub fn broadcast_parameters(&mut self, comm: &mut dyn Collective) -> Result<()> {
-        Ok(self.sync.broadcast_parameters(comm)?)
+        self.sync.broadcast_parameters(comm)?;
+        self.reset_ema();
+        Ok(())
+    }
+
+    /// Restarts the EMA, if any, at the current parameters (after loading weights).
+    pub fn reset_ema(&mut self) {
+        if let Some(e) = &mut self.ema {
+            e.reset();
+        }
+    }
+
+    /// Runs `f` with the weights the job evaluates and saves: the EMA when `[train] ema` is set, else the
+    /// parameters.
+    pub fn with_eval_weights<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.ema {
+            Some(e) => e.swapped(f),
+            None => f(),
+        }
+    }
+
+    /// The EMA weights flattened as [`Trainer::flat_parameters`] (None without `[train] ema`).
+    pub fn flat_ema(&self) -> Option<Vec<f32>> {
+        self.ema
+            .as_ref()
+            .map(|e| e.swapped(|| flat_parameters(&self.vs)))
     }
 
     pub fn learning_rate(&self) -> f64 {
@@ -216,11 +300,15 @@ impl Trainer {
         }
         self.sync.all_reduce_gradients(comm)?;
         self.opt.step();
+        if let Some(e) = &mut self.ema {
+            e.update();
+        }
         self.step += 1;
         Ok(value)
     }
 
-    /// Accuracy and mean cross-entropy (without smoothing) on `x, y`, each rank taking a strided share and
+    /// Accuracy and mean cross-entropy (without smoothing) of the evaluated weights (the EMA when set) on
+    /// `x, y`, each rank taking a strided share and
     /// the counts summed across ranks, so every sample counts exactly once.
     pub fn evaluate(
         &self,
@@ -232,29 +320,32 @@ impl Trainer {
         let n = x.size()[0] as u64;
         let mine = eval_indices(n, comm.world_size() as u32, comm.rank() as u32);
         let (mut correct, mut loss_sum) = (0f64, 0f64);
-        tch::no_grad(|| {
-            for chunk in mine.chunks(batch.max(1) as usize) {
-                let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                    .to_device(x.device());
-                let (xb, yb) = (
-                    x.index_select(0, &idx).to_device(self.device),
-                    y.index_select(0, &idx).to_device(self.device),
-                );
-                // Loss and argmax in fp32 whatever the forward's precision (a bf16 sum of ~1000 losses
-                // would round in steps of 8).
-                let logits = with_precision(self.cfg.train.precision, self.device, || {
-                    self.model.forward_t(&xb, false)
-                })
-                .to_kind(Kind::Float);
-                loss_sum += logits
-                    .cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)
-                    .double_value(&[]);
-                correct += logits
-                    .argmax(-1, false)
-                    .eq_tensor(&yb)
-                    .sum(Kind::Float)
-                    .double_value(&[]);
-            }
+        self.with_eval_weights(|| {
+            tch::no_grad(|| {
+                for chunk in mine.chunks(batch.max(1) as usize) {
+                    let idx =
+                        Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                            .to_device(x.device());
+                    let (xb, yb) = (
+                        x.index_select(0, &idx).to_device(self.device),
+                        y.index_select(0, &idx).to_device(self.device),
+                    );
+                    // Loss and argmax in fp32 whatever the forward's precision (a bf16 sum of ~1000 losses
+                    // would round in steps of 8).
+                    let logits = with_precision(self.cfg.train.precision, self.device, || {
+                        self.model.forward_t(&xb, false)
+                    })
+                    .to_kind(Kind::Float);
+                    loss_sum += logits
+                        .cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)
+                        .double_value(&[]);
+                    correct += logits
+                        .argmax(-1, false)
+                        .eq_tensor(&yb)
+                        .sum(Kind::Float)
+                        .double_value(&[]);
+                }
+            })
         });
         // f64 sums travel as f32; exact for counts below 2^24 samples per evaluation.
         let mut totals = Tensor::from_slice(&[correct as f32, loss_sum as f32, mine.len() as f32])
@@ -282,25 +373,27 @@ impl Trainer {
     /// computed `batch` samples at a time without gradient (pseudo-labeling).
     pub fn log_probabilities(&self, x: &Tensor, batch: i64) -> Tensor {
         let n = x.size()[0];
-        tch::no_grad(|| {
-            let parts: Vec<Tensor> = (0..n)
-                .step_by(batch.max(1) as usize)
-                .map(|s| {
-                    let xb = x.narrow(0, s, batch.min(n - s)).to_device(self.device);
-                    let logits = with_precision(self.cfg.train.precision, self.device, || {
-                        self.model.forward_t(&xb, false)
-                    });
-                    logits
-                        .to_device(Device::Cpu)
-                        .to_kind(Kind::Double)
-                        .log_softmax(-1, Kind::Double)
-                })
-                .collect();
-            if parts.is_empty() {
-                Tensor::zeros([0, 0], (Kind::Double, tch::Device::Cpu))
-            } else {
-                Tensor::cat(&parts, 0)
-            }
+        self.with_eval_weights(|| {
+            tch::no_grad(|| {
+                let parts: Vec<Tensor> = (0..n)
+                    .step_by(batch.max(1) as usize)
+                    .map(|s| {
+                        let xb = x.narrow(0, s, batch.min(n - s)).to_device(self.device);
+                        let logits = with_precision(self.cfg.train.precision, self.device, || {
+                            self.model.forward_t(&xb, false)
+                        });
+                        logits
+                            .to_device(Device::Cpu)
+                            .to_kind(Kind::Double)
+                            .log_softmax(-1, Kind::Double)
+                    })
+                    .collect();
+                if parts.is_empty() {
+                    Tensor::zeros([0, 0], (Kind::Double, tch::Device::Cpu))
+                } else {
+                    Tensor::cat(&parts, 0)
+                }
+            })
         })
     }
 
