@@ -4,7 +4,7 @@
 mod common;
 
 use butler_common::config::JobConfig;
-use butler_worker::collective::{Collective, SingleProcess};
+use butler_worker::collective::SingleProcess;
 use butler_worker::trainer::Trainer;
 use std::path::Path;
 use std::time::Duration;
