@@ -3,8 +3,6 @@
 
 mod bench;
 mod bench_gpu;
-mod bench_simclr;
-mod bench_stream;
 mod data_cmd;
 mod doctor;
 mod import;
