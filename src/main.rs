@@ -5,7 +5,6 @@ mod bench;
 mod bench_gpu;
 mod data_cmd;
 mod doctor;
-mod import;
 mod launcher;
 
 use anyhow::{Context, Result};

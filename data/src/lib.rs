@@ -15,6 +15,7 @@ pub mod assign;
 pub mod augment;
 pub mod check;
 pub mod error;
+pub mod import;
 pub mod loader;
 pub mod manifest;
 pub mod regions;
