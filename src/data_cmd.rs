@@ -1,8 +1,9 @@
 //! `butler data`: turns the reference generators' output into butler shards plus a manifest, imports
-//! datasets in other formats (`import.rs`), and checks existing datasets.
+//! datasets in other formats (the flags here; the importers are `butler_data::import`), and checks
+//! existing datasets.
 
-use crate::import::{ClassOrigin, ClassSpec, SplitSpec, SplitWriter};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use butler_data::import::{self, ClassOrigin, ClassSpec, SplitSpec, SplitWriter};
 use butler_data::manifest::{
     Manifest, ShardEntry, ShardFormat, Split, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
 };
@@ -42,7 +43,7 @@ pub enum DataCommand {
         seed: u64,
     },
     /// Import a dataset from .npy/.npz, an image folder, CIFAR-10/100 binaries or MNIST IDX files.
-    Import(crate::import::ImportArgs),
+    Import(ImportArgs),
     /// Print a dataset's summary and verify every shard's checksum and shapes.
     Inspect {
         path: PathBuf,
@@ -106,9 +107,185 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 }
             }
         }
-        DataCommand::Import(args) => crate::import::run(args),
+        DataCommand::Import(args) => import(args),
         DataCommand::Inspect { path, strict } => inspect(&path, strict),
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportSource {
+    /// A NumPy .npz archive holding arrays `x` and optionally `y` (see --x-key, --y-key).
+    Npz,
+    /// A NumPy .npy file of samples; labels from --labels Y.npy.
+    Npy,
+    /// A directory with one sub-folder of PNG/JPEG images per class (sorted names = classes).
+    Imagefolder,
+    /// The CIFAR-10 binary batches (a directory, or data_batch_*.bin / test_batch.bin files).
+    Cifar10,
+    /// The CIFAR-100 binary files (a directory, or train.bin / test.bin); fine labels.
+    Cifar100,
+    /// MNIST-style IDX files: --images FILE (magic 0x00000803) and --labels FILE (0x00000801).
+    Idx,
+}
+
+impl ImportSource {
+    fn name(self) -> &'static str {
+        match self {
+            ImportSource::Npz => "npz",
+            ImportSource::Npy => "npy",
+            ImportSource::Imagefolder => "imagefolder",
+            ImportSource::Cifar10 => "cifar10",
+            ImportSource::Cifar100 => "cifar100",
+            ImportSource::Idx => "idx",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutFormat {
+    /// Decoded f32 samples in safetensors (butler's native shards).
+    Safetensors,
+    /// WebDataset-style tar of the encoded images (KEY.png/KEY.jpg + KEY.cls); --from imagefolder only.
+    Tar,
+}
+
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// Input format.
+    #[arg(long, value_enum)]
+    pub from: ImportSource,
+    /// The input: the .npz or .npy file, the image folder, or the CIFAR directory or batch files.
+    pub inputs: Vec<PathBuf>,
+    /// IDX image file (--from idx).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Labels: a .npy of integer labels (--from npy) or an IDX label file (--from idx).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Dataset directory to create, or to add the split to.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Split to write (replaces a split of that name; other splits are kept).
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Write the split without labels even where the input has them.
+    #[arg(long)]
+    pub unlabeled: bool,
+    /// Samples per shard.
+    #[arg(long, default_value_t = 1000)]
+    pub shard_size: usize,
+    /// Dataset name in the manifest (default: the existing one, else the --out directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Class names, comma-separated, or a count N for "0".."N-1" (default: the existing dataset's,
+    /// else the input's: folder names, CIFAR names, 10 digits for IDX, 0..=max label for npy/npz).
+    #[arg(long)]
+    pub classes: Option<String>,
+    /// Shard format; `tar` keeps the encoded images (--from imagefolder only).
+    #[arg(long, value_enum, default_value = "safetensors")]
+    pub format: OutFormat,
+    /// uint8 x (npy/npz): keep the values 0..255 instead of dividing by 255.
+    #[arg(long)]
+    pub raw_u8: bool,
+    /// Name of the samples array inside a .npz.
+    #[arg(long, default_value = "x")]
+    pub x_key: String,
+    /// Name of the labels array inside a .npz (optional: without it the split is unlabeled).
+    #[arg(long, default_value = "y")]
+    pub y_key: String,
+}
+
+/// `butler data import`: checks the flags against `--from`, then hands the import to
+/// [`butler_data::import`] and prints its summary.
+fn import(a: ImportArgs) -> Result<()> {
+    if a.shard_size == 0 {
+        bail!("--shard-size must be at least 1");
+    }
+    if a.format == OutFormat::Tar && a.from != ImportSource::Imagefolder {
+        bail!("--format tar stores encoded images, so it needs --from imagefolder");
+    }
+    let one_input = || -> Result<PathBuf> {
+        match a.inputs.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => bail!("--from {} needs an input path", a.from.name()),
+            _ => bail!(
+                "--from {} takes one input path, got {}",
+                a.from.name(),
+                a.inputs.len()
+            ),
+        }
+    };
+    if a.images.is_some() && a.from != ImportSource::Idx {
+        bail!("--images is for --from idx");
+    }
+    if a.labels.is_some() && !matches!(a.from, ImportSource::Idx | ImportSource::Npy) {
+        bail!("--labels is for --from npy and --from idx");
+    }
+    let classes = a
+        .classes
+        .as_deref()
+        .map(import::parse_classes)
+        .transpose()?;
+    let opts = import::ImportOptions {
+        out: a.out.clone(),
+        split: a.split.clone(),
+        unlabeled: a.unlabeled,
+        shard_size: a.shard_size,
+        name: a.name.clone(),
+        classes,
+    };
+    let source = match a.from {
+        ImportSource::Npz => import::Source::Npz {
+            path: one_input()?,
+            x_key: a.x_key.clone(),
+            y_key: a.y_key.clone(),
+            raw_u8: a.raw_u8,
+        },
+        ImportSource::Npy => import::Source::Npy {
+            path: one_input()?,
+            labels: a.labels.clone(),
+            raw_u8: a.raw_u8,
+        },
+        ImportSource::Imagefolder => import::Source::ImageFolder {
+            dir: one_input()?,
+            format: match a.format {
+                OutFormat::Safetensors => ShardFormat::Safetensors,
+                OutFormat::Tar => ShardFormat::Tar,
+            },
+        },
+        ImportSource::Cifar10 | ImportSource::Cifar100 => import::Source::Cifar {
+            inputs: a.inputs.clone(),
+            hundred: a.from == ImportSource::Cifar100,
+        },
+        ImportSource::Idx => {
+            if !a.inputs.is_empty() {
+                bail!("--from idx takes --images FILE [--labels FILE], not positional inputs");
+            }
+            let images = a
+                .images
+                .clone()
+                .ok_or_else(|| anyhow!("--from idx needs --images FILE"))?;
+            import::Source::Idx {
+                images,
+                labels: a.labels.clone(),
+            }
+        }
+    };
+    let report = import::import(&opts, &source, &mut |note| eprintln!("{note}"))?;
+    println!(
+        "imported {} samples ({}, shape {:?}, {} shards) into split {:?} of {}",
+        report.num_samples,
+        if report.labeled {
+            "labeled"
+        } else {
+            "unlabeled"
+        },
+        report.sample_shape,
+        report.format,
+        opts.split,
+        opts.out.join(MANIFEST_FILE).display()
+    );
+    Ok(())
 }
 
 fn find_python(explicit: Option<PathBuf>) -> PathBuf {

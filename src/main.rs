@@ -3,11 +3,8 @@
 
 mod bench;
 mod bench_gpu;
-mod bench_simclr;
-mod bench_stream;
 mod data_cmd;
 mod doctor;
-mod import;
 mod launcher;
 
 use anyhow::{Context, Result};

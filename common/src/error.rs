@@ -15,10 +15,6 @@ pub enum Error {
     #[error("{context}: {message}")]
     Invalid { context: String, message: String },
 
-    /// The streaming data loader could not start or deliver a batch (its message names the split or shard).
-    #[error("{0}")]
-    Loader(String),
-
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -19,6 +19,9 @@ pub use summary::{EpochRecord, StageRecord, Summary};
 pub enum Error {
     #[error(transparent)]
     Common(#[from] butler_common::Error),
+    /// The job's dataset (manifest, splits, shards) as the coordinator checks it.
+    #[error(transparent)]
+    Data(#[from] butler_data::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,

@@ -56,11 +56,11 @@ impl JobDataCheck for JobConfig {
         self.model
             .check_input(&m.sample_shape)
             .map_err(|e| match e {
-                Error::Invalid { context, message } => Error::Invalid {
+                butler_common::Error::Invalid { context, message } => Error::Invalid {
                     context,
                     message: format!("{message} (dataset {:?} in {})", m.name, file.display()),
                 },
-                other => other,
+                other => other.into(),
             })?;
         self.train_len(&m, &file)?;
         if let Some(u) = &self.data.unlabeled_split {

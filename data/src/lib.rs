@@ -7,13 +7,15 @@
 //! reads and writes files and hands out plain `Vec<f32>` / `Vec<i64>` batches; turning a batch into a
 //! tensor is the worker's job, on its training thread.
 //!
-//! It depends on `butler-common` (the config, the sampler's mixing function, atomic writes, and the
-//! error type, which this crate reuses so that a manifest or shard error reaches the coordinator and the
-//! worker with its file context and without a conversion); `common` never depends on it.
+//! It depends on `butler-common` (the config, the sampler's mixing function, atomic writes); `common`
+//! never depends on it. Its own [`Error`] carries the file, shard or input in every variant; the
+//! coordinator's and the worker's errors wrap it transparently.
 
 pub mod assign;
 pub mod augment;
 pub mod check;
+pub mod error;
+pub mod import;
 pub mod loader;
 pub mod manifest;
 pub mod regions;
@@ -23,5 +25,5 @@ pub mod shard;
 pub mod streams;
 pub mod webdataset;
 
-pub use butler_common::{Error, Result};
 pub use check::JobDataCheck;
+pub use error::{Error, Result};

@@ -6,6 +6,8 @@ use crate::collective;
 pub enum Error {
     #[error(transparent)]
     Common(#[from] butler_common::Error),
+    #[error(transparent)]
+    Data(#[from] butler_data::Error),
     #[error("collective: {0}")]
     Collective(#[from] collective::CollectiveError),
     #[error("{op}: coordinator answered {code:?}: {message}")]

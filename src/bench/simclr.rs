@@ -47,7 +47,7 @@ fn launch(a: &SimclrArgs) -> Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("butler-bench-simclr-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = crate::bench::spawn_ranks(a.world, |rank| {
+    let result = super::util::spawn_ranks(a.world, |rank| {
         vec![
             "bench".into(),
             "simclr".into(),
@@ -102,7 +102,7 @@ fn config(batch: usize) -> PretrainConfig {
 
 fn rank_main(a: &SimclrArgs, rank: usize, dir: &Path) -> Result<()> {
     tch::set_num_threads(a.threads as i32);
-    let mut ring = crate::bench::file_rendezvous(
+    let mut ring = super::util::file_rendezvous(
         rank,
         a.world,
         dir,
@@ -136,7 +136,7 @@ fn rank_main(a: &SimclrArgs, rank: usize, dir: &Path) -> Result<()> {
             serde_json::json!({
                 "impl": "butler", "world": a.world, "global_batch": a.batch, "iters": a.iters,
                 "threads": a.threads, "seconds_per_step": secs, "loss": loss,
-                "peak_rss_mib": crate::bench_stream::proc_status_mib("VmHWM:"),
+                "peak_rss_mib": super::util::proc_status_mib("VmHWM:"),
             })
         );
     }

@@ -3,6 +3,7 @@
 //! throughput and its memory bound, measured apart from training.
 //! `butler bench manifest`: load time and memory of a manifest with many shards.
 
+use super::util::{proc_status_mib, spawn_ranks};
 use anyhow::Result;
 use butler_data::assign::ShardedOrder;
 use butler_data::augment::WeakStrong;
@@ -39,22 +40,10 @@ pub struct StreamArgs {
     rank: Option<u32>,
 }
 
-/// A memory figure of this process from /proc/self/status (`VmHWM` = peak RSS, `VmRSS` = current), in MiB.
-pub(crate) fn proc_status_mib(key: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
 pub fn stream(a: &StreamArgs) -> Result<()> {
     match a.rank {
         Some(rank) => stream_rank(a, rank),
-        None => crate::bench::spawn_ranks(a.world as usize, |rank| {
+        None => spawn_ranks(a.world as usize, |rank| {
             let mut args: Vec<String> = [
                 "bench",
                 "stream",
