@@ -21,7 +21,7 @@ pub enum DataCommand {
     Prepare {
         #[arg(value_enum)]
         dataset: Dataset,
-        /// Output directory (default: data/<dataset>).
+        /// Output directory (default: data/DATASET).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Samples per shard.
