@@ -2,7 +2,6 @@
 //! `data` (prepare / inspect), `bench`, `doctor`.
 
 mod bench;
-mod bench_gpu;
 mod data_cmd;
 mod doctor;
 mod launcher;

@@ -8,9 +8,10 @@
 //!
 //! This module is the command's dispatch only. Each bench is a leaf that imports nothing from its
 //! siblings but `util` (rank processes, the file rendezvous, memory figures), so no two bench modules
-//! import each other; `bench_gpu` (at `src/bench_gpu.rs`) imports none of them.
+//! import each other; `gpu` imports none of them.
 
 mod augment;
+mod gpu;
 mod ring;
 mod simclr;
 mod stream;
@@ -31,9 +32,9 @@ pub enum BenchCommand {
     /// Time per SimCLR step (global negatives, exact gradients, LARS), one process per rank.
     Simclr(simclr::SimclrArgs),
     /// All-reduce on a world-1 NCCL communicator (needs a GPU).
-    Nccl(crate::bench_gpu::NcclArgs),
+    Nccl(gpu::NcclArgs),
     /// Training samples/s of ConvBase through the Trainer on one device.
-    Train(crate::bench_gpu::TrainArgs),
+    Train(gpu::TrainArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -43,7 +44,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Stream(a) => stream::stream(&a),
         BenchCommand::Manifest(a) => stream::manifest(&a),
         BenchCommand::Simclr(a) => simclr::simclr(&a),
-        BenchCommand::Nccl(a) => crate::bench_gpu::nccl(&a),
-        BenchCommand::Train(a) => crate::bench_gpu::train(&a),
+        BenchCommand::Nccl(a) => gpu::nccl(&a),
+        BenchCommand::Train(a) => gpu::train(&a),
     }
 }
