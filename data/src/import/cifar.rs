@@ -1,7 +1,7 @@
 //! `--from cifar10|cifar100`: the CIFAR binary batches (a label byte — CIFAR-100: coarse, then fine —
 //! followed by 3×32×32 pixel bytes per record).
 
-use super::{
+use super::writer::{
     numbered, sorted_entries, ClassOrigin, ClassSpec, ImportOptions, SplitReport, WithContext,
 };
 use crate::manifest::ShardFormat;

@@ -1,6 +1,6 @@
 //! `--from idx`: MNIST-style IDX files (big-endian header: magic, then one u32 per dimension).
 
-use super::{numbered, ClassOrigin, ClassSpec, ImportOptions, SplitReport, WithContext};
+use super::writer::{numbered, ClassOrigin, ClassSpec, ImportOptions, SplitReport, WithContext};
 use crate::manifest::ShardFormat;
 use crate::Result;
 use std::collections::BTreeMap;

@@ -1,7 +1,9 @@
 //! `--from imagefolder`: one sub-folder of PNG/JPEG images per class, decoded to safetensors shards
 //! or kept encoded in tar shards.
 
-use super::{sorted_entries, ClassOrigin, ClassSpec, ImportOptions, SplitReport, WithContext};
+use super::writer::{
+    sorted_entries, ClassOrigin, ClassSpec, ImportOptions, SplitReport, WithContext,
+};
 use crate::manifest::ShardFormat;
 use crate::webdataset::{decode_image, image_extension, DecodedImage};
 use crate::Result;

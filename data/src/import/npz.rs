@@ -1,7 +1,7 @@
 //! `--from npz|npy`: NumPy arrays, parsed here (the `.npy` header's dict literal, little- and
 //! big-endian numeric dtypes; an `.npz` is a zip of `.npy` members).
 
-use super::{numbered, ClassOrigin, ClassSpec, ImportOptions, SplitReport, WithContext};
+use super::writer::{numbered, ClassOrigin, ClassSpec, ImportOptions, SplitReport, WithContext};
 use crate::manifest::ShardFormat;
 use crate::Result;
 use std::collections::BTreeMap;

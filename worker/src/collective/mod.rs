@@ -2,111 +2,17 @@
 //! on any device (CUDA tensors are staged through host memory); NCCL implements it on CUDA. Objectives
 //! and the optimizer never see sockets or communicators.
 
+//!
+//! This module only declares and re-exports: the trait lives in `api`, the ring's tensor adapter in
+//! `host`, and each transport imports from those, never from here.
+
+mod api;
 pub mod error;
+mod host;
 pub mod nccl;
 pub mod ring;
 
+pub use api::{Collective, SingleProcess};
 pub use error::{CollectiveError, Result};
 pub use nccl::NcclCollective;
 pub use ring::{RingConfig, RingListener, TcpRing};
-use tch::{Device, Kind, Tensor};
-
-/// Process-group operations over tensors (PyTorch `torch.distributed` semantics, sum reduction).
-/// Implementations must never hang: a dead or silent peer is an error naming its rank.
-pub trait Collective: Send {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
-    /// In-place sum across ranks.
-    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()>;
-    /// Concatenation of every rank's `t` along dimension 0 (all ranks pass the same shape).
-    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor>;
-    /// Root's `t` overwrites everyone's.
-    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
-    fn barrier(&mut self) -> Result<()>;
-}
-
-/// The collective of a world of one: every operation is the identity (a single-process run, tests, the
-/// self-checks).
-pub struct SingleProcess;
-
-impl Collective for SingleProcess {
-    fn rank(&self) -> usize {
-        0
-    }
-
-    fn world_size(&self) -> usize {
-        1
-    }
-
-    fn all_reduce_sum(&mut self, _t: &mut Tensor) -> Result<()> {
-        Ok(())
-    }
-
-    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
-        Ok(if t.dim() == 0 {
-            t.reshape([1])
-        } else {
-            t.copy()
-        })
-    }
-
-    fn broadcast(&mut self, _t: &mut Tensor, _root: usize) -> Result<()> {
-        Ok(())
-    }
-
-    fn barrier(&mut self) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// Runs `op` on `t` as a host f32 slice: in place when `t` is already a contiguous CPU f32 tensor (the
-/// common case — gradient buckets are allocated that way), through a staging copy otherwise.
-fn with_host_f32<R>(t: &mut Tensor, op: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
-    if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
-        let n = t.numel();
-        // SAFETY: a contiguous CPU f32 tensor owns `numel` f32 values at data_ptr; `t` is borrowed
-        // mutably for the whole call, so nothing else reads or writes them meanwhile.
-        let slice = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
-        return op(slice);
-    }
-    let mut staged = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-    let r = with_host_f32(&mut staged, op)?;
-    t.copy_(&staged);
-    Ok(r)
-}
-
-impl Collective for TcpRing {
-    fn rank(&self) -> usize {
-        TcpRing::rank(self)
-    }
-
-    fn world_size(&self) -> usize {
-        TcpRing::world_size(self)
-    }
-
-    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
-        with_host_f32(t, |s| self.all_reduce_sum_f32(s))
-    }
-
-    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
-        let mut input = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-        let mut shape = input.size();
-        if shape.is_empty() {
-            shape.push(1);
-        }
-        shape[0] *= self.world_size() as i64;
-        let mut out = Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu));
-        with_host_f32(&mut input, |src| {
-            with_host_f32(&mut out, |dst| self.all_gather_f32(src, dst))
-        })?;
-        Ok(out.to_device(t.device()).to_kind(t.kind()))
-    }
-
-    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
-        with_host_f32(t, |s| self.broadcast_f32(s, root))
-    }
-
-    fn barrier(&mut self) -> Result<()> {
-        TcpRing::barrier(self)
-    }
-}

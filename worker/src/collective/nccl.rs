@@ -16,7 +16,8 @@
 //! Thread safety: NCCL forbids concurrent calls on one communicator. `NcclCollective` is `Send` (moved to
 //! the training thread once) and every operation takes `&mut self`.
 
-use super::{CollectiveError, Result};
+use super::api::Collective;
+use super::error::{CollectiveError, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
@@ -461,7 +462,7 @@ impl Backoff {
     }
 }
 
-impl super::Collective for NcclCollective {
+impl Collective for NcclCollective {
     fn rank(&self) -> usize {
         self.rank
     }

@@ -7,7 +7,7 @@
 
 use crate::collective::Collective;
 use crate::contrastive::encoder::ConvEncoder;
-use crate::contrastive::{GatherGrad, GlobalRows};
+use crate::contrastive::global::{GatherGrad, GlobalRows};
 use crate::Result;
 use tch::nn::{self, Module, RNN};
 use tch::{Kind, Reduction, Tensor};

@@ -5,7 +5,7 @@
 //! every anchor sees its positive and `2N − 2` negatives; the loss is the mean over the `2N` anchors.
 
 use crate::collective::Collective;
-use crate::contrastive::{GatherGrad, GlobalRows};
+use crate::contrastive::global::{GatherGrad, GlobalRows};
 use crate::Result;
 use tch::{Kind, Reduction, Tensor};
 

@@ -4,8 +4,8 @@
 use crate::collective::Collective;
 use crate::contrastive::cpc::{global_cpc, CpcHead};
 use crate::contrastive::encoder::{ConvEncoder, Projection};
+use crate::contrastive::global::GatherGrad;
 use crate::contrastive::ntxent::global_nt_xent;
-use crate::contrastive::GatherGrad;
 use crate::ddp::GradSync;
 use crate::device::with_precision;
 use crate::optim::Optim;

@@ -14,7 +14,7 @@
 //! View 0 is the clean sample for UDA and the weak view for FixMatch; view 1 the strong view (the worker
 //! builds the views per sample in the loader threads).
 
-use super::{non_empty, Counted, LossParts, Objective, StepCtx};
+use super::api::{non_empty, Counted, LossParts, Objective, StepCtx};
 use crate::losses::{
     cross_entropy, cross_entropy_per_example, fixmatch_consistency, tsa_mask, uda_consistency,
 };

@@ -3,7 +3,8 @@
 //! The teacher is a butler checkpoint (safetensors, rebuilt from a model config) or a TorchScript file
 //! exported from PyTorch; it runs without gradients on every worker beside the student.
 
-use super::{non_empty, BatchAug, LossParts, Objective, StepCtx};
+use super::api::{non_empty, LossParts, Objective, StepCtx};
+use super::batch_aug::BatchAug;
 use crate::losses::{kd_loss, one_hot, KdConfig};
 use crate::models::{self, Model};
 use crate::{Error, Result};

@@ -4,8 +4,8 @@
 //! against the stored probability vectors p (the previous round's model as a teacher). Round 0 has
 //! no pseudo-labeled samples; the term is then empty on every rank.
 
+use super::api::{non_empty, Counted, LossParts, Objective, PseudoTargets, StepCtx};
 use super::supervised::Supervised;
-use super::{non_empty, Counted, LossParts, Objective, PseudoTargets, StepCtx};
 use crate::losses::{cross_entropy_per_example, soft_pseudo_label_loss};
 use butler_common::semi::PseudoLabelConfig;
 use tch::Kind;

@@ -1,7 +1,8 @@
 //! Supervised cross-entropy with torch's label smoothing, after the batch regularizers. With no
 //! regularizer active it is exactly `F.cross_entropy(logits, y, label_smoothing=ε)`.
 
-use super::{non_empty, BatchAug, LossParts, Objective, StepCtx};
+use super::api::{non_empty, LossParts, Objective, StepCtx};
+use super::batch_aug::BatchAug;
 use crate::losses::{cross_entropy, soft_cross_entropy};
 
 pub struct Supervised {
