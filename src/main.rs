@@ -1,5 +1,9 @@
 //! `butler`: the one user-facing binary. Subcommands: `run` (local launcher), `coordinator`, `worker`,
-//! `data` (prepare / inspect), `bench`, `doctor`.
+//! `data` (prepare / import / inspect), `bench`, `doctor`.
+//!
+//! Architecture Invariant: command-line glue only — argument parsing, calls into the library crates,
+//! printed summaries. Formats, training and protocol logic live in the crates; their typed errors reach
+//! `main` through `anyhow`, which prints the chain and exits 1.
 
 mod bench;
 mod data_cmd;

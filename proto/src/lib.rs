@@ -1,4 +1,8 @@
 //! The gRPC contract between butler's coordinator and its workers, generated from `butler.proto`.
+//!
+//! Architecture Invariant: this is the only thing that crosses the coordinator/worker boundary, and it
+//! never carries tensors or sample bytes — ranks, generations, cursors, endpoints, scalars, and opaque
+//! transport ids (the NCCL unique id) that the coordinator relays without reading.
 
 #![allow(clippy::all)]
 

@@ -5,7 +5,8 @@
 //!
 //! Architecture Invariant: training runs on one plain thread (tch `Tensor` is `Send` but not `Sync`);
 //! the async runtime only carries RPCs and the heartbeat. The training loop sees `&mut dyn Collective`,
-//! never a transport.
+//! never a transport. The worker never reads a dataset format itself (that is `butler-data`) and never
+//! decides membership or assignments (the coordinator does).
 
 pub mod checkpoint;
 pub mod client;
