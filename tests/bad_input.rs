@@ -250,3 +250,36 @@ fn resume_of_a_job_without_persisted_progress_is_refused() {
         "a refused job must not create its run directory"
     );
 }
+
+#[test]
+fn a_rank_that_beats_but_hangs_is_named_within_the_stall_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "job.toml",
+        &small_config(
+            &mnist1d(),
+            "stall_timeout_ms = 2000\ncollective_timeout_ms = 120000\nheartbeat_interval_ms = 200",
+        ),
+    );
+    let out = dir.path().join("run");
+    let t0 = Instant::now();
+    let o = butler()
+        .args(["run"])
+        .arg(&cfg)
+        .args(["--workers", "2", "--out"])
+        .arg(&out)
+        .env("BUTLER_FAULT", "worker-hang-at-step:3")
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(!o.status.success(), "a hung rank must fail the job");
+    let log = std::fs::read_to_string(out.join("logs/coordinator.log")).unwrap();
+    assert!(
+        log.contains("rank 1 is alive but made no progress") && log.contains("never entered"),
+        "the coordinator did not name the hung rank:\n{log}"
+    );
+    // Far below the 120 s collective timeout the healthy rank is blocked in.
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(!out.join("summary.json").exists());
+}

@@ -294,6 +294,11 @@ pub struct ClusterConfig {
     /// Gradient bucket size in MiB (PyTorch DDP's default is 25).
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// A job whose ranks still send heartbeats but make no progress (no collective entered, no step,
+    /// evaluation or inference shard completed) for this long is stalled: it fails naming the ranks
+    /// behind the others (those that never entered the collective the others wait in). 0 disables.
+    #[serde(default = "default_stall_timeout_ms")]
+    pub stall_timeout_ms: u64,
     /// Where each worker trains (`auto`: CUDA when available; rank r of a host on GPU
     /// `local_rank mod devices`).
     #[serde(default)]
@@ -315,6 +320,9 @@ fn default_collective_timeout_ms() -> u64 {
 fn default_rendezvous_timeout_ms() -> u64 {
     120_000
 }
+fn default_stall_timeout_ms() -> u64 {
+    600_000
+}
 fn default_bucket_mb() -> f64 {
     25.0
 }
@@ -327,6 +335,7 @@ impl Default for ClusterConfig {
             collective_timeout_ms: default_collective_timeout_ms(),
             rendezvous_timeout_ms: default_rendezvous_timeout_ms(),
             bucket_mb: default_bucket_mb(),
+            stall_timeout_ms: default_stall_timeout_ms(),
             device: DeviceChoice::default(),
             backend: BackendChoice::default(),
         }

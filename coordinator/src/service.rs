@@ -219,7 +219,7 @@ impl Coordinator for Service {
         use crate::rounds::Phase;
         let r = req.into_inner();
         let mut st = self.0.lock();
-        st.heartbeat(r.rank, r.generation).map_err(status)?;
+        st.alive(r.rank, r.generation).map_err(status)?;
         let to_phase = |k: i32| match PhaseKind::try_from(k) {
             Ok(PhaseKind::Train) => Ok(Phase::Train),
             Ok(PhaseKind::Infer) => Ok(Phase::Infer),
@@ -292,7 +292,7 @@ impl Coordinator for Service {
     ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
         let mut st = self.0.lock();
-        match st.heartbeat(r.rank, r.generation) {
+        match st.heartbeat(r.rank, r.generation, r.progress) {
             Ok(()) => Ok(Response::new(HeartbeatResponse {
                 stop: false,
                 reason: String::new(),
@@ -487,6 +487,7 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
     let watchdog = {
         let shared = shared.clone();
         let timeout = Duration::from_millis(cluster.heartbeat_timeout_ms);
+        let stall = Duration::from_millis(cluster.stall_timeout_ms);
         let join_timeout = Duration::from_millis(cluster.rendezvous_timeout_ms);
         let period = Duration::from_millis(cluster.heartbeat_interval_ms.clamp(50, 1000));
         tokio::spawn(async move {
@@ -496,7 +497,10 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
                 let failed = {
                     let mut st = shared.lock();
                     if st.failure().is_none() {
-                        if let Some(why) = st.overdue(timeout, join_timeout) {
+                        if let Some(why) = st
+                            .overdue(timeout, join_timeout)
+                            .or_else(|| st.stalled(stall))
+                        {
                             st.fail(why);
                         }
                     }

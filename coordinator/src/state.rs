@@ -12,6 +12,9 @@ struct Member {
     worker_id: String,
     last_seen: Instant,
     finished: bool,
+    /// Units of work the rank has reported, and when that count last changed.
+    progress: u64,
+    progress_at: Instant,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -196,6 +199,8 @@ impl JobState {
             worker_id: worker_id.to_string(),
             last_seen: Instant::now(),
             finished: false,
+            progress: 0,
+            progress_at: Instant::now(),
         });
         Ok(rank)
     }
@@ -293,10 +298,24 @@ impl JobState {
         self.stages.next(rank, finished).map_err(Refusal::Stage)
     }
 
-    /// Heartbeat: returns the failure reason if workers should stop.
-    pub fn heartbeat(&mut self, rank: u32, generation: u64) -> Result<(), Refusal> {
+    /// A sign of life from `rank` that carries no progress count (a phase poll).
+    pub fn alive(&mut self, rank: u32, generation: u64) -> Result<(), Refusal> {
         self.check(rank, generation)?;
         self.touch(rank);
+        Ok(())
+    }
+
+    /// Heartbeat: returns the failure reason if workers should stop. `progress` is the rank's count of
+    /// completed units of work.
+    pub fn heartbeat(&mut self, rank: u32, generation: u64, progress: u64) -> Result<(), Refusal> {
+        self.check(rank, generation)?;
+        self.touch(rank);
+        if let Some(Some(m)) = self.members.get_mut(rank as usize) {
+            if progress != m.progress {
+                m.progress = progress;
+                m.progress_at = Instant::now();
+            }
+        }
         Ok(())
     }
 
@@ -401,6 +420,55 @@ impl JobState {
         None
     }
 
+    /// A job whose ranks still beat but have completed no unit of work for `stall`: returns the failure
+    /// naming the ranks furthest behind (in a synchronous job the others are waiting for them, in a
+    /// collective they have not entered). `stall` zero disables the check.
+    pub fn stalled(&self, stall: Duration) -> Option<String> {
+        if stall.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
+        let live: Vec<(usize, &Member)> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(r, m)| m.as_ref().filter(|m| !m.finished).map(|m| (r, m)))
+            .collect();
+        let stuck = live
+            .iter()
+            .any(|(_, m)| now.duration_since(m.progress_at) > stall);
+        if !stuck {
+            return None;
+        }
+        let behind = live.iter().map(|(_, m)| m.progress).min()?;
+        let ranks: Vec<usize> = live
+            .iter()
+            .filter(|(_, m)| m.progress == behind)
+            .map(|(r, _)| *r)
+            .collect();
+        let ahead = live.iter().map(|(_, m)| m.progress).max().unwrap_or(behind);
+        let (names, verb) = if ranks.len() == 1 {
+            (format!("rank {}", ranks[0]), "is")
+        } else {
+            (format!("ranks {ranks:?}"), "are")
+        };
+        let detail = if behind < ahead {
+            format!(
+                "progress count {behind} while others reached {ahead}: the others wait in a collective \
+                 that {names} never entered"
+            )
+        } else {
+            format!(
+                "every live rank at progress count {behind}: stuck together, e.g. in a collective"
+            )
+        };
+        Some(format!(
+            "{names} {verb} alive but made no progress for over {:.0}s (stall timeout; {detail}): a hung \
+             device, a deadlock or a stuck read?",
+            stall.as_secs_f64()
+        ))
+    }
+
     pub fn all_finished(&self) -> bool {
         self.members
             .iter()
@@ -478,7 +546,7 @@ mod tests {
         let mut s = JobState::new(cfg(), 1, 10);
         s.register("a", None).unwrap();
         assert_eq!(
-            s.heartbeat(0, 7),
+            s.heartbeat(0, 7, 0),
             Err(Refusal::StaleGeneration { got: 7, current: 1 })
         );
         assert!(s.assignment(0, 1, 0).unwrap().is_some());
@@ -525,7 +593,7 @@ mod tests {
             Ok(false)
         );
         assert!(s.failure().unwrap().contains("rank 1 failed"));
-        assert!(matches!(s.heartbeat(0, 1), Err(Refusal::JobFailed(_))));
+        assert!(matches!(s.heartbeat(0, 1, 0), Err(Refusal::JobFailed(_))));
     }
 
     #[test]
@@ -540,5 +608,37 @@ mod tests {
             .overdue(Duration::from_millis(5), Duration::from_secs(60))
             .unwrap()
             .contains("rank 0"));
+    }
+
+    #[test]
+    fn a_rank_that_beats_but_does_not_advance_is_named_as_stalled() {
+        let mut s = JobState::new(cfg(), 3, 10);
+        for w in ["a", "b", "c"] {
+            s.register(w, None).unwrap();
+        }
+        let stall = Duration::from_millis(30);
+        assert!(s.stalled(stall).is_none());
+        // Ranks 0 and 2 completed 5 units of work and wait (in a collective) for rank 1, stuck at 4.
+        for _ in 0..3 {
+            for (rank, p) in [(0, 5), (1, 4), (2, 5)] {
+                s.heartbeat(rank, 1, p).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let why = s
+            .stalled(stall)
+            .expect("no work for longer than the stall timeout");
+        assert!(
+            why.starts_with("rank 1 is alive but made no progress"),
+            "{why}"
+        );
+        assert!(why.contains("count 4 while others reached 5"), "{why}");
+        // Progress restarts the clock; zero disables the check.
+        for (rank, p) in [(0, 6), (1, 5), (2, 6)] {
+            s.heartbeat(rank, 1, p).unwrap();
+        }
+        assert!(s.stalled(stall).is_none());
+        assert!(s.stalled(Duration::ZERO).is_none());
     }
 }

@@ -66,11 +66,19 @@ pub async fn connect(url: &str, token: &str, wait: Duration) -> Result<Client, S
 pub struct Progress {
     pub epoch: AtomicU64,
     pub step: AtomicU64,
+    /// Collectives entered plus units of work completed (see `HeartbeatRequest.progress`).
+    pub work: AtomicU64,
     pub stop: AtomicBool,
     pub reason: Mutex<String>,
 }
 
 impl Progress {
+    /// One more collective entered, or unit of work done (a training step, an evaluation, an inference
+    /// shard, a probe epoch).
+    pub fn advanced(&self) {
+        self.work.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn request_stop(&self, why: String) {
         *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = why;
         self.stop.store(true, Ordering::SeqCst);
@@ -105,6 +113,7 @@ pub async fn heartbeat_loop(
             generation,
             epoch: progress.epoch.load(Ordering::Relaxed),
             step: progress.step.load(Ordering::Relaxed),
+            progress: progress.work.load(Ordering::Relaxed),
         };
         let answer = match tokio::time::timeout(
             period.max(Duration::from_secs(1)) * 5,

@@ -195,6 +195,8 @@ pub(crate) fn run_epochs(
             ctx.progress
                 .step
                 .store(trainer.steps_taken(), Ordering::Relaxed);
+            ctx.progress.advanced();
+            hang_if_asked(ctx, trainer.steps_taken());
         }
         let seconds = t0.elapsed().as_secs_f64();
         samples += seen;
@@ -206,6 +208,7 @@ pub(crate) fn run_epochs(
         let last = epoch == last_epoch;
         let eval = if last || (epoch - first_epoch + 1).is_multiple_of(cfg.train.eval_every) {
             let e = trainer.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
+            ctx.progress.advanced();
             last_eval = Some(e);
             Some(e)
         } else {
@@ -342,4 +345,20 @@ pub(crate) fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch:
         .iter()
         .map(|v| tch::Tensor::from_slice(v).reshape(dims.as_slice()))
         .collect()
+}
+
+/// Test hook (`BUTLER_FAULT=worker-hang-at-step:N`): the last rank stops working after step N while its
+/// heartbeat goes on — a hung device or a deadlock, as the coordinator sees it — until told to stop.
+fn hang_if_asked(ctx: &Ctx, step: u64) {
+    let asked = std::env::var("BUTLER_FAULT").ok().is_some_and(|f| {
+        f.strip_prefix("worker-hang-at-step:")
+            .and_then(|n| n.parse::<u64>().ok())
+            == Some(step)
+    });
+    if asked && ctx.rank + 1 == ctx.world {
+        warn!(step, "BUTLER_FAULT: hanging (test hook)");
+        while ctx.check_stop().is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -246,7 +246,11 @@ pub(crate) fn join_collective(
 fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
     let device = device::resolve_device(cfg.cluster.device, ctx.local_rank)?;
     let mut job = Job::load(ctx, cfg, device)?;
-    let mut comm = join_collective(ctx, cfg, &opts.advertise_host, device)?;
+    let progress = ctx.progress.clone();
+    let mut comm = collective::Observed::new(
+        join_collective(ctx, cfg, &opts.advertise_host, device)?,
+        Box::new(move || progress.advanced()),
+    );
     info!(
         train = job.train_set.len,
         test = job.test_set.len,
@@ -254,7 +258,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         precision = ?cfg.train.precision,
         "data loaded; collective ready"
     );
-    let ring = comm.as_mut();
+    let ring: &mut dyn Collective = &mut comm;
     if cfg.pretrain.is_some() {
         return stages::train(&mut job, ring);
     }

@@ -348,6 +348,7 @@ fn infer(
             (labeled + reused) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        ctx.progress.advanced();
     }
     info!(
         round,

@@ -183,6 +183,7 @@ fn pretrain(
             ctx.progress
                 .step
                 .store(model.steps_taken(), Ordering::Relaxed);
+            ctx.progress.advanced();
         }
         let mean = sum / steps_per_epoch.max(1) as f64;
         info!(
@@ -249,6 +250,7 @@ fn probe(
     let mut history = Vec::new();
     for _ in 0..p.probe_epochs {
         ctx.check_stop()?;
+        ctx.progress.advanced();
         let loss = head.forward(&train_f).cross_entropy_loss::<Tensor>(
             &train_y,
             None,

@@ -51,3 +51,47 @@ impl Collective for SingleProcess {
         Ok(())
     }
 }
+
+/// A collective that reports every operation it enters (before it may block) to `on_enter`: the worker
+/// counts them into its heartbeat's progress, so when a job stalls the coordinator can tell the ranks
+/// blocked inside the latest collective from those that never entered it.
+pub struct Observed {
+    inner: Box<dyn Collective>,
+    on_enter: Box<dyn Fn() + Send>,
+}
+
+impl Observed {
+    pub fn new(inner: Box<dyn Collective>, on_enter: Box<dyn Fn() + Send>) -> Observed {
+        Observed { inner, on_enter }
+    }
+}
+
+impl Collective for Observed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
+        (self.on_enter)();
+        self.inner.all_reduce_sum(t)
+    }
+
+    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
+        (self.on_enter)();
+        self.inner.all_gather(t)
+    }
+
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        (self.on_enter)();
+        self.inner.broadcast(t, root)
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        (self.on_enter)();
+        self.inner.barrier()
+    }
+}

@@ -12,7 +12,7 @@ mod host;
 pub mod nccl;
 pub mod ring;
 
-pub use api::{Collective, SingleProcess};
+pub use api::{Collective, Observed, SingleProcess};
 pub use error::{CollectiveError, Result};
 pub use nccl::NcclCollective;
 pub use ring::{RingConfig, RingListener, TcpRing};
