@@ -350,12 +350,15 @@ pub(crate) fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch:
 /// Test hook (`BUTLER_FAULT=worker-hang-at-step:N`): the last rank stops working after step N while its
 /// heartbeat goes on — a hung device or a deadlock, as the coordinator sees it — until told to stop.
 fn hang_if_asked(ctx: &Ctx, step: u64) {
-    let asked = std::env::var("BUTLER_FAULT").ok().is_some_and(|f| {
-        f.strip_prefix("worker-hang-at-step:")
-            .and_then(|n| n.parse::<u64>().ok())
-            == Some(step)
+    // Read once: this runs after every step.
+    static HANG_AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let hang_at = HANG_AT.get_or_init(|| {
+        std::env::var("BUTLER_FAULT").ok().and_then(|f| {
+            f.strip_prefix("worker-hang-at-step:")
+                .and_then(|n| n.parse::<u64>().ok())
+        })
     });
-    if asked && ctx.rank + 1 == ctx.world {
+    if *hang_at == Some(step) && ctx.rank + 1 == ctx.world {
         warn!(step, "BUTLER_FAULT: hanging (test hook)");
         while ctx.check_stop().is_ok() {
             std::thread::sleep(Duration::from_millis(50));

@@ -317,9 +317,10 @@ enum CheckError {
 /// result, on device tensors and on host tensors staged through the device. At world 1 this proves the
 /// plumbing (loading, init, pointers, types, staging, completion), not NCCL's reduction across GPUs.
 fn nccl_world_one(gpu: usize) -> std::result::Result<String, CheckError> {
-    if let nccl::NcclProbe::Missing(why) = nccl::probe() {
-        return Err(CheckError::Skip(why));
-    }
+    let version = match nccl::probe() {
+        nccl::NcclProbe::Available { version } => nccl::version_string(version),
+        nccl::NcclProbe::Missing(why) => return Err(CheckError::Skip(why)),
+    };
     let fail = |e: crate::collective::CollectiveError| CheckError::Fail(e.to_string());
     let id = nccl::create_unique_id().map_err(fail)?;
     let mut comm =
@@ -381,11 +382,9 @@ fn nccl_world_one(gpu: usize) -> std::result::Result<String, CheckError> {
         .map(|(op, d)| format!("{op} off by {d:.2e}"))
         .collect();
     if bad.is_empty() {
-        let v = match nccl::probe() {
-            nccl::NcclProbe::Available { version } => nccl::version_string(version),
-            nccl::NcclProbe::Missing(_) => "?".into(),
-        };
-        Ok(format!("NCCL {v}: every result equals the CPU's exactly"))
+        Ok(format!(
+            "NCCL {version}: every result equals the CPU's exactly"
+        ))
     } else {
         Err(CheckError::Fail(bad.join("; ")))
     }

@@ -25,8 +25,8 @@ pub struct Trainer {
     step: u64,
     total_steps: u64,
     device: Device,
-    /// The weights' exponential moving average (`[train] ema`): one tensor per trainable variable, in
-    /// `ema_of`'s order, on the parameters' device.
+    /// The weights' exponential moving average (`[train] ema`): one tensor per trainable variable, on
+    /// the parameters' device.
     ema: Option<Ema>,
 }
 
@@ -283,7 +283,8 @@ impl Trainer {
         );
         if expected > 0 {
             let local: Vec<f32> = parts.counted.iter().map(|c| c.count as f32).collect();
-            let mut counts = Tensor::from_slice(&local).to_device(dev);
+            // Host tensors: the collective stages them wherever it reduces (the ring on the host).
+            let mut counts = Tensor::from_slice(&local);
             comm.all_reduce_sum(&mut counts)?;
             let global = Vec::<f32>::try_from(&counts).expect("a 1-D f32 tensor");
             for (c, g) in parts.counted.into_iter().zip(global) {
@@ -327,8 +328,8 @@ impl Trainer {
                         Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
                             .to_device(x.device());
                     let (xb, yb) = (
-                        x.index_select(0, &idx).to_device(self.device),
-                        y.index_select(0, &idx).to_device(self.device),
+                        to_step_device(&x.index_select(0, &idx), self.device),
+                        to_step_device(&y.index_select(0, &idx), self.device),
                     );
                     // Loss and argmax in fp32 whatever the forward's precision (a bf16 sum of ~1000 losses
                     // would round in steps of 8).
@@ -348,8 +349,7 @@ impl Trainer {
             })
         });
         // f64 sums travel as f32; exact for counts below 2^24 samples per evaluation.
-        let mut totals = Tensor::from_slice(&[correct as f32, loss_sum as f32, mine.len() as f32])
-            .to_device(self.device);
+        let mut totals = Tensor::from_slice(&[correct as f32, loss_sum as f32, mine.len() as f32]);
         comm.all_reduce_sum(&mut totals)?;
         let t: Vec<f32> =
             Vec::<f32>::try_from(&totals).expect("a 1-D f32 tensor converts to Vec<f32>");
@@ -378,7 +378,7 @@ impl Trainer {
                 let parts: Vec<Tensor> = (0..n)
                     .step_by(batch.max(1) as usize)
                     .map(|s| {
-                        let xb = x.narrow(0, s, batch.min(n - s)).to_device(self.device);
+                        let xb = to_step_device(&x.narrow(0, s, batch.min(n - s)), self.device);
                         let logits = with_precision(self.cfg.train.precision, self.device, || {
                             self.model.forward_t(&xb, false)
                         });

@@ -272,14 +272,29 @@ impl NcclCollective {
     /// Waits until NCCL has finished enqueueing (a non-blocking communicator may return ncclInProgress
     /// from a call and finish it in the background).
     fn wait_enqueued(&mut self, op: &'static str, deadline: Instant) -> Result<()> {
+        self.wait_until(op, deadline, |me| {
+            Ok(me.async_state() == sys::ncclResult_t::ncclSuccess)
+        })
+    }
+
+    /// Polls `done` until it holds, failing on an NCCL async error, past `deadline`, or as soon as the
+    /// coordinator reports a failed peer (checked once the first microseconds of spinning are over).
+    fn wait_until(
+        &mut self,
+        op: &'static str,
+        deadline: Instant,
+        mut done: impl FnMut(&Self) -> std::result::Result<bool, String>,
+    ) -> Result<()> {
         let mut backoff = Backoff::default();
         loop {
+            match done(self) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(self.fail(op, e)),
+            }
             match self.async_state() {
-                sys::ncclResult_t::ncclSuccess => return Ok(()),
-                sys::ncclResult_t::ncclInProgress => {}
-                other => {
-                    return Err(self.fail(op, error_string(&nccl::NcclError(other))));
-                }
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => {}
+                other => return Err(self.fail(op, error_string(&nccl::NcclError(other)))),
             }
             if Instant::now() >= deadline {
                 return Err(self.timed_out(op));
@@ -344,29 +359,12 @@ impl NcclCollective {
         if let Err(e) = self.event.record(&self.stream) {
             return Err(self.fail(op, format!("cannot record an event: {e:?}")));
         }
-        let mut backoff = Backoff::default();
-        loop {
-            match self.event.try_is_complete() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => return Err(self.fail(op, format!("CUDA error while waiting: {e:?}"))),
-            }
-            match self.async_state() {
-                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => {}
-                other => return Err(self.fail(op, error_string(&nccl::NcclError(other)))),
-            }
-            if Instant::now() >= deadline {
-                return Err(self.timed_out(op));
-            }
-            // Past the first microseconds, a collective that waits may wait on a peer the coordinator
-            // already knows to be gone: give up now rather than at the deadline.
-            if backoff.sleeping() {
-                if let Some(reason) = self.suspect.as_ref().and_then(|f| f()) {
-                    return Err(self.peer_gone(op, reason));
-                }
-            }
-            backoff.pause();
-        }
+        // The event completes when the collective (and everything before it on the stream) has run.
+        self.wait_until(op, deadline, |me| {
+            me.event
+                .try_is_complete()
+                .map_err(|e| format!("CUDA error while waiting: {e:?}"))
+        })
     }
 
     /// `t` as a contiguous tensor on this communicator's device, and whether it is a staged copy that

@@ -28,13 +28,14 @@ pub struct PseudoBatch {
 }
 
 impl PseudoBatch {
-    /// The same batch on `device`.
+    /// The same batch on `device` (the path host batches take to the step, see `to_step_device`).
     pub fn to_device(&self, device: tch::Device) -> PseudoBatch {
+        use crate::device::to_step_device;
         PseudoBatch {
-            x: self.x.to_device(device),
+            x: to_step_device(&self.x, device),
             targets: match &self.targets {
-                PseudoTargets::Hard(t) => PseudoTargets::Hard(t.to_device(device)),
-                PseudoTargets::Soft(t) => PseudoTargets::Soft(t.to_device(device)),
+                PseudoTargets::Hard(t) => PseudoTargets::Hard(to_step_device(t, device)),
+                PseudoTargets::Soft(t) => PseudoTargets::Soft(to_step_device(t, device)),
             },
         }
     }
