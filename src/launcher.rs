@@ -27,7 +27,8 @@ pub struct RunArgs {
     /// Override the config's `job.seed`.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Continue the stopped job in --out (pseudo-label rounds resume their current phase).
+    /// Continue the stopped job in --out from its newest intact checkpoint (pseudo-label rounds resume
+    /// their current phase).
     #[arg(long)]
     pub resume: bool,
 }
@@ -79,8 +80,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     cfg.validate_world(args.workers)?;
     cfg.check_data()?;
-    if args.resume && cfg.pseudo_label.is_none() {
-        bail!("--resume: only pseudo-label rounds persist their progress today; rerun this job without --resume");
+    if args.resume && cfg.pretrain.is_some() {
+        bail!("--resume: staged (pretrain) jobs do not checkpoint yet; rerun this job without --resume");
     }
     // The workers run on this machine: what they would refuse at start is refused here, before the run
     // directory exists.

@@ -64,8 +64,8 @@ struct CoordinatorArgs {
     /// Write the bound address here once listening (for launchers that pass port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
-    /// Continue a stopped job from the state in the run directory (pseudo-label rounds resume their
-    /// current phase) instead of starting over.
+    /// Continue a stopped job from the state in the run directory instead of starting over: from the
+    /// newest intact commit point (`state.json`), or, for pseudo-label rounds, at their current phase.
     #[arg(long)]
     resume: bool,
 }
@@ -137,8 +137,8 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let config = butler_common::config::JobConfig::load(&args.config)?;
-    if args.resume && config.pseudo_label.is_none() {
-        anyhow::bail!("--resume: only pseudo-label rounds persist their progress today; rerun this job without --resume");
+    if args.resume && config.pretrain.is_some() {
+        anyhow::bail!("--resume: staged (pretrain) jobs do not checkpoint yet; rerun this job without --resume");
     }
     let opts = butler_coordinator::CoordinatorOptions {
         config,

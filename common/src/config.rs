@@ -24,6 +24,9 @@ pub struct JobConfig {
     pub loader: LoaderConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Resumable checkpoints (plain, semi-supervised and distillation jobs).
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
     /// Consistency training on the unlabeled stream (UDA, FixMatch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl: Option<crate::semi::SslConfig>,
@@ -308,6 +311,34 @@ pub struct ClusterConfig {
     pub backend: BackendChoice,
 }
 
+/// `[checkpoint]`: when rank 0 writes a resumable checkpoint (model, optimizer state, EMA, schedule
+/// position, both streams' cursors) and the coordinator records it as the job's commit point.
+/// A worker told to stop (SIGTERM) writes one at the next step boundary whatever these say.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Every this many optimizer steps (0: never by step count).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// After every this many epochs (0: never at epoch ends).
+    #[serde(default = "one")]
+    pub every_epochs: u64,
+    /// How many of the newest checkpoints to keep (at least 1); older ones are deleted once a newer
+    /// one is committed.
+    #[serde(default = "two_usize")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every_steps: 0,
+            every_epochs: 1,
+            keep: 2,
+        }
+    }
+}
+
 fn default_heartbeat_interval_ms() -> u64 {
     1000
 }
@@ -365,6 +396,23 @@ impl JobConfig {
         toml::to_string(self).expect("a JobConfig is always representable as TOML")
     }
 
+    /// SHA-256 (hex) of everything that decides the training trajectory — the config less what only
+    /// decides how it is carried out (`[cluster]`, `[checkpoint]`, loader threads and caches,
+    /// `train.threads`) — so a resumed job can refuse to continue under a different recipe.
+    pub fn trajectory_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut c = self.clone();
+        c.cluster = ClusterConfig::default();
+        c.checkpoint = CheckpointConfig::default();
+        c.train.threads = 0;
+        c.loader = LoaderConfig {
+            shuffle_window: c.loader.shuffle_window,
+            corrupt: c.loader.corrupt,
+            ..LoaderConfig::default()
+        };
+        hex::encode(Sha256::digest(c.to_toml().as_bytes()))
+    }
+
     /// Checks that need no data and no world size.
     pub fn validate(&self, origin: &Path) -> Result<()> {
         let bad = |key: &str, why: String| Error::Config {
@@ -376,6 +424,12 @@ impl JobConfig {
         }
         if self.train.batch_size == 0 {
             return Err(bad("train.batch_size", "must be at least 1".into()));
+        }
+        if self.checkpoint.keep == 0 {
+            return Err(bad(
+                "checkpoint.keep",
+                "must be at least 1 (the newest checkpoint is the job's commit point)".into(),
+            ));
         }
         if let Some(d) = self.train.ema {
             if !(d > 0.0 && d < 1.0) {

@@ -5,6 +5,7 @@
 //! Architecture Invariant: the coordinator never touches tensors or sample bytes — it reads the manifest
 //! (counts, shapes) and deals in ranks, generations, epochs, cursors and scalar metrics.
 
+pub mod commits;
 pub mod rounds;
 mod service;
 mod stages;

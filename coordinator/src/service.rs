@@ -88,6 +88,7 @@ impl Coordinator for Service {
             job_toml: self.0.job_toml.clone(),
             heartbeat_interval_ms: st.cfg.cluster.heartbeat_interval_ms,
             run_dir: self.0.run_dir.to_string_lossy().into_owned(),
+            resume: st.resumed().map(|c| c.point()),
         }))
     }
 
@@ -163,9 +164,10 @@ impl Coordinator for Service {
                         )
                     })?;
                 let (lo, hi) = butler_data::assign::part_bounds(len, st.world_size, r.rank);
+                let (epoch, start) = st.unlabeled_cursor();
                 return Ok(Response::new(AssignmentResponse {
                     generation: st.generation,
-                    epoch: r.epoch,
+                    epoch,
                     split,
                     seed: st.cfg.job.seed,
                     shuffle: true,
@@ -173,7 +175,7 @@ impl Coordinator for Service {
                     world_size: st.world_size,
                     rank: r.rank,
                     samples_for_rank: hi - lo,
-                    start: 0,
+                    start,
                     has_epoch: true,
                 }));
             }
@@ -341,6 +343,26 @@ impl Coordinator for Service {
         Ok(Response::new(Ack {}))
     }
 
+    async fn commit(
+        &self,
+        req: Request<CommitRequest>,
+    ) -> std::result::Result<Response<Ack>, Status> {
+        let r = req.into_inner();
+        let point = r
+            .point
+            .ok_or_else(|| Status::invalid_argument("commit without a resume point"))?;
+        let c = crate::commits::Commit::from_point(&point, r.sha256, r.bytes);
+        let mut st = self.0.lock();
+        st.commit(r.rank, r.generation, c).map_err(status)?;
+        info!(
+            step = point.step,
+            epoch = point.epoch,
+            checkpoint = %point.checkpoint,
+            "commit point recorded"
+        );
+        Ok(Response::new(Ack {}))
+    }
+
     async fn next_stage(
         &self,
         req: Request<StageRequest>,
@@ -417,6 +439,31 @@ fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
+/// A resumed job keeps the epochs recorded before its commit point and drops the later ones (they are
+/// trained again): rewrites `metrics.jsonl` atomically and returns those records.
+fn keep_metrics_before(path: &std::path::Path, epoch: u64) -> Result<Vec<crate::EpochRecord>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(butler_common::Error::io(path, e).into()),
+    };
+    let mut kept = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let rec: crate::EpochRecord = serde_json::from_str(line).map_err(|e| {
+            butler_common::Error::invalid(format!("{}", path.display()), e.to_string())
+        })?;
+        if rec.epoch < epoch {
+            kept.push(rec);
+        }
+    }
+    let mut out = String::new();
+    for r in &kept {
+        out += &(serde_json::to_string(r).expect("EpochRecord serialises") + "\n");
+    }
+    fsutil::write_atomic(path, out.as_bytes())?;
+    Ok(kept)
+}
+
 /// Compares in time independent of where the strings differ.
 fn token_matches(got: &[u8], want: &[u8]) -> bool {
     got.len() == want.len() && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -441,6 +488,29 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
         None => None,
     };
 
+    // Plain, semi-supervised and distillation jobs checkpoint and resume at step boundaries; rounds
+    // resume by phase (above) and staged jobs do not checkpoint yet.
+    let plain = opts.config.pseudo_label.is_none() && opts.config.pretrain.is_none();
+    let commits = if plain {
+        Some(
+            crate::commits::Commits::open(
+                &opts.run_dir,
+                &opts.config.job.name,
+                &opts.config.trajectory_fingerprint(),
+                opts.world_size,
+                opts.config.checkpoint.keep,
+                opts.resume,
+            )
+            .map_err(|e| butler_common::Error::invalid("job state", e))?,
+        )
+    } else {
+        None
+    };
+    let prior_history = match commits.as_ref().and_then(|c| c.resumed()) {
+        Some(c) => keep_metrics_before(&opts.run_dir.join("metrics.jsonl"), c.epoch)?,
+        None => Vec::new(),
+    };
+
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| Error::Listen {
@@ -459,6 +529,8 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
             let mut st = JobState::new(opts.config, opts.world_size, train_len);
             st.unlabeled_len = unlabeled_len;
             st.rounds = rounds;
+            st.commits = commits;
+            st.prior_history = prior_history;
             st
         }),
         rendezvous: Notify::new(),

@@ -112,6 +112,10 @@ pub struct JobState {
     started: Instant,
     /// Pseudo-label rounds, when the job has them.
     pub rounds: Option<crate::rounds::Rounds>,
+    /// Commit points of a job that checkpoints (plain, semi-supervised and distillation jobs).
+    pub commits: Option<crate::commits::Commits>,
+    /// Epochs recorded before this coordinator resumed the job (from `metrics.jsonl`).
+    pub prior_history: Vec<EpochRecord>,
     stages: crate::stages::StagePlan,
 }
 
@@ -130,6 +134,8 @@ impl JobState {
             failure: None,
             started: Instant::now(),
             rounds: None,
+            commits: None,
+            prior_history: Vec::new(),
             stages: crate::stages::StagePlan::new(&cfg, world_size),
             cfg,
         }
@@ -258,8 +264,44 @@ impl JobState {
             shuffle: self.cfg.train.shuffle,
             world_size: self.world_size,
             rank,
-            start: 0,
+            start: self
+                .resumed()
+                .filter(|c| c.epoch == epoch)
+                .map_or(0, |c| c.labeled_start),
         }))
+    }
+
+    /// The commit point this job resumed from.
+    pub fn resumed(&self) -> Option<&crate::commits::Commit> {
+        self.commits.as_ref().and_then(|c| c.resumed())
+    }
+
+    /// Where the unlabeled stream starts: (epoch, steps taken in it) — the resumed commit's cursor, or
+    /// the beginning.
+    pub fn unlabeled_cursor(&self) -> (u64, u64) {
+        self.resumed()
+            .and_then(|c| c.unlabeled)
+            .map_or((0, 0), |[e, s]| (e, s))
+    }
+
+    /// Rank 0 committed a checkpoint.
+    pub fn commit(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        c: crate::commits::Commit,
+    ) -> Result<(), Refusal> {
+        self.check(rank, generation)?;
+        self.touch(rank);
+        if rank != 0 {
+            return Err(Refusal::Invalid(format!(
+                "rank {rank} sent a commit; only rank 0 writes checkpoints"
+            )));
+        }
+        let log = self.commits.as_mut().ok_or_else(|| {
+            Refusal::Invalid("this job kind does not record commit points".into())
+        })?;
+        log.record(c).map_err(Refusal::Invalid)
     }
 
     /// The unlabeled stream's assignment: a sharded order (`common::assign`) the worker
@@ -477,9 +519,10 @@ impl JobState {
 
     pub fn summary(&self) -> Summary {
         let history: Vec<EpochRecord> = self
-            .epochs
+            .prior_history
             .iter()
-            .map(|(e, a)| Self::record(*e, a))
+            .cloned()
+            .chain(self.epochs.iter().map(|(e, a)| Self::record(*e, a)))
             .collect();
         let samples: u64 = history.iter().map(|h| h.train_samples).sum();
         let seconds: f64 = history.iter().map(|h| h.train_seconds).sum();

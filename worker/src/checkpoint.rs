@@ -21,7 +21,7 @@ pub(crate) fn save_model(trainer: &Trainer, path: &Path) -> Result<()> {
 }
 
 /// Writes a variable store to `path` atomically.
-pub(crate) fn save_vars(vs: &tch::nn::VarStore, path: &Path) -> Result<()> {
+pub fn save_vars(vs: &tch::nn::VarStore, path: &Path) -> Result<()> {
     let path = path.to_path_buf();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| butler_common::Error::io(dir, e))?;
@@ -42,4 +42,142 @@ pub(crate) fn save_vars(vs: &tch::nn::VarStore, path: &Path) -> Result<()> {
         warn!(error = %e, "cannot fsync checkpoint directory");
     }
     Ok(())
+}
+
+/// Where the job stood when a resumable checkpoint was written, stored inside it (tensor `meta`, JSON
+/// bytes) so the file is one self-describing fact.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeMeta {
+    pub format: u32,
+    pub job: String,
+    pub step: u64,
+    pub epoch: u64,
+    pub steps_in_epoch: u64,
+    pub labeled_start: u64,
+    pub unlabeled: Option<[u64; 2]>,
+    pub world_size: u32,
+    pub generation: u64,
+    /// Each rank's running labeled-loss sum and sample count in the epoch, so the epoch's reported
+    /// mean covers the whole epoch across a resume.
+    pub epoch_losses: Vec<[f64; 2]>,
+}
+
+impl ResumeMeta {
+    pub fn point(&self, checkpoint: &str) -> butler_proto::ResumePoint {
+        let [ue, us] = self.unlabeled.unwrap_or_default();
+        butler_proto::ResumePoint {
+            checkpoint: checkpoint.to_string(),
+            step: self.step,
+            epoch: self.epoch,
+            steps_in_epoch: self.steps_in_epoch,
+            labeled_start: self.labeled_start,
+            has_unlabeled: self.unlabeled.is_some(),
+            unlabeled_epoch: ue,
+            unlabeled_step: us,
+            world_size: self.world_size,
+            generation: self.generation,
+        }
+    }
+}
+
+const RESUME_FORMAT: u32 = 1;
+
+/// The resumable checkpoint of step `step`, relative to the run directory.
+pub fn resumable_name(step: u64) -> String {
+    format!("checkpoints/step-{step:09}.safetensors")
+}
+
+/// Writes the trainer's full state and `meta` to `path` atomically: `model.<variable>`,
+/// `ema.<index>`, `optim.<index>.<slot>` and `meta`.
+pub fn save_resumable(trainer: &Trainer, meta: &ResumeMeta, path: &Path) -> Result<()> {
+    let s = trainer.training_state();
+    let mut named: Vec<(String, tch::Tensor)> = s
+        .variables
+        .into_iter()
+        .map(|(n, t)| (format!("model.{n}"), t))
+        .collect();
+    if let Some(ema) = s.ema {
+        named.extend(
+            ema.into_iter()
+                .enumerate()
+                .map(|(i, t)| (format!("ema.{i}"), t)),
+        );
+    }
+    named.extend(
+        s.optim
+            .named()
+            .into_iter()
+            .map(|(n, t)| (format!("optim.{n}"), t)),
+    );
+    let json = serde_json::to_vec(&ResumeMeta {
+        format: RESUME_FORMAT,
+        ..meta.clone()
+    })
+    .expect("ResumeMeta serialises");
+    named.push(("meta".into(), tch::Tensor::from_slice(&json)));
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| butler_common::Error::io(dir, e))?;
+    }
+    fsutil::write_atomic_with(path, |tmp| {
+        tch::Tensor::write_safetensors(&named, tmp).map_err(|e| {
+            butler_common::Error::invalid(format!("checkpoint {}", tmp.display()), e.to_string())
+        })
+    })?;
+    Ok(())
+}
+
+/// Loads a resumable checkpoint into `trainer` (on its device) and returns its metadata. Every
+/// problem — unreadable, truncated, another model, another optimizer — is an error naming the file.
+pub fn load_resumable(trainer: &mut Trainer, path: &Path) -> Result<ResumeMeta> {
+    let bad = |reason: String| crate::Error::Checkpoint {
+        file: path.to_path_buf(),
+        reason,
+    };
+    let named = tch::Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))?;
+    if !named.iter().any(|(n, _)| n == "meta") {
+        return Err(bad(
+            "no `meta` tensor: not a resumable checkpoint (a final model checkpoint?)".into(),
+        ));
+    }
+    let (mut variables, mut ema, mut optim, mut meta) = (Vec::new(), Vec::new(), Vec::new(), None);
+    for (name, t) in named {
+        if let Some(n) = name.strip_prefix("model.") {
+            variables.push((n.to_string(), t));
+        } else if let Some(i) = name.strip_prefix("ema.") {
+            let i: usize = i
+                .parse()
+                .map_err(|_| bad(format!("malformed tensor name {name:?}")))?;
+            ema.push((i, t));
+        } else if let Some(n) = name.strip_prefix("optim.") {
+            optim.push((n.to_string(), t));
+        } else if name == "meta" {
+            let bytes = Vec::<u8>::try_from(&t).map_err(|e| bad(e.to_string()))?;
+            meta = Some(
+                serde_json::from_slice::<ResumeMeta>(&bytes)
+                    .map_err(|e| bad(format!("metadata: {e}")))?,
+            );
+        } else {
+            return Err(bad(format!("unexpected tensor {name:?}")));
+        }
+    }
+    let meta = meta.expect("checked above");
+    if meta.format != RESUME_FORMAT {
+        return Err(bad(format!(
+            "format {} (this butler reads {RESUME_FORMAT})",
+            meta.format
+        )));
+    }
+    ema.sort_by_key(|(i, _)| *i);
+    if ema.iter().enumerate().any(|(k, (i, _))| k != *i) {
+        return Err(bad("EMA tensors are not numbered 0..n".into()));
+    }
+    let state = crate::trainer::TrainingState {
+        variables,
+        ema: (!ema.is_empty()).then(|| ema.into_iter().map(|(_, t)| t).collect()),
+        optim: crate::optim::OptimState::from_named(optim).map_err(|e| bad(e.to_string()))?,
+        step: meta.step,
+    };
+    trainer.load_training_state(state).map_err(bad)?;
+    Ok(meta)
 }

@@ -70,6 +70,9 @@ pub struct Progress {
     pub work: AtomicU64,
     pub stop: AtomicBool,
     pub reason: Mutex<String>,
+    /// This process was asked to terminate (SIGTERM): the job stops at the next step boundary every
+    /// rank agrees on, after rank 0 has committed a checkpoint.
+    pub terminate: AtomicBool,
 }
 
 impl Progress {

@@ -18,6 +18,11 @@ pub enum Error {
     },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("checkpoint {}: {reason}", file.display())]
+    Checkpoint {
+        file: std::path::PathBuf,
+        reason: String,
+    },
     #[error("{0}")]
     Setup(String),
     #[error("stopping: {0}")]

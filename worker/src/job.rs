@@ -11,7 +11,9 @@ use crate::{augment, loader, rounds, streams, Error, Result};
 use butler_common::config::JobConfig;
 use butler_common::sampler::{labeled_subset, DistributedSampler};
 use butler_data::JobDataCheck;
-use butler_proto::{AssignmentRequest, MetricsReport, Stream};
+use crate::checkpoint::{self, ResumeMeta};
+use butler_common::config::CheckpointConfig;
+use butler_proto::{AssignmentRequest, CommitRequest, MetricsReport, Stream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -108,6 +110,7 @@ pub(crate) fn run_epochs(
     mut unlabeled: Option<&mut streams::UnlabeledStream>,
     pseudo: Option<&rounds::PseudoTable>,
     epochs: std::ops::Range<u64>,
+    durable: Option<Durable<'_>>,
 ) -> Result<EpochsRun> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let shape = &job.manifest.sample_shape;
@@ -115,8 +118,12 @@ pub(crate) fn run_epochs(
     let mut skipped_total = 0usize;
     let (mut losses, mut samples) = (Vec::new(), 0u64);
     let last_epoch = epochs.end.saturating_sub(1);
+    // The evaluation cadence counts from the range's start, also when a resumed job starts later.
     let first_epoch = epochs.start;
-    for epoch in epochs {
+    let resumed = durable.as_ref().and_then(|d| d.resumed);
+    let mut last_commit = resumed.map(|m| m.step);
+    let start_epoch = resumed.map_or(epochs.start, |m| m.epoch.max(epochs.start));
+    for epoch in start_epoch..epochs.end {
         ctx.progress.epoch.store(epoch, Ordering::Relaxed);
         let a = ctx
             .rt
@@ -147,11 +154,43 @@ pub(crate) fn run_epochs(
             start: a.start,
         };
         let t0 = Instant::now();
-        let (mut loss_sum, mut seen) = (0.0, 0u64);
+        // A resumed epoch carries on the running loss of its first part.
+        let resumed_here = resumed.filter(|m| m.epoch == epoch);
+        let (mut loss_sum, mut seen) = resumed_here
+            .and_then(|m| m.epoch_losses.get(ctx.rank as usize))
+            .map_or((0.0, 0u64), |&[l, n]| (l, n as u64));
+        let steps_before = resumed_here.map_or(0, |m| m.steps_in_epoch);
         let lr = trainer.learning_rate();
         let per_rank_batch = job.per_rank_batch;
         for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
             ctx.check_stop()?;
+            if let Some(d) = &durable {
+                // Every rank takes the same decision at the same step: a stop requested on any rank
+                // (SIGTERM) is agreed through one tiny all-reduce, and the step counter is shared.
+                let stop = agree_to_stop(ctx, ring)?;
+                let step = trainer.steps_taken();
+                let every = d.cfg.every_steps;
+                let due = every > 0 && step > 0 && step.is_multiple_of(every);
+                if (stop || due) && last_commit != Some(step) {
+                    let at = Boundary {
+                        epoch,
+                        steps_in_epoch: steps_before + k as u64,
+                        labeled_start: sampler.position_after(k as u64, per_rank_batch),
+                        unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
+                        loss_sum,
+                        seen,
+                    };
+                    commit(job, trainer, ring, &at)?;
+                    last_commit = Some(step);
+                }
+                if stop {
+                    ring.barrier()?;
+                    return Err(Error::Stopped(format!(
+                        "asked to terminate (SIGTERM); the checkpoint of step {step} is committed: \
+                         continue the job with --resume"
+                    )));
+                }
+            }
             let (x, y) = match &job.labeled_aug {
                 Some(a) => {
                     job.train_set
@@ -196,7 +235,7 @@ pub(crate) fn run_epochs(
                 .step
                 .store(trainer.steps_taken(), Ordering::Relaxed);
             ctx.progress.advanced();
-            hang_if_asked(ctx, trainer.steps_taken());
+            fault_hooks(ctx, trainer.steps_taken());
         }
         let seconds = t0.elapsed().as_secs_f64();
         samples += seen;
@@ -229,6 +268,26 @@ pub(crate) fn run_epochs(
         ctx.rt
             .block_on(ctx.client.clone().report_metrics(report))
             .map_err(rpc("report_metrics"))?;
+        if let Some(d) = &durable {
+            let every = d.cfg.every_epochs;
+            let step = trainer.steps_taken();
+            if every > 0
+                && (epoch + 1).is_multiple_of(every)
+                && epoch != last_epoch
+                && last_commit != Some(step)
+            {
+                let at = Boundary {
+                    epoch: epoch + 1,
+                    steps_in_epoch: 0,
+                    labeled_start: 0,
+                    unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
+                    loss_sum: 0.0,
+                    seen: 0,
+                };
+                commit(job, trainer, ring, &at)?;
+                last_commit = Some(step);
+            }
+        }
     }
     if skipped_total > 0 {
         warn!(skipped_total, "corrupt unlabeled samples were skipped");
@@ -239,6 +298,78 @@ pub(crate) fn run_epochs(
         losses,
         samples,
     })
+}
+
+/// A plain job's epochs are durable: rank 0 commits resumable checkpoints as `[checkpoint]` says and
+/// when any rank is asked to terminate; `resumed` is the state the job continues from.
+pub(crate) struct Durable<'m> {
+    pub(crate) cfg: &'m CheckpointConfig,
+    pub(crate) resumed: Option<&'m ResumeMeta>,
+}
+
+/// A step boundary as a commit records it.
+struct Boundary {
+    epoch: u64,
+    steps_in_epoch: u64,
+    labeled_start: u64,
+    unlabeled: Option<streams::Cursor>,
+    /// This rank's running loss sum and sample count in the epoch.
+    loss_sum: f64,
+    seen: u64,
+}
+
+/// True on every rank when any rank was asked to terminate.
+fn agree_to_stop(ctx: &Ctx, ring: &mut dyn Collective) -> Result<bool> {
+    let mine = ctx.progress.terminate.load(Ordering::Relaxed);
+    let mut flag = tch::Tensor::from_slice(&[mine as u8 as f32]);
+    ring.all_reduce_sum(&mut flag)?;
+    Ok(flag.double_value(&[0]) > 0.0)
+}
+
+/// Every rank: share the epoch's running losses; rank 0: write the resumable checkpoint, then have
+/// the coordinator record it as the commit point (it checks the file's hash and size).
+fn commit(job: &Job, trainer: &Trainer, ring: &mut dyn Collective, at: &Boundary) -> Result<()> {
+    let ctx = job.ctx;
+    let world = ctx.world as usize;
+    let mut sums = vec![0f32; 2 * world];
+    sums[2 * ctx.rank as usize] = at.loss_sum as f32;
+    sums[2 * ctx.rank as usize + 1] = at.seen as f32;
+    let mut t = tch::Tensor::from_slice(&sums);
+    ring.all_reduce_sum(&mut t)?;
+    ctx.progress.advanced();
+    if ctx.rank != 0 {
+        return Ok(());
+    }
+    let all = Vec::<f32>::try_from(&t).expect("a 1-D f32 tensor");
+    let step = trainer.steps_taken();
+    let meta = ResumeMeta {
+        format: 0,
+        job: job.cfg.job.name.clone(),
+        step,
+        epoch: at.epoch,
+        steps_in_epoch: at.steps_in_epoch,
+        labeled_start: at.labeled_start,
+        unlabeled: at.unlabeled.map(|c| [c.epoch, c.step]),
+        world_size: ctx.world,
+        generation: ctx.generation,
+        epoch_losses: all.chunks(2).map(|c| [c[0] as f64, c[1] as f64]).collect(),
+    };
+    let rel = checkpoint::resumable_name(step);
+    let path = ctx.run_dir.join(&rel);
+    let t0 = Instant::now();
+    checkpoint::save_resumable(trainer, &meta, &path)?;
+    let (sha256, bytes) = butler_common::fsutil::sha256_file(&path)?;
+    ctx.rt
+        .block_on(ctx.client.clone().commit(CommitRequest {
+            rank: ctx.rank,
+            generation: ctx.generation,
+            point: Some(meta.point(&rel)),
+            sha256,
+            bytes,
+        }))
+        .map_err(rpc("commit"))?;
+    info!(step, epoch = at.epoch, bytes, seconds = t0.elapsed().as_secs_f64(), checkpoint = %rel, "checkpoint committed");
+    Ok(())
 }
 
 /// The unlabeled stream, when the job has one: its assignment comes from the coordinator (split, seed,
@@ -347,21 +478,60 @@ pub(crate) fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch:
         .collect()
 }
 
-/// Test hook (`BUTLER_FAULT=worker-hang-at-step:N`): the last rank stops working after step N while its
-/// heartbeat goes on — a hung device or a deadlock, as the coordinator sees it — until told to stop.
-fn hang_if_asked(ctx: &Ctx, step: u64) {
+/// Test hooks, for the last rank after step N:
+/// - `BUTLER_FAULT=worker-hang-at-step:N`: it stops working while its heartbeat goes on — a hung
+///   device or a deadlock, as the coordinator sees it — until told to stop;
+/// - `BUTLER_FAULT=worker-kill-at-step:N`: it sends itself SIGKILL (`kill -9`: no cleanup at all);
+/// - `BUTLER_FAULT=worker-sigterm-at-step:N`: it sends itself SIGTERM (what Kubernetes sends first).
+fn fault_hooks(ctx: &Ctx, step: u64) {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        Hang,
+        Kill,
+        Term,
+    }
     // Read once: this runs after every step.
-    static HANG_AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let hang_at = HANG_AT.get_or_init(|| {
-        std::env::var("BUTLER_FAULT").ok().and_then(|f| {
-            f.strip_prefix("worker-hang-at-step:")
-                .and_then(|n| n.parse::<u64>().ok())
-        })
+    static FAULT: std::sync::OnceLock<Option<(Fault, u64)>> = std::sync::OnceLock::new();
+    let fault = FAULT.get_or_init(|| {
+        let f = std::env::var("BUTLER_FAULT").ok()?;
+        let (kind, n) = f.rsplit_once(':')?;
+        let kind = match kind {
+            "worker-hang-at-step" => Fault::Hang,
+            "worker-kill-at-step" => Fault::Kill,
+            "worker-sigterm-at-step" => Fault::Term,
+            _ => return None,
+        };
+        Some((kind, n.parse().ok()?))
     });
-    if *hang_at == Some(step) && ctx.rank + 1 == ctx.world {
-        warn!(step, "BUTLER_FAULT: hanging (test hook)");
-        while ctx.check_stop().is_ok() {
-            std::thread::sleep(Duration::from_millis(50));
+    let Some((kind, at)) = *fault else { return };
+    if at != step || ctx.rank + 1 != ctx.world {
+        return;
+    }
+    let signal = |sig: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &std::process::id().to_string()])
+            .status();
+    };
+    match kind {
+        Fault::Hang => {
+            warn!(step, "BUTLER_FAULT: hanging (test hook)");
+            while ctx.check_stop().is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Fault::Kill => {
+            warn!(step, "BUTLER_FAULT: kill -9 of this worker (test hook)");
+            signal("-KILL");
+            // SIGKILL is not deliverable late; never go on training.
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        Fault::Term => {
+            warn!(step, "BUTLER_FAULT: SIGTERM to this worker (test hook)");
+            signal("-TERM");
+            // Let the signal task see it before the next step boundary.
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 }

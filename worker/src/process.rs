@@ -99,6 +99,7 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         progress,
         run_dir: PathBuf::from(&reg.run_dir),
         local_rank: opts.local_rank,
+        resume: reg.resume.clone(),
     };
     let result = train(&ctx, &cfg, &opts);
     heartbeat.abort();
@@ -242,6 +243,58 @@ pub(crate) fn join_collective(
     Ok(Box::new(ring))
 }
 
+/// Loads the commit point's checkpoint into `trainer` (every rank reads the same file) and checks that
+/// it is the state the coordinator recorded.
+fn resume_from(
+    ctx: &Ctx,
+    trainer: &mut crate::trainer::Trainer,
+    point: &butler_proto::ResumePoint,
+) -> Result<crate::checkpoint::ResumeMeta> {
+    let path = ctx.run_dir.join(&point.checkpoint);
+    let meta = crate::checkpoint::load_resumable(trainer, &path)?;
+    if meta.point(&point.checkpoint) != *point {
+        return Err(Error::Checkpoint {
+            file: path,
+            reason: format!(
+                "it holds step {} (epoch {}) but the coordinator's commit names step {} (epoch {})",
+                meta.step, meta.epoch, point.step, point.epoch
+            ),
+        });
+    }
+    if meta.world_size != ctx.world {
+        return Err(Error::Checkpoint {
+            file: path,
+            reason: format!(
+                "written by {} ranks, resumed by {}",
+                meta.world_size, ctx.world
+            ),
+        });
+    }
+    info!(step = meta.step, epoch = meta.epoch, checkpoint = %point.checkpoint, "resumed from the commit point");
+    Ok(meta)
+}
+
+/// SIGTERM (what Kubernetes sends before it kills a pod) asks the job to stop at the next step boundary
+/// with a committed checkpoint, instead of dying mid-step.
+fn watch_sigterm(ctx: &Ctx) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let progress = ctx.progress.clone();
+    let mut term = {
+        let _guard = ctx.rt.enter();
+        signal(SignalKind::terminate())
+            .map_err(|e| Error::Setup(format!("cannot watch SIGTERM: {e}")))?
+    };
+    ctx.rt.spawn(async move {
+        if term.recv().await.is_some() {
+            tracing::warn!("SIGTERM: stopping at the next step boundary after a checkpoint");
+            progress
+                .terminate
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    Ok(())
+}
+
 /// The training job proper; returns (test accuracy, test loss, checkpoint path relative to the run dir).
 fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, String)> {
     let device = device::resolve_device(cfg.cluster.device, ctx.local_rank)?;
@@ -265,10 +318,19 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
     let (eval, trainer) = if cfg.pseudo_label.is_some() {
         rounds::run(&job, ring)?
     } else {
+        watch_sigterm(ctx)?;
         let mut trainer = job.new_trainer()?;
         trainer.broadcast_parameters(ring)?;
+        let resumed = match &ctx.resume {
+            Some(point) => Some(resume_from(ctx, &mut trainer, point)?),
+            None => None,
+        };
         let views = job::unlabeled_views(cfg, &job.manifest.sample_shape)?;
         let mut unlabeled = job::open_unlabeled_stream(&job, views, None)?;
+        let durable = job::Durable {
+            cfg: &cfg.checkpoint,
+            resumed: resumed.as_ref(),
+        };
         let run = job::run_epochs(
             &job,
             &mut trainer,
@@ -276,6 +338,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             unlabeled.as_mut(),
             None,
             0..cfg.train.epochs,
+            Some(durable),
         )?;
         (run.eval, trainer)
     };

@@ -107,6 +107,7 @@ pub(crate) fn run(job: &Job, ring: &mut dyn Collective) -> Result<(Evaluation, T
                     stream.as_mut(),
                     table.as_deref(),
                     from..from + epochs,
+                    None,
                 )?
                 .eval;
                 if ctx.rank == 0 {

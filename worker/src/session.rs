@@ -17,6 +17,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) run_dir: PathBuf,
     /// The worker's index among the workers of its host (picks its GPU).
     pub(crate) local_rank: usize,
+    /// The commit point the job resumes from, if the coordinator named one.
+    pub(crate) resume: Option<butler_proto::ResumePoint>,
 }
 
 impl Ctx<'_> {

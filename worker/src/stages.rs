@@ -358,7 +358,15 @@ fn finetune(
             view: 0,
         });
     }
-    let run = crate::job::run_epochs(job, &mut trainer, ring, None, None, 0..cfg.train.epochs)?;
+    let run = crate::job::run_epochs(
+        job,
+        &mut trainer,
+        ring,
+        None,
+        None,
+        0..cfg.train.epochs,
+        None,
+    )?;
     let eval = run.eval;
     let checkpoint = if ctx.rank == 0 {
         save_checkpoint(&trainer, &ctx.run_dir)?

@@ -79,6 +79,14 @@ impl Ema {
     }
 }
 
+/// A trainer's resumable state, on the host (see [`Trainer::training_state`]).
+pub struct TrainingState {
+    pub variables: Vec<(String, Tensor)>,
+    pub ema: Option<Vec<Tensor>>,
+    pub optim: crate::optim::OptimState,
+    pub step: u64,
+}
+
 /// This rank's share of a step's unlabeled batch (one tensor per view), and the size of that batch over
 /// all ranks.
 pub struct UnlabeledBatch<'a> {
@@ -131,7 +139,7 @@ impl Trainer {
             total_steps,
             device,
         )?;
-        let opt = Optim::build(&cfg.optim, &vs)?;
+        let opt = Optim::build(&cfg.optim, vs.trainable_variables());
         let bucket_bytes = (cfg.cluster.bucket_mb * 1024.0 * 1024.0) as usize;
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
         let ema = cfg
@@ -159,6 +167,75 @@ impl Trainer {
 
     pub fn steps_taken(&self) -> u64 {
         self.step
+    }
+
+    /// What a resumable checkpoint holds besides the schedule position: the model's variables by
+    /// name (the trained weights, not the EMA), the EMA's averages (by trainable-variable index) and
+    /// the optimizer's state.
+    pub fn training_state(&self) -> TrainingState {
+        TrainingState {
+            variables: self
+                .vs
+                .variables()
+                .into_iter()
+                .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
+                .collect(),
+            ema: self.ema.as_ref().map(|e| {
+                e.averages
+                    .iter()
+                    .map(|a| a.detach().to_device(Device::Cpu))
+                    .collect()
+            }),
+            optim: self.opt.state(),
+            step: self.step,
+        }
+    }
+
+    /// Restores [`Trainer::training_state`]: every variable must be present with its shape, the EMA
+    /// must match `[train] ema`, the optimizer state must fit the parameters.
+    pub fn load_training_state(&mut self, s: TrainingState) -> std::result::Result<(), String> {
+        let mut saved: std::collections::HashMap<String, Tensor> =
+            s.variables.into_iter().collect();
+        let _guard = tch::no_grad_guard();
+        for (name, mut var) in self.vs.variables() {
+            let t = saved
+                .remove(&name)
+                .ok_or_else(|| format!("variable {name} is missing"))?;
+            if t.size() != var.size() {
+                return Err(format!(
+                    "variable {name} has shape {:?}, the model has {:?}",
+                    t.size(),
+                    var.size()
+                ));
+            }
+            var.copy_(&t);
+        }
+        if let Some(extra) = saved.keys().next() {
+            return Err(format!("variable {extra} does not belong to this model"));
+        }
+        match (&mut self.ema, s.ema) {
+            (Some(e), Some(avgs)) => {
+                if avgs.len() != e.averages.len() {
+                    return Err(format!(
+                        "{} EMA tensors for {} parameters",
+                        avgs.len(),
+                        e.averages.len()
+                    ));
+                }
+                for (a, t) in e.averages.iter_mut().zip(avgs) {
+                    if a.size() != t.size() {
+                        return Err("an EMA tensor does not match its parameter".into());
+                    }
+                    a.copy_(&t);
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err("the job keeps an EMA ([train] ema) but the checkpoint has none".into()),
+            (None, Some(_)) => return Err("the checkpoint has an EMA but the job sets no [train] ema".into()),
+        }
+        self.opt.load_state(&s.optim).map_err(|e| e.to_string())?;
+        self.step = s.step;
+        Ok(())
     }
 
     pub fn num_buckets(&self) -> usize {

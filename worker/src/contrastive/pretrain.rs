@@ -118,7 +118,7 @@ impl Pretrainer {
             on_device.copy(&host)?;
             (on_device, encoder, head)
         };
-        let opt = Optim::build(&cfg.optim, &vs)?;
+        let opt = Optim::build(&cfg.optim, vs.trainable_variables());
         let sync = GradSync::new(vs.trainable_variables(), bucket_bytes);
         Ok(Pretrainer {
             vs,

@@ -6,6 +6,7 @@
 //! `trust = 1`), as in SimCLR. The trust ratio uses the norm of the decayed gradient (SimCLR's
 //! implementation), not `‖g‖ + λ‖w‖` (the paper's formula).
 
+use super::state::{OptimState, StateError};
 use tch::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -75,5 +76,25 @@ impl Lars {
                 *v = Some(vel);
             }
         });
+    }
+
+    /// The velocity buffers, one slot per parameter (absent before its first update).
+    pub fn state(&self) -> OptimState {
+        let mut s = OptimState::default();
+        for (i, v) in self.velocity.iter().enumerate() {
+            if let Some(v) = v {
+                s.put(i, "velocity", v);
+            }
+        }
+        s
+    }
+
+    /// Restores [`Lars::state`]; shapes are checked against the parameters.
+    pub fn load_state(&mut self, s: &OptimState) -> Result<(), StateError> {
+        s.check_params(&self.params, &["velocity"])?;
+        for (i, v) in self.velocity.iter_mut().enumerate() {
+            *v = s.take(i, "velocity", &self.params[i]);
+        }
+        Ok(())
     }
 }

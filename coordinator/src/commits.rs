@@ -1,0 +1,376 @@
+//! The job's commit points: rank 0's resumable checkpoints as the coordinator records them in
+//! `<run>/state.json` (atomic), newest last. A commit is one fact — the checkpoint file (checked by its
+//! SHA-256 and size) plus where both data streams stood — so a job resumed from it redoes exactly the
+//! work after it. The coordinator never reads the checkpoint's tensors; it hashes the file's bytes.
+
+use butler_common::fsutil;
+use butler_proto::ResumePoint;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tracing::{info, warn};
+
+/// The file the commit log lives in, relative to the run directory.
+pub const STATE_FILE: &str = "state.json";
+const FORMAT: u32 = 1;
+
+/// One commit point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Commit {
+    /// The checkpoint file, relative to the run directory.
+    pub checkpoint: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The labeled epoch in progress and the steps taken in it.
+    pub epoch: u64,
+    pub steps_in_epoch: u64,
+    /// The labeled stream's consumed global position in that epoch.
+    pub labeled_start: u64,
+    /// The unlabeled stream's cursor (epoch, steps taken in it), when the job has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabeled: Option<[u64; 2]>,
+    pub world_size: u32,
+    pub generation: u64,
+}
+
+impl Commit {
+    pub fn from_point(p: &ResumePoint, sha256: String, bytes: u64) -> Commit {
+        Commit {
+            checkpoint: p.checkpoint.clone(),
+            sha256,
+            bytes,
+            step: p.step,
+            epoch: p.epoch,
+            steps_in_epoch: p.steps_in_epoch,
+            labeled_start: p.labeled_start,
+            unlabeled: p
+                .has_unlabeled
+                .then_some([p.unlabeled_epoch, p.unlabeled_step]),
+            world_size: p.world_size,
+            generation: p.generation,
+        }
+    }
+
+    pub fn point(&self) -> ResumePoint {
+        let [ue, us] = self.unlabeled.unwrap_or_default();
+        ResumePoint {
+            checkpoint: self.checkpoint.clone(),
+            step: self.step,
+            epoch: self.epoch,
+            steps_in_epoch: self.steps_in_epoch,
+            labeled_start: self.labeled_start,
+            has_unlabeled: self.unlabeled.is_some(),
+            unlabeled_epoch: ue,
+            unlabeled_step: us,
+            world_size: self.world_size,
+            generation: self.generation,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    job: String,
+    /// `JobConfig::trajectory_fingerprint` of the config that wrote the commits.
+    config: String,
+    world_size: u32,
+    commits: Vec<Commit>,
+}
+
+/// The commit log of one run directory.
+#[derive(Debug)]
+pub struct Commits {
+    run_dir: PathBuf,
+    job: String,
+    config: String,
+    world_size: u32,
+    keep: usize,
+    commits: Vec<Commit>,
+    /// The commit this coordinator resumed from, if any.
+    resumed: Option<Commit>,
+}
+
+impl Commits {
+    /// A fresh job removes an earlier run's log and resumable checkpoints from `run_dir` (they would
+    /// otherwise pass for this run's); with `resume` it reads the log and picks the newest commit whose
+    /// checkpoint is intact, warning about (and dropping) newer ones that are not.
+    pub fn open(
+        run_dir: &Path,
+        job: &str,
+        config: &str,
+        world_size: u32,
+        keep: usize,
+        resume: bool,
+    ) -> Result<Commits, String> {
+        let file = run_dir.join(STATE_FILE);
+        let mut c = Commits {
+            run_dir: run_dir.to_path_buf(),
+            job: job.to_string(),
+            config: config.to_string(),
+            world_size,
+            keep: keep.max(1),
+            commits: Vec::new(),
+            resumed: None,
+        };
+        if !resume {
+            for stale in c.stale_files() {
+                std::fs::remove_file(&stale)
+                    .map_err(|e| format!("removing {} of an earlier run: {e}", stale.display()))?;
+            }
+            return Ok(c);
+        }
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "--resume: {} does not exist, so this run directory has no commit point to resume \
+                     from (run the job without --resume to start it)",
+                    file.display()
+                ))
+            }
+            Err(e) => return Err(format!("--resume: cannot read {}: {e}", file.display())),
+        };
+        let state: StateFile = serde_json::from_str(&text)
+            .map_err(|e| format!("--resume: {} is not a butler job state: {e}", file.display()))?;
+        if state.format != FORMAT {
+            return Err(format!(
+                "--resume: {} has format {}, this butler reads format {FORMAT}",
+                file.display(),
+                state.format
+            ));
+        }
+        if state.job != job {
+            return Err(format!(
+                "--resume: {} belongs to job {:?}, not {job:?}",
+                file.display(),
+                state.job
+            ));
+        }
+        if state.config != config {
+            return Err(format!(
+                "--resume: the job's config differs from the one that wrote {} in what decides the \
+                 training (only [cluster], [checkpoint], loader threads/caches and train.threads may \
+                 change across a resume); restore the original config or run without --resume",
+                file.display()
+            ));
+        }
+        if state.world_size != world_size {
+            return Err(format!(
+                "--resume: the job was run with {} workers and is resumed with {world_size}; resume \
+                 it with {} workers",
+                state.world_size, state.world_size
+            ));
+        }
+        let mut problems = Vec::new();
+        let mut commits = state.commits;
+        while let Some(newest) = commits.last() {
+            match verify(run_dir, newest) {
+                Ok(()) => break,
+                Err(why) => {
+                    warn!(checkpoint = %newest.checkpoint, %why, "checkpoint unusable; trying the previous commit");
+                    problems.push(why);
+                    commits.pop();
+                }
+            }
+        }
+        if commits.is_empty() && !problems.is_empty() {
+            return Err(format!(
+                "--resume: no intact checkpoint in {}: {}",
+                run_dir.display(),
+                problems.join("; ")
+            ));
+        }
+        c.resumed = commits.last().cloned();
+        c.commits = commits;
+        match &c.resumed {
+            Some(r) => info!(
+                checkpoint = %r.checkpoint,
+                step = r.step,
+                epoch = r.epoch,
+                "resuming from the newest intact commit"
+            ),
+            None => warn!("--resume: no commit was recorded yet; the job starts from the beginning"),
+        }
+        if !problems.is_empty() {
+            c.persist()?;
+        }
+        Ok(c)
+    }
+
+    /// The commit this job resumed from.
+    pub fn resumed(&self) -> Option<&Commit> {
+        self.resumed.as_ref()
+    }
+
+    pub fn newest(&self) -> Option<&Commit> {
+        self.commits.last()
+    }
+
+    /// Records a commit (after checking that its file exists with the reported size: the hash, which
+    /// rank 0 computed, is checked at resume, so a commit never blocks the control plane reading a
+    /// large file), persists the log, then deletes the checkpoints of commits older than the newest
+    /// `keep`.
+    pub fn record(&mut self, c: Commit) -> Result<(), String> {
+        if let Some(prev) = self.commits.last() {
+            if c.step < prev.step {
+                return Err(format!(
+                    "commit at step {} is older than the recorded step {}",
+                    c.step, prev.step
+                ));
+            }
+        }
+        let path = self.run_dir.join(&c.checkpoint);
+        let bytes = std::fs::metadata(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        if bytes != c.bytes {
+            return Err(format!(
+                "{} has {bytes} bytes, rank 0 reported {}",
+                path.display(),
+                c.bytes
+            ));
+        }
+        self.commits.retain(|old| old.checkpoint != c.checkpoint);
+        self.commits.push(c);
+        let excess = self.commits.len().saturating_sub(self.keep);
+        let dropped: Vec<Commit> = self.commits.drain(..excess).collect();
+        self.persist()?;
+        // Only after the log no longer names them.
+        for d in dropped {
+            let path = self.run_dir.join(&d.checkpoint);
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), error = %e, "cannot delete an old checkpoint");
+            }
+        }
+        Ok(())
+    }
+
+    fn persist(&self) -> Result<(), String> {
+        let state = StateFile {
+            format: FORMAT,
+            job: self.job.clone(),
+            config: self.config.clone(),
+            world_size: self.world_size,
+            commits: self.commits.clone(),
+        };
+        let path = self.run_dir.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(&state).expect("the job state serialises");
+        fsutil::write_atomic(&path, &json).map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// The log and the resumable checkpoints an earlier run left.
+    fn stale_files(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        let state = self.run_dir.join(STATE_FILE);
+        if state.exists() {
+            v.push(state);
+        }
+        if let Ok(entries) = std::fs::read_dir(self.run_dir.join("checkpoints")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("step-") && name.ends_with(".safetensors") {
+                    v.push(e.path());
+                }
+            }
+        }
+        v
+    }
+}
+
+/// The checkpoint a commit names exists with the recorded size and SHA-256.
+fn verify(run_dir: &Path, c: &Commit) -> Result<(), String> {
+    let path = run_dir.join(&c.checkpoint);
+    let (sha, bytes) = fsutil::sha256_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes != c.bytes {
+        return Err(format!(
+            "{} has {bytes} bytes, the commit recorded {} (truncated or overwritten)",
+            path.display(),
+            c.bytes
+        ));
+    }
+    if sha != c.sha256 {
+        return Err(format!(
+            "{} does not match its recorded SHA-256 (corrupt)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(dir: &Path, step: u64, bytes: &[u8]) -> Commit {
+        let rel = format!("checkpoints/step-{step}.safetensors");
+        std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+        std::fs::write(dir.join(&rel), bytes).unwrap();
+        let (sha, n) = fsutil::sha256_file(&dir.join(&rel)).unwrap();
+        Commit {
+            checkpoint: rel,
+            sha256: sha,
+            bytes: n,
+            step,
+            epoch: step / 10,
+            steps_in_epoch: step % 10,
+            labeled_start: (step % 10) * 8,
+            unlabeled: Some([0, step]),
+            world_size: 2,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_and_resumes_from_the_last_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut c = Commits::open(d, "j", "cfg", 2, 2, false).unwrap();
+        for step in [5, 10, 15] {
+            c.record(commit(d, step, format!("ckpt {step}").as_bytes()))
+                .unwrap();
+        }
+        // keep = 2: step 5's file is gone, the log names 10 and 15.
+        assert!(!d.join("checkpoints/step-5.safetensors").exists());
+        let r = Commits::open(d, "j", "cfg", 2, 2, true).unwrap();
+        assert_eq!(r.resumed().unwrap().step, 15);
+        assert_eq!(r.resumed().unwrap().point().unlabeled_step, 15);
+
+        // Truncate the newest: the previous one is used, and the log forgets the broken one.
+        std::fs::write(d.join("checkpoints/step-15.safetensors"), b"ckpt").unwrap();
+        let r = Commits::open(d, "j", "cfg", 2, 2, true).unwrap();
+        assert_eq!(r.resumed().unwrap().step, 10);
+        assert_eq!(
+            Commits::open(d, "j", "cfg", 2, 2, true).unwrap().newest().unwrap().step,
+            10
+        );
+
+        // Corrupt the only one left (same size, other bytes): a clear error naming the file.
+        std::fs::write(d.join("checkpoints/step-10.safetensors"), b"ckpt 11").unwrap();
+        let e = Commits::open(d, "j", "cfg", 2, 2, true).unwrap_err();
+        assert!(e.contains("step-10.safetensors") && e.contains("corrupt"), "{e}");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let e = Commits::open(d, "j", "cfg", 2, 2, true).unwrap_err();
+        assert!(e.contains("state.json does not exist"), "{e}");
+        let mut c = Commits::open(d, "j", "cfg", 2, 2, false).unwrap();
+        c.record(commit(d, 3, b"x")).unwrap();
+        let e = Commits::open(d, "j", "cfg", 3, 2, true).unwrap_err();
+        assert!(e.contains("resume it with 2 workers"), "{e}");
+        let e = Commits::open(d, "other", "cfg", 2, 2, true).unwrap_err();
+        assert!(e.contains("belongs to job"), "{e}");
+        let e = Commits::open(d, "j", "other recipe", 2, 2, true).unwrap_err();
+        assert!(e.contains("config differs"), "{e}");
+        // An older step than the newest is refused.
+        assert!(c.record(commit(d, 2, b"y")).is_err());
+        // A fresh start clears the earlier run's log and checkpoints.
+        Commits::open(d, "j", "cfg", 2, 2, false).unwrap();
+        assert!(!d.join(STATE_FILE).exists());
+        assert!(!d.join("checkpoints/step-3.safetensors").exists());
+    }
+}
