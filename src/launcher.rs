@@ -90,6 +90,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.job.name));
+    if args.resume && cfg.pseudo_label.is_none() {
+        let state = out.join(butler_coordinator::commits::STATE_FILE);
+        if !state.exists() {
+            bail!(
+                "--resume: {} does not exist, so {} holds no commit point to resume from (run the job \
+                 without --resume to start it)",
+                state.display(),
+                out.display()
+            );
+        }
+    }
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     // The run directory records the exact config the job ran with (overrides applied).

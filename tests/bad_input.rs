@@ -244,7 +244,10 @@ fn resume_of_a_job_without_persisted_progress_is_refused() {
         .unwrap();
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("--resume") && e.contains("pseudo-label"), "{e}");
+    assert!(
+        e.contains("--resume") && e.contains("state.json does not exist"),
+        "{e}"
+    );
     assert!(
         !out.exists(),
         "a refused job must not create its run directory"

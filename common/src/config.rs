@@ -309,6 +309,14 @@ pub struct ClusterConfig {
     /// The gradient collective (`auto`: NCCL when every rank is on CUDA, else the TCP ring).
     #[serde(default)]
     pub backend: BackendChoice,
+    /// How many times a plain job regroups after a lost worker (dead, partitioned, or its collective
+    /// failed) instead of failing: every rank registers again under a new generation and the job
+    /// continues from its newest commit point once the world is full. 0: a lost worker fails the job.
+    #[serde(default)]
+    pub max_restarts: u32,
+    /// How long a regroup waits for the world to be full again (a replacement worker to register).
+    #[serde(default = "default_rendezvous_timeout_ms")]
+    pub rejoin_timeout_ms: u64,
 }
 
 /// `[checkpoint]`: when rank 0 writes a resumable checkpoint (model, optimizer state, EMA, schedule
@@ -369,6 +377,8 @@ impl Default for ClusterConfig {
             stall_timeout_ms: default_stall_timeout_ms(),
             device: DeviceChoice::default(),
             backend: BackendChoice::default(),
+            max_restarts: 0,
+            rejoin_timeout_ms: default_rendezvous_timeout_ms(),
         }
     }
 }

@@ -75,6 +75,10 @@ struct StateFile {
     job: String,
     /// `JobConfig::trajectory_fingerprint` of the config that wrote the commits.
     config: String,
+    /// The newest generation the job reached (a restarted coordinator continues above it, so that
+    /// messages of the workers it lost are refused).
+    #[serde(default)]
+    generation: u64,
     world_size: u32,
     commits: Vec<Commit>,
 }
@@ -85,6 +89,7 @@ pub struct Commits {
     run_dir: PathBuf,
     job: String,
     config: String,
+    generation: u64,
     world_size: u32,
     keep: usize,
     commits: Vec<Commit>,
@@ -109,6 +114,7 @@ impl Commits {
             run_dir: run_dir.to_path_buf(),
             job: job.to_string(),
             config: config.to_string(),
+            generation: 0,
             world_size,
             keep: keep.max(1),
             commits: Vec::new(),
@@ -183,6 +189,7 @@ impl Commits {
             ));
         }
         c.resumed = commits.last().cloned();
+        c.generation = state.generation.max(commits.iter().map(|c| c.generation).max().unwrap_or(0));
         c.commits = commits;
         match &c.resumed {
             Some(r) => info!(
@@ -197,6 +204,21 @@ impl Commits {
             c.persist()?;
         }
         Ok(c)
+    }
+
+    /// The newest generation recorded (0 for a fresh job).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The job continues in `generation` from the newest commit (a regroup, or a restarted coordinator);
+    /// the generation is persisted.
+    pub fn resume_from_newest(&mut self, generation: u64) {
+        self.generation = generation;
+        self.resumed = self.commits.last().cloned();
+        if let Err(e) = self.persist() {
+            warn!(error = %e, "cannot persist the job state's generation");
+        }
     }
 
     /// The commit this job resumed from.
@@ -232,6 +254,7 @@ impl Commits {
                 c.bytes
             ));
         }
+        self.generation = self.generation.max(c.generation);
         self.commits.retain(|old| old.checkpoint != c.checkpoint);
         self.commits.push(c);
         let excess = self.commits.len().saturating_sub(self.keep);
@@ -252,6 +275,7 @@ impl Commits {
             format: FORMAT,
             job: self.job.clone(),
             config: self.config.clone(),
+            generation: self.generation,
             world_size: self.world_size,
             commits: self.commits.clone(),
         };

@@ -295,14 +295,22 @@ impl Coordinator for Service {
         let r = req.into_inner();
         let mut st = self.0.lock();
         match st.heartbeat(r.rank, r.generation, r.progress) {
-            Ok(()) => Ok(Response::new(HeartbeatResponse {
-                stop: false,
-                reason: String::new(),
-            })),
+            Ok(()) => Ok(Response::new(HeartbeatResponse::default())),
             Err(Refusal::JobFailed(why)) => Ok(Response::new(HeartbeatResponse {
                 stop: true,
                 reason: why,
+                regroup: false,
             })),
+            // A rank of an older generation: the job regrouped without it, and it must join again.
+            Err(Refusal::StaleGeneration { got, current }) if got < current => {
+                Ok(Response::new(HeartbeatResponse {
+                    stop: true,
+                    reason: format!(
+                        "the job regrouped (generation {current}, this rank is in {got})"
+                    ),
+                    regroup: true,
+                }))
+            }
             Err(e) => Err(status(e)),
         }
     }
@@ -404,10 +412,17 @@ impl Coordinator for Service {
                 r.generation,
                 r.ok,
                 &r.error,
+                r.retryable,
                 (r.test_accuracy, r.test_loss),
                 r.checkpoint,
             )
             .map_err(status)?;
+        if let Some(kept) = st.take_regrouped() {
+            drop(st);
+            write_metrics(&self.0.run_dir, &kept);
+            self.0.rendezvous.notify_waiters();
+            return Ok(Response::new(Ack {}));
+        }
         if all_ok {
             let summary = st.summary();
             drop(st);
@@ -456,12 +471,23 @@ fn keep_metrics_before(path: &std::path::Path, epoch: u64) -> Result<Vec<crate::
             kept.push(rec);
         }
     }
-    let mut out = String::new();
-    for r in &kept {
-        out += &(serde_json::to_string(r).expect("EpochRecord serialises") + "\n");
-    }
-    fsutil::write_atomic(path, out.as_bytes())?;
+    fsutil::write_atomic(path, metrics_lines(&kept).as_bytes())?;
     Ok(kept)
+}
+
+fn metrics_lines(records: &[crate::EpochRecord]) -> String {
+    records
+        .iter()
+        .map(|r| serde_json::to_string(r).expect("EpochRecord serialises") + "\n")
+        .collect()
+}
+
+/// After a regroup: `metrics.jsonl` holds the records kept (the later epochs are trained again).
+fn write_metrics(run_dir: &std::path::Path, kept: &[crate::EpochRecord]) {
+    let path = run_dir.join("metrics.jsonl");
+    if let Err(e) = fsutil::write_atomic(&path, metrics_lines(kept).as_bytes()) {
+        warn!(path = %path.display(), error = %e, "cannot rewrite metrics after a regroup");
+    }
 }
 
 /// Compares in time independent of where the strings differ.
@@ -531,6 +557,14 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
             st.rounds = rounds;
             st.commits = commits;
             st.prior_history = prior_history;
+            if opts.resume {
+                // Above every generation the lost workers may still speak for.
+                let g = st.commits.as_ref().map_or(0, |c| c.generation()) + 1;
+                st.generation = g.max(1);
+                if let Some(c) = st.commits.as_mut() {
+                    c.resume_from_newest(st.generation);
+                }
+            }
             st
         }),
         rendezvous: Notify::new(),
@@ -569,12 +603,20 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
                 let failed = {
                     let mut st = shared.lock();
                     if st.failure().is_none() {
-                        if let Some(why) = st
-                            .overdue(timeout, join_timeout)
-                            .or_else(|| st.stalled(stall))
-                        {
+                        // A silent rank is survivable (regroup); a stalled one is not (it may hang again).
+                        if let Some(why) = st.overdue(timeout, join_timeout) {
+                            if st.can_regroup() {
+                                st.regroup(&why);
+                            } else {
+                                st.fail(why);
+                            }
+                        } else if let Some(why) = st.stalled(stall) {
                             st.fail(why);
                         }
+                    }
+                    if let Some(kept) = st.take_regrouped() {
+                        write_metrics(&shared.run_dir, &kept);
+                        shared.rendezvous.notify_waiters();
                     }
                     st.failure().is_some()
                 };

@@ -110,6 +110,12 @@ pub struct JobState {
     finished_ok: Vec<Option<RankResult>>,
     failure: Option<String>,
     started: Instant,
+    /// Regroups so far (`cluster.max_restarts` bounds them).
+    pub restarts: u32,
+    /// After a regroup: when the world must be full again.
+    rejoin_deadline: Option<Instant>,
+    /// A regroup happened that the service has not yet written out (`metrics.jsonl`).
+    regrouped: bool,
     /// Pseudo-label rounds, when the job has them.
     pub rounds: Option<crate::rounds::Rounds>,
     /// Commit points of a job that checkpoints (plain, semi-supervised and distillation jobs).
@@ -133,6 +139,9 @@ impl JobState {
             finished_ok: vec![None; n],
             failure: None,
             started: Instant::now(),
+            restarts: 0,
+            rejoin_deadline: None,
+            regrouped: false,
             rounds: None,
             commits: None,
             prior_history: Vec::new(),
@@ -151,6 +160,59 @@ impl JobState {
             tracing::error!(reason = %why, "job failed");
             self.failure = Some(why);
         }
+    }
+
+    /// Whether a lost worker can be survived by regrouping: a job that records commit points, with
+    /// restarts left, not failed and not finished.
+    pub fn can_regroup(&self) -> bool {
+        self.failure.is_none()
+            && self.commits.is_some()
+            && self.restarts < self.cfg.cluster.max_restarts
+            && !self.finished_ok.iter().all(Option::is_some)
+    }
+
+    /// Survives a lost worker: a new generation in which every rank registers again (survivors and
+    /// replacements alike) and resumes from the newest commit point. Records of the epochs at or after
+    /// that commit are dropped (they are trained again; see [`JobState::take_regrouped`]).
+    pub fn regroup(&mut self, why: &str) {
+        self.restarts += 1;
+        self.generation += 1;
+        let n = self.world_size as usize;
+        self.members = vec![None; n];
+        self.endpoints = vec![None; n];
+        self.finished_ok = vec![None; n];
+        self.rejoin_deadline = Some(
+            Instant::now() + Duration::from_millis(self.cfg.cluster.rejoin_timeout_ms),
+        );
+        let from = match self.commits.as_mut() {
+            Some(c) => {
+                c.resume_from_newest(self.generation);
+                c.resumed().map_or(0, |c| c.epoch)
+            }
+            None => 0,
+        };
+        let mut kept: Vec<EpochRecord> = std::mem::take(&mut self.prior_history)
+            .into_iter()
+            .chain(self.epochs.iter().map(|(e, a)| Self::record(*e, a)))
+            .filter(|r| r.epoch < from)
+            .collect();
+        kept.sort_by_key(|r| r.epoch);
+        self.epochs.clear();
+        self.prior_history = kept;
+        self.regrouped = true;
+        tracing::warn!(
+            reason = %why,
+            generation = self.generation,
+            restart = self.restarts,
+            max_restarts = self.cfg.cluster.max_restarts,
+            resume_epoch = from,
+            "regrouping: every rank registers again and resumes from the newest commit point"
+        );
+    }
+
+    /// After a regroup, once: the epoch records kept (`metrics.jsonl` must be rewritten to them).
+    pub fn take_regrouped(&mut self) -> Option<Vec<EpochRecord>> {
+        std::mem::take(&mut self.regrouped).then(|| self.prior_history.clone())
     }
 
     fn check(&self, rank: u32, generation: u64) -> Result<(), Refusal> {
@@ -415,6 +477,7 @@ impl JobState {
         generation: u64,
         ok: bool,
         error: &str,
+        retryable: bool,
         test: (Option<f64>, Option<f64>),
         checkpoint: String,
     ) -> Result<bool, Refusal> {
@@ -425,7 +488,12 @@ impl JobState {
             m.finished = true;
         }
         if !ok {
-            self.fail(format!("rank {rank} failed: {error}"));
+            let why = format!("rank {rank} failed: {error}");
+            if retryable && self.can_regroup() {
+                self.regroup(&why);
+            } else {
+                self.fail(why);
+            }
             return Ok(false);
         }
         self.finished_ok[rank as usize] = Some(RankResult {
@@ -450,11 +518,26 @@ impl JobState {
                         timeout.as_secs_f64()
                     ));
                 }
-                None if now.duration_since(self.started) > join_timeout => {
-                    return Some(format!(
-                        "rank {rank} never registered within {:.0}s",
-                        join_timeout.as_secs_f64()
-                    ));
+                None => {
+                    let late = match self.rejoin_deadline {
+                        Some(d) => now > d,
+                        None => now.duration_since(self.started) > join_timeout,
+                    };
+                    if late {
+                        return Some(match self.rejoin_deadline {
+                            Some(_) => format!(
+                                "rank {rank} did not register again within {:.0}s of regroup {} \
+                                 (cluster.rejoin_timeout_ms); the last commit point is intact, resume \
+                                 with --resume",
+                                self.cfg.cluster.rejoin_timeout_ms as f64 / 1000.0,
+                                self.restarts
+                            ),
+                            None => format!(
+                                "rank {rank} never registered within {:.0}s",
+                                join_timeout.as_secs_f64()
+                            ),
+                        });
+                    }
                 }
                 _ => {}
             }
@@ -630,6 +713,7 @@ mod tests {
                 1,
                 false,
                 "collective: peer rank 0 closed",
+                true,
                 (None, None),
                 String::new()
             ),

@@ -73,6 +73,8 @@ pub struct Progress {
     /// This process was asked to terminate (SIGTERM): the job stops at the next step boundary every
     /// rank agrees on, after rank 0 has committed a checkpoint.
     pub terminate: AtomicBool,
+    /// The stop asked for is a regroup (see [`Progress::request_regroup`]).
+    pub regroup: AtomicBool,
 }
 
 impl Progress {
@@ -85,6 +87,13 @@ impl Progress {
     pub fn request_stop(&self, why: String) {
         *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = why;
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// A stop the job may survive: it regrouped without this rank, or the coordinator is unreachable
+    /// (it may be restarting).
+    pub fn request_regroup(&self, why: String) {
+        self.regroup.store(true, Ordering::SeqCst);
+        self.request_stop(why);
     }
 
     pub fn stop_reason(&self) -> Option<String> {
@@ -131,13 +140,17 @@ pub async fn heartbeat_loop(
             Ok(r) => {
                 last_ok = Instant::now();
                 let r = r.into_inner();
+                if r.stop && r.regroup {
+                    progress.request_regroup(r.reason);
+                    return;
+                }
                 if r.stop {
                     progress.request_stop(format!("the coordinator stopped the job: {}", r.reason));
                     return;
                 }
             }
             Err(s) if last_ok.elapsed() > give_up => {
-                progress.request_stop(format!(
+                progress.request_regroup(format!(
                     "lost the coordinator for {:.0}s: {}",
                     give_up.as_secs_f64(),
                     s.message()

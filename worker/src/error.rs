@@ -27,6 +27,33 @@ pub enum Error {
     Setup(String),
     #[error("stopping: {0}")]
     Stopped(String),
+    /// The job regrouped without this rank, or lost its coordinator: register again.
+    #[error("regroup: {0}")]
+    Regroup(String),
+    /// SIGTERM: the job stopped at a committed step boundary on purpose.
+    #[error("{0}")]
+    Terminated(String),
+}
+
+impl Error {
+    /// A failure the job may survive by regrouping from its commit point: a lost peer (its collective
+    /// failed), a lost or restarted coordinator, a regroup the coordinator announced. Bad data, config,
+    /// checkpoints, a diverged model or a failed job are not: they would fail again.
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            Error::Collective(_) | Error::Regroup(_) => true,
+            Error::Rpc { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::FailedPrecondition
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Unknown
+            ),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -185,7 +185,7 @@ pub(crate) fn run_epochs(
                 }
                 if stop {
                     ring.barrier()?;
-                    return Err(Error::Stopped(format!(
+                    return Err(Error::Terminated(format!(
                         "asked to terminate (SIGTERM); the checkpoint of step {step} is committed: \
                          continue the job with --resume"
                     )));
@@ -504,7 +504,8 @@ fn fault_hooks(ctx: &Ctx, step: u64) {
         Some((kind, n.parse().ok()?))
     });
     let Some((kind, at)) = *fault else { return };
-    if at != step || ctx.rank + 1 != ctx.world {
+    // Only in the job's first generation: the rank that replaces a killed one must not die again.
+    if at != step || ctx.rank + 1 != ctx.world || ctx.generation != 1 {
         return;
     }
     let signal = |sig: &str| {

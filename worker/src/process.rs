@@ -47,27 +47,81 @@ pub struct WorkerReport {
 }
 
 /// Runs one worker to the end of the job. Blocking; call from `main`, not from an async task.
+///
+/// A job with `cluster.max_restarts > 0` survives lost peers and a restarted coordinator: on a
+/// transient failure ([`Error::is_transient`]) the worker reports it, registers again (keeping its
+/// rank, waiting up to `cluster.rejoin_timeout_ms` for the coordinator) and continues from the job's
+/// commit point in the new generation. The coordinator decides whether the job goes on: a failed job
+/// refuses the registration.
 pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| Error::Setup(format!("cannot start the async runtime: {e}")))?;
+    let mut requested = opts.requested_rank;
+    let mut wait = opts.connect_wait;
+    let mut sessions = 0u32;
+    loop {
+        sessions += 1;
+        match session(&rt, &opts, requested, wait) {
+            Ok(report) => return Ok(report),
+            Err(lost) => {
+                let retry = lost.error.is_transient() && lost.restarts > 0 && sessions <= 2 * lost.restarts + 2;
+                if !retry {
+                    return Err(lost.error);
+                }
+                tracing::warn!(error = %lost.error, session = sessions, "lost this generation of the job; registering again");
+                requested = lost.rank.or(requested);
+                wait = wait.max(lost.rejoin);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Why a session ended without a result, and what the next one needs.
+struct Lost {
+    error: Error,
+    /// The rank this worker had (it asks for it again).
+    rank: Option<u32>,
+    /// The job's `cluster.max_restarts` (0 before the job spec was known).
+    restarts: u32,
+    /// The job's `cluster.rejoin_timeout_ms`.
+    rejoin: Duration,
+}
+
+/// One generation of the job: register, heartbeat, train, report the end.
+fn session(
+    rt: &tokio::runtime::Runtime,
+    opts: &WorkerOptions,
+    requested_rank: Option<u32>,
+    connect_wait: Duration,
+) -> std::result::Result<WorkerReport, Lost> {
+    let lost = |error: Error| Lost {
+        error,
+        rank: None,
+        restarts: 0,
+        rejoin: Duration::ZERO,
+    };
     let mut client = rt
-        .block_on(client::connect(
-            &opts.coordinator,
-            &opts.token,
-            opts.connect_wait,
-        ))
-        .map_err(Error::Setup)?;
+        .block_on(client::connect(&opts.coordinator, &opts.token, connect_wait))
+        .map_err(|e| lost(Error::Setup(e)))?;
     let reg = rt
         .block_on(client.register(RegisterRequest {
             worker_id: opts.worker_id.clone(),
-            requested_rank: opts.requested_rank.map_or(-1, |r| r as i32),
+            requested_rank: requested_rank.map_or(-1, |r| r as i32),
         }))
-        .map_err(rpc("register"))?
+        .map_err(|s| lost(rpc("register")(s)))?
         .into_inner();
-    let cfg = JobConfig::from_toml(&reg.job_toml, Path::new("<job spec from the coordinator>"))?;
+    let cfg = JobConfig::from_toml(&reg.job_toml, Path::new("<job spec from the coordinator>"))
+        .map_err(|e| lost(e.into()))?;
+    let lost = |error: Error| Lost {
+        error,
+        rank: Some(reg.rank),
+        restarts: cfg.cluster.max_restarts,
+        rejoin: Duration::from_millis(cfg.cluster.rejoin_timeout_ms),
+    };
     let span = info_span!("worker", rank = reg.rank, generation = reg.generation);
     let _enter = span.enter();
     info!(world_size = reg.world_size, worker = %opts.worker_id, "registered");
@@ -91,7 +145,7 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         progress.clone(),
     ));
     let ctx = Ctx {
-        rt: &rt,
+        rt,
         client: client.clone(),
         rank: reg.rank,
         world: reg.world_size,
@@ -101,7 +155,7 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         local_rank: opts.local_rank,
         resume: reg.resume.clone(),
     };
-    let result = train(&ctx, &cfg, &opts);
+    let result = train(&ctx, &cfg, opts);
     heartbeat.abort();
     let finish = match &result {
         Ok((acc, loss, ckpt)) => FinishRequest {
@@ -112,12 +166,14 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
             test_accuracy: Some(*acc),
             test_loss: Some(*loss),
             checkpoint: ckpt.clone(),
+            retryable: false,
         },
         Err(e) => FinishRequest {
             rank: reg.rank,
             generation: reg.generation,
             ok: false,
             error: e.to_string(),
+            retryable: e.is_transient() && cfg.cluster.max_restarts > 0,
             ..Default::default()
         },
     };
@@ -126,15 +182,15 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await
     });
     match (&result, sent) {
-        (Ok(_), Ok(Err(s))) => return Err(rpc("finish")(s)),
+        (Ok(_), Ok(Err(s))) => return Err(lost(rpc("finish")(s))),
         (Ok(_), Err(_)) => {
-            return Err(Error::Setup(
+            return Err(lost(Error::Setup(
                 "finish: the coordinator did not answer within 10s".into(),
-            ))
+            )))
         }
         _ => {}
     }
-    let (acc, _, _) = result?;
+    let (acc, _, _) = result.map_err(lost)?;
     Ok(WorkerReport {
         rank: reg.rank,
         world_size: reg.world_size,
