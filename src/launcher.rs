@@ -37,6 +37,8 @@ struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    /// What started it, so that a lost worker can be replaced.
+    args: Vec<String>,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -69,6 +71,7 @@ fn spawn(
         name: name.to_string(),
         child,
         log,
+        args: args.to_vec(),
     })
 }
 
@@ -243,14 +246,40 @@ fn supervise(
     bar.set_prefix(format!("{} ×{}", cfg.job.name, args.workers));
     let metrics = out.join("metrics.jsonl");
     let mut exited = vec![false; procs.len()];
+    // With cluster.max_restarts the job regroups after a lost worker; a worker process that died is
+    // replaced (as a Kubernetes Job restarts its pod) and registers for the same rank.
+    let mut replaced = 0u32;
     loop {
         update_progress(&bar, &metrics);
-        for (i, p) in procs.iter_mut().enumerate() {
+        for i in 0..procs.len() {
             if exited[i] {
                 continue;
             }
-            if let Some(status) = p.child.try_wait()? {
+            if let Some(status) = procs[i].child.try_wait()? {
                 exited[i] = true;
+                let coordinator_alive = !exited[0];
+                if !status.success()
+                    && i > 0
+                    && coordinator_alive
+                    && replaced < cfg.cluster.max_restarts
+                {
+                    replaced += 1;
+                    let old = &procs[i];
+                    let log = out
+                        .join("logs")
+                        .join(format!("worker-{}.replacement-{replaced}.log", i - 1));
+                    bar.suspend(|| eprintln!(
+                        "{} exited ({status}); starting a replacement ({replaced}/{}), log {}",
+                        old.name,
+                        cfg.cluster.max_restarts,
+                        log.display()
+                    ));
+                    let (name, args_i) = (old.name.clone(), old.args.clone());
+                    procs[i] = spawn(&name, exe, &args_i, log, token, threads)?;
+                    exited[i] = false;
+                    continue;
+                }
+                let p = &procs[i];
                 if !status.success() {
                     bar.abandon();
                     // Let the others notice and log their side before they are stopped.

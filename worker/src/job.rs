@@ -121,6 +121,7 @@ pub(crate) fn run_epochs(
     // The evaluation cadence counts from the range's start, also when a resumed job starts later.
     let first_epoch = epochs.start;
     let resumed = durable.as_ref().and_then(|d| d.resumed);
+    let mut trace = SampleTrace::open(ctx)?;
     let mut last_commit = resumed.map(|m| m.step);
     let start_epoch = resumed.map_or(epochs.start, |m| m.epoch.max(epochs.start));
     for epoch in start_epoch..epochs.end {
@@ -185,9 +186,17 @@ pub(crate) fn run_epochs(
                 }
                 if stop {
                     ring.barrier()?;
-                    return Err(Error::Terminated(format!(
-                        "asked to terminate (SIGTERM); the checkpoint of step {step} is committed: \
-                         continue the job with --resume"
+                    // The rank that got the signal leaves; the others regroup without it (with
+                    // cluster.max_restarts the job goes on once a replacement joins).
+                    if ctx.progress.terminate.load(Ordering::Relaxed) {
+                        return Err(Error::Terminated(format!(
+                            "asked to terminate (SIGTERM); the checkpoint of step {step} is committed: \
+                             continue the job with --resume"
+                        )));
+                    }
+                    return Err(Error::Regroup(format!(
+                        "another rank was asked to terminate (SIGTERM); the checkpoint of step {step} \
+                         is committed"
                     )));
                 }
             }
@@ -228,6 +237,9 @@ pub(crate) fn run_epochs(
                     "training diverged: loss is {loss} at epoch {epoch} step {}",
                     trainer.steps_taken()
                 )));
+            }
+            if let Some(t) = trace.as_mut() {
+                t.record(ctx.generation, epoch, trainer.steps_taken() - 1, batch)?;
             }
             loss_sum += loss * batch.len() as f64;
             seen += batch.len() as u64;
@@ -298,6 +310,34 @@ pub(crate) fn run_epochs(
         losses,
         samples,
     })
+}
+
+/// Test switch `BUTLER_TRACE_SAMPLES=DIR`: every rank appends the labeled samples (positions in the
+/// labeled set) of each step it trains to `DIR/rank<r>-gen<g>.jsonl`, so fault tests can count that
+/// every sample is trained exactly once per epoch across failures.
+struct SampleTrace(std::io::BufWriter<std::fs::File>);
+
+impl SampleTrace {
+    fn open(ctx: &Ctx) -> Result<Option<SampleTrace>> {
+        let Some(dir) = std::env::var_os("BUTLER_TRACE_SAMPLES") else {
+            return Ok(None);
+        };
+        let path = Path::new(&dir).join(format!("rank{}-gen{}.jsonl", ctx.rank, ctx.generation));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| butler_common::Error::io(&path, e))?;
+        Ok(Some(SampleTrace(std::io::BufWriter::new(f))))
+    }
+
+    fn record(&mut self, generation: u64, epoch: u64, step: u64, ids: &[u64]) -> Result<()> {
+        use std::io::Write;
+        let line = serde_json::json!({"generation": generation, "epoch": epoch, "step": step, "ids": ids});
+        writeln!(self.0, "{line}")
+            .and_then(|()| self.0.flush())
+            .map_err(|e| Error::Setup(format!("BUTLER_TRACE_SAMPLES: {e}")))
+    }
 }
 
 /// A plain job's epochs are durable: rank 0 commits resumable checkpoints as `[checkpoint]` says and

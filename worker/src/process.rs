@@ -173,7 +173,10 @@ fn session(
             generation: reg.generation,
             ok: false,
             error: e.to_string(),
-            retryable: e.is_transient() && cfg.cluster.max_restarts > 0,
+            // A rank that leaves on SIGTERM has committed: the others regroup and a replacement
+            // takes its place.
+            retryable: (e.is_transient() || matches!(e, Error::Terminated(_)))
+                && cfg.cluster.max_restarts > 0,
             ..Default::default()
         },
     };

@@ -1,0 +1,309 @@
+//! The fault-injection suite, driving the real binary: a job with `cluster.max_restarts` survives a
+//! worker killed with `kill -9` mid-epoch (the launcher starts a replacement, every rank resumes from the
+//! newest commit point) and a coordinator killed with `kill -9` and restarted with `--resume` (the
+//! workers reconnect and register again). Each case must finish with the same final weights, byte for
+//! byte, as the uninterrupted run, and — counted from the samples the workers trained
+//! (`BUTLER_TRACE_SAMPLES`), keeping for each step the generation that survived — every labeled sample
+//! trained exactly once per epoch. Recovery times (failure detected → training again) are printed.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LABELED: u64 = 400; // 40 per class
+
+fn config(manifest: &Path, batch: usize) -> String {
+    format!(
+        "[job]\nname = \"faults\"\nseed = 2\n[data]\nmanifest = \"{}\"\nlabels_per_class = 40\n\
+         [model]\nkind = \"conv_base\"\nchannels = 16\n\
+         [optim]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
+         [train]\nepochs = 4\nbatch_size = {batch}\n\
+         [augment]\nlabeled = \"weak\"\n[regularize.mix]\nmixup_alpha = 0.2\n\
+         [checkpoint]\nevery_steps = 5\n\
+         [cluster]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 3000\nmax_restarts = 2\n\
+         rejoin_timeout_ms = 30000\ncollective_timeout_ms = 20000\n",
+        manifest.display()
+    )
+}
+
+fn final_weights(out: &Path) -> Vec<u8> {
+    let p = out.join("checkpoints/final.safetensors");
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn accuracy(out: &Path) -> f64 {
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    s["test_accuracy"].as_f64().unwrap()
+}
+
+/// Per epoch, how often each labeled sample was trained — keeping, for every (epoch, step), only the
+/// newest generation that trained it (older generations' steps after the commit were rolled back).
+fn trained_counts(trace: &Path) -> BTreeMap<u64, Vec<u32>> {
+    // (epoch, step) → (generation, ids of every rank)
+    let mut steps: BTreeMap<(u64, u64), (u64, Vec<u64>)> = BTreeMap::new();
+    for e in std::fs::read_dir(trace).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (g, ep, st) = (
+                v["generation"].as_u64().unwrap(),
+                v["epoch"].as_u64().unwrap(),
+                v["step"].as_u64().unwrap(),
+            );
+            let ids: Vec<u64> = v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap())
+                .collect();
+            let entry = steps.entry((ep, st)).or_insert((g, Vec::new()));
+            if g > entry.0 {
+                *entry = (g, Vec::new());
+            }
+            if g == entry.0 {
+                entry.1.extend(ids);
+            }
+        }
+    }
+    let mut counts: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for ((epoch, _), (_, ids)) in steps {
+        let c = counts
+            .entry(epoch)
+            .or_insert_with(|| vec![0; LABELED as usize]);
+        for i in ids {
+            c[i as usize] += 1;
+        }
+    }
+    counts
+}
+
+fn assert_each_sample_once(trace: &Path, epochs: u64) {
+    let counts = trained_counts(trace);
+    assert_eq!(counts.len() as u64, epochs, "epochs traced");
+    for (epoch, c) in counts {
+        let lost = c.iter().filter(|&&n| n == 0).count();
+        let repeated = c.iter().filter(|&&n| n > 1).count();
+        assert_eq!(
+            (lost, repeated),
+            (0, 0),
+            "epoch {epoch}: {lost} samples lost, {repeated} repeated"
+        );
+    }
+}
+
+/// Seconds between the first log line containing `from` and the first later line containing `to`, over
+/// all logs in `dir` (tracing's RFC 3339 timestamps).
+fn seconds_between(dir: &Path, from: &str, to: &str) -> Option<f64> {
+    let stamp = |line: &str| -> Option<f64> {
+        // 2026-12-05T07:40:01.123456Z
+        let t = line.split_whitespace().next()?;
+        let time = t.split('T').nth(1)?.trim_end_matches('Z');
+        let mut parts = time.split(':');
+        let h: f64 = parts.next()?.parse().ok()?;
+        let m: f64 = parts.next()?.parse().ok()?;
+        let s: f64 = parts.next()?.parse().ok()?;
+        Some(h * 3600.0 + m * 60.0 + s)
+    };
+    let mut lines = Vec::new();
+    for e in std::fs::read_dir(dir).ok()? {
+        let text = std::fs::read_to_string(e.ok()?.path()).unwrap_or_default();
+        lines.extend(text.lines().filter_map(|l| Some((stamp(l)?, l.to_string()))));
+    }
+    let start = lines
+        .iter()
+        .filter(|(_, l)| l.contains(from))
+        .map(|(t, _)| *t)
+        .fold(f64::INFINITY, f64::min);
+    let end = lines
+        .iter()
+        .filter(|(t, l)| *t >= start && l.contains(to))
+        .map(|(t, _)| *t)
+        .fold(f64::INFINITY, f64::min);
+    (start.is_finite() && end.is_finite()).then(|| end - start)
+}
+
+fn run(cfg: &Path, out: &Path, workers: u32, env: &[(&str, &Path)], fault: Option<&str>) -> std::process::Output {
+    let mut c = butler();
+    c.arg("run")
+        .arg(cfg)
+        .args(["--workers", &workers.to_string(), "--threads", "1", "--out"])
+        .arg(out);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    if let Some(f) = fault {
+        c.env("BUTLER_FAULT", f);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_is_replaced_and_the_job_finishes_exactly() {
+    survives("worker-kill-at-step:12", "kill -9 worker");
+}
+
+#[test]
+fn a_worker_leaving_on_sigterm_commits_and_the_job_finishes_exactly() {
+    survives("worker-sigterm-at-step:12", "SIGTERM worker");
+}
+
+/// 3 workers, one of which `fault` takes out mid-epoch; the launcher replaces it.
+fn survives(fault: &str, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "job.toml", &config(&mnist1d(), 60));
+    let clean = dir.path().join("clean");
+    let o = run(&cfg, &clean, 3, &[], None);
+    assert!(o.status.success(), "clean run: {}", stderr(&o));
+
+    let out = dir.path().join("killed");
+    let trace = dir.path().join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    // 7 steps per epoch; the commit of step 10 is mid-epoch 1, the kill after step 12.
+    let o = run(
+        &cfg,
+        &out,
+        3,
+        &[("BUTLER_TRACE_SAMPLES", &trace)],
+        Some(fault),
+    );
+    assert!(o.status.success(), "the job did not survive: {}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o);
+    assert!(said.contains("starting a replacement"), "{said}");
+    assert!(
+        final_weights(&clean) == final_weights(&out),
+        "the job that lost a worker ends with other weights than the clean run"
+    );
+    assert_eq!(accuracy(&clean), accuracy(&out));
+    assert_each_sample_once(&trace, 4);
+    let recovery = seconds_between(&out.join("logs"), "regrouping", "resumed from the commit point");
+    eprintln!(
+        "FAULT {name}: recovery {:.2}s, accuracy {:.4} (clean {:.4})",
+        recovery.expect("regroup and resume are logged"),
+        accuracy(&out),
+        accuracy(&clean)
+    );
+}
+
+struct Procs(Vec<Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Child {
+    let f = std::fs::File::create(log).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_butler"));
+    c.current_dir(repo())
+        .args(args)
+        .env("BUTLER_TOKEN", "fault-token")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn commit_count(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["commits"].as_array().map(|a| a.len()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_coordinator_killed_mid_epoch_and_resumed_takes_its_workers_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "job.toml", &config(&mnist1d(), 40));
+    let clean = dir.path().join("clean");
+    let o = run(&cfg, &clean, 2, &[], None);
+    assert!(o.status.success(), "clean run: {}", stderr(&o));
+
+    let out = dir.path().join("run");
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let trace = dir.path().join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://127.0.0.1:{port}");
+    let cfg_s = cfg.to_str().unwrap();
+    let out_s = out.to_str().unwrap();
+    let coordinator = |resume: bool, log: &str| {
+        let mut a = vec![
+            "coordinator", "--config", cfg_s, "--world-size", "2", "--listen", &listen, "--run-dir",
+            out_s,
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        spawn(&a, &logs.join(log), &[])
+    };
+    let mut procs = Procs(vec![coordinator(false, "coordinator.log")]);
+    let trace_s = trace.to_str().unwrap();
+    for r in ["0", "1"] {
+        procs.0.push(spawn(
+            &[
+                "worker", "--coordinator", &url, "--rank", r, "--advertise-host", "127.0.0.1",
+                "--worker-id", &format!("w{r}"), "--threads", "1", "--connect-wait-s", "30",
+            ],
+            &logs.join(format!("worker-{r}.log")),
+            &[("BUTLER_TRACE_SAMPLES", trace_s)],
+        ));
+    }
+    // Kill the coordinator once the job has committed twice (mid-epoch 1 at 10 steps per epoch).
+    let t0 = Instant::now();
+    while commit_count(&out) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no commit point appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    procs.0[0].kill().unwrap(); // SIGKILL
+    procs.0[0].wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    procs.0[0] = coordinator(true, "coordinator-resumed.log");
+    let t0 = Instant::now();
+    for i in 0..3 {
+        loop {
+            if let Some(status) = procs.0[i].try_wait().unwrap() {
+                assert!(status.success(), "process {i} failed; see {}", logs.display());
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(180),
+                "the job did not finish after the coordinator's restart"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(
+        final_weights(&clean) == final_weights(&out),
+        "the job whose coordinator restarted ends with other weights than the clean run"
+    );
+    assert_eq!(accuracy(&clean), accuracy(&out));
+    assert_each_sample_once(&trace, 4);
+    let recovery = seconds_between(&logs, "coordinator listening", "resumed from the commit point");
+    eprintln!(
+        "FAULT kill -9 coordinator: recovery after restart {:.2}s, accuracy {:.4} (clean {:.4})",
+        recovery.unwrap_or(f64::NAN),
+        accuracy(&out),
+        accuracy(&clean)
+    );
+}
