@@ -724,6 +724,54 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_rank_regroups_under_a_new_generation_until_restarts_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        c.cluster.max_restarts = 1;
+        let mut s = JobState::new(c, 2, 10);
+        s.commits =
+            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 2, 2, false).unwrap());
+        s.register("a", None).unwrap();
+        s.register("b", None).unwrap();
+        s.report(0, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
+        s.report(1, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
+        // Rank 1's collective failed: a transient failure, so the job regroups.
+        s.finish(1, 1, false, "peer rank 0 closed", true, (None, None), String::new())
+            .unwrap();
+        assert!(s.failure().is_none());
+        assert_eq!(s.generation, 2);
+        // No commit yet: the job restarts from the beginning and forgets epoch 0's record.
+        assert_eq!(s.take_regrouped(), Some(vec![]));
+        assert!(s.take_regrouped().is_none());
+        // The old generation is refused; heartbeats of it learn about the regroup.
+        assert!(matches!(
+            s.heartbeat(0, 1, 0),
+            Err(Refusal::StaleGeneration { got: 1, current: 2 })
+        ));
+        // Both ranks register again, with their ranks.
+        assert_eq!(s.register("a", Some(0)), Ok(0));
+        assert_eq!(s.register("b2", Some(1)), Ok(1));
+        // A second loss exceeds max_restarts = 1: the job fails.
+        s.finish(0, 2, false, "peer rank 1 closed", true, (None, None), String::new())
+            .unwrap();
+        assert!(s.failure().unwrap().contains("rank 0 failed"));
+    }
+
+    #[test]
+    fn a_permanent_failure_never_regroups() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        c.cluster.max_restarts = 3;
+        let mut s = JobState::new(c, 1, 10);
+        s.commits =
+            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 1, 2, false).unwrap());
+        s.register("a", None).unwrap();
+        s.finish(0, 1, false, "shard corrupt", false, (None, None), String::new())
+            .unwrap();
+        assert!(s.failure().is_some());
+    }
+
+    #[test]
     fn silent_rank_is_overdue() {
         let mut s = JobState::new(cfg(), 1, 10);
         s.register("a", None).unwrap();
