@@ -268,12 +268,14 @@ fn supervise(
                     let log = out
                         .join("logs")
                         .join(format!("worker-{}.replacement-{replaced}.log", i - 1));
-                    bar.suspend(|| eprintln!(
-                        "{} exited ({status}); starting a replacement ({replaced}/{}), log {}",
-                        old.name,
-                        cfg.cluster.max_restarts,
-                        log.display()
-                    ));
+                    bar.suspend(|| {
+                        eprintln!(
+                            "{} exited ({status}); starting a replacement ({replaced}/{}), log {}",
+                            old.name,
+                            cfg.cluster.max_restarts,
+                            log.display()
+                        )
+                    });
                     let (name, args_i) = (old.name.clone(), old.args.clone());
                     procs[i] = spawn(&name, exe, &args_i, log, token, threads)?;
                     exited[i] = false;

@@ -111,7 +111,10 @@ fn seconds_between(dir: &Path, from: &str, to: &str) -> Option<f64> {
     let mut lines = Vec::new();
     for e in std::fs::read_dir(dir).ok()? {
         let text = std::fs::read_to_string(e.ok()?.path()).unwrap_or_default();
-        lines.extend(text.lines().filter_map(|l| Some((stamp(l)?, l.to_string()))));
+        lines.extend(
+            text.lines()
+                .filter_map(|l| Some((stamp(l)?, l.to_string()))),
+        );
     }
     let start = lines
         .iter()
@@ -123,10 +126,16 @@ fn seconds_between(dir: &Path, from: &str, to: &str) -> Option<f64> {
         .filter(|(t, l)| *t >= start && l.contains(to))
         .map(|(t, _)| *t)
         .fold(f64::INFINITY, f64::min);
-    (start.is_finite() && end.is_finite()).then(|| end - start)
+    (start.is_finite() && end.is_finite()).then_some(end - start)
 }
 
-fn run(cfg: &Path, out: &Path, workers: u32, env: &[(&str, &Path)], fault: Option<&str>) -> std::process::Output {
+fn run(
+    cfg: &Path,
+    out: &Path,
+    workers: u32,
+    env: &[(&str, &Path)],
+    fault: Option<&str>,
+) -> std::process::Output {
     let mut c = butler();
     c.arg("run")
         .arg(cfg)
@@ -170,7 +179,11 @@ fn survives(fault: &str, name: &str) {
         &[("BUTLER_TRACE_SAMPLES", &trace)],
         Some(fault),
     );
-    assert!(o.status.success(), "the job did not survive: {}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "the job did not survive: {}",
+        stderr(&o)
+    );
     let said = String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o);
     assert!(said.contains("starting a replacement"), "{said}");
     assert!(
@@ -179,7 +192,11 @@ fn survives(fault: &str, name: &str) {
     );
     assert_eq!(accuracy(&clean), accuracy(&out));
     assert_each_sample_once(&trace, 4);
-    let recovery = seconds_between(&out.join("logs"), "regrouping", "resumed from the commit point");
+    let recovery = seconds_between(
+        &out.join("logs"),
+        "regrouping",
+        "resumed from the commit point",
+    );
     eprintln!(
         "FAULT {name}: recovery {:.2}s, accuracy {:.4} (clean {:.4})",
         recovery.expect("regroup and resume are logged"),
@@ -249,7 +266,14 @@ fn a_coordinator_killed_mid_epoch_and_resumed_takes_its_workers_back() {
     let out_s = out.to_str().unwrap();
     let coordinator = |resume: bool, log: &str| {
         let mut a = vec![
-            "coordinator", "--config", cfg_s, "--world-size", "2", "--listen", &listen, "--run-dir",
+            "coordinator",
+            "--config",
+            cfg_s,
+            "--world-size",
+            "2",
+            "--listen",
+            &listen,
+            "--run-dir",
             out_s,
         ];
         if resume {
@@ -262,8 +286,19 @@ fn a_coordinator_killed_mid_epoch_and_resumed_takes_its_workers_back() {
     for r in ["0", "1"] {
         procs.0.push(spawn(
             &[
-                "worker", "--coordinator", &url, "--rank", r, "--advertise-host", "127.0.0.1",
-                "--worker-id", &format!("w{r}"), "--threads", "1", "--connect-wait-s", "30",
+                "worker",
+                "--coordinator",
+                &url,
+                "--rank",
+                r,
+                "--advertise-host",
+                "127.0.0.1",
+                "--worker-id",
+                &format!("w{r}"),
+                "--threads",
+                "1",
+                "--connect-wait-s",
+                "30",
             ],
             &logs.join(format!("worker-{r}.log")),
             &[("BUTLER_TRACE_SAMPLES", trace_s)],
@@ -272,7 +307,10 @@ fn a_coordinator_killed_mid_epoch_and_resumed_takes_its_workers_back() {
     // Kill the coordinator once the job has committed twice (mid-epoch 1 at 10 steps per epoch).
     let t0 = Instant::now();
     while commit_count(&out) < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no commit point appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no commit point appeared"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     procs.0[0].kill().unwrap(); // SIGKILL
@@ -283,7 +321,11 @@ fn a_coordinator_killed_mid_epoch_and_resumed_takes_its_workers_back() {
     for i in 0..3 {
         loop {
             if let Some(status) = procs.0[i].try_wait().unwrap() {
-                assert!(status.success(), "process {i} failed; see {}", logs.display());
+                assert!(
+                    status.success(),
+                    "process {i} failed; see {}",
+                    logs.display()
+                );
                 break;
             }
             assert!(
@@ -299,7 +341,11 @@ fn a_coordinator_killed_mid_epoch_and_resumed_takes_its_workers_back() {
     );
     assert_eq!(accuracy(&clean), accuracy(&out));
     assert_each_sample_once(&trace, 4);
-    let recovery = seconds_between(&logs, "coordinator listening", "resumed from the commit point");
+    let recovery = seconds_between(
+        &logs,
+        "coordinator listening",
+        "resumed from the commit point",
+    );
     eprintln!(
         "FAULT kill -9 coordinator: recovery after restart {:.2}s, accuracy {:.4} (clean {:.4})",
         recovery.unwrap_or(f64::NAN),

@@ -96,7 +96,10 @@ fn stopped_and_resumed_equals_straight(
     let o = run(&cfg, &out, false, Some(fault));
     assert!(!o.status.success(), "the job should have failed: {fault}");
     assert!(!out.join("summary.json").exists());
-    assert!(!commits(&out).is_empty(), "no commit point before the fault");
+    assert!(
+        !commits(&out).is_empty(),
+        "no commit point before the fault"
+    );
     let stopped = stderr(&o) + &logs(&out);
     let o = run(&cfg, &out, true, None);
     assert_ok(&o, "the resumed run");

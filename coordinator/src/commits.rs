@@ -129,17 +129,19 @@ impl Commits {
         }
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(format!(
-                    "--resume: {} does not exist, so this run directory has no commit point to resume \
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(format!(
+                "--resume: {} does not exist, so this run directory has no commit point to resume \
                      from (run the job without --resume to start it)",
-                    file.display()
-                ))
-            }
+                file.display()
+            )),
             Err(e) => return Err(format!("--resume: cannot read {}: {e}", file.display())),
         };
-        let state: StateFile = serde_json::from_str(&text)
-            .map_err(|e| format!("--resume: {} is not a butler job state: {e}", file.display()))?;
+        let state: StateFile = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "--resume: {} is not a butler job state: {e}",
+                file.display()
+            )
+        })?;
         if state.format != FORMAT {
             return Err(format!(
                 "--resume: {} has format {}, this butler reads format {FORMAT}",
@@ -189,7 +191,9 @@ impl Commits {
             ));
         }
         c.resumed = commits.last().cloned();
-        c.generation = state.generation.max(commits.iter().map(|c| c.generation).max().unwrap_or(0));
+        c.generation = state
+            .generation
+            .max(commits.iter().map(|c| c.generation).max().unwrap_or(0));
         c.commits = commits;
         match &c.resumed {
             Some(r) => info!(
@@ -198,7 +202,9 @@ impl Commits {
                 epoch = r.epoch,
                 "resuming from the newest intact commit"
             ),
-            None => warn!("--resume: no commit was recorded yet; the job starts from the beginning"),
+            None => {
+                warn!("--resume: no commit was recorded yet; the job starts from the beginning")
+            }
         }
         if !problems.is_empty() {
             c.persist()?;
@@ -306,7 +312,8 @@ impl Commits {
 /// The checkpoint a commit names exists with the recorded size and SHA-256.
 fn verify(run_dir: &Path, c: &Commit) -> Result<(), String> {
     let path = run_dir.join(&c.checkpoint);
-    let (sha, bytes) = fsutil::sha256_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (sha, bytes) =
+        fsutil::sha256_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     if bytes != c.bytes {
         return Err(format!(
             "{} has {bytes} bytes, the commit recorded {} (truncated or overwritten)",
@@ -366,14 +373,21 @@ mod tests {
         let r = Commits::open(d, "j", "cfg", 2, 2, true).unwrap();
         assert_eq!(r.resumed().unwrap().step, 10);
         assert_eq!(
-            Commits::open(d, "j", "cfg", 2, 2, true).unwrap().newest().unwrap().step,
+            Commits::open(d, "j", "cfg", 2, 2, true)
+                .unwrap()
+                .newest()
+                .unwrap()
+                .step,
             10
         );
 
         // Corrupt the only one left (same size, other bytes): a clear error naming the file.
         std::fs::write(d.join("checkpoints/step-10.safetensors"), b"ckpt 11").unwrap();
         let e = Commits::open(d, "j", "cfg", 2, 2, true).unwrap_err();
-        assert!(e.contains("step-10.safetensors") && e.contains("corrupt"), "{e}");
+        assert!(
+            e.contains("step-10.safetensors") && e.contains("corrupt"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -181,9 +181,8 @@ impl JobState {
         self.members = vec![None; n];
         self.endpoints = vec![None; n];
         self.finished_ok = vec![None; n];
-        self.rejoin_deadline = Some(
-            Instant::now() + Duration::from_millis(self.cfg.cluster.rejoin_timeout_ms),
-        );
+        self.rejoin_deadline =
+            Some(Instant::now() + Duration::from_millis(self.cfg.cluster.rejoin_timeout_ms));
         let from = match self.commits.as_mut() {
             Some(c) => {
                 c.resume_from_newest(self.generation);
@@ -471,6 +470,7 @@ impl JobState {
     }
 
     /// A rank finished. Returns true when every rank has finished successfully.
+    #[allow(clippy::too_many_arguments)]
     pub fn finish(
         &mut self,
         rank: u32,
@@ -736,8 +736,16 @@ mod tests {
         s.report(0, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
         s.report(1, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
         // Rank 1's collective failed: a transient failure, so the job regroups.
-        s.finish(1, 1, false, "peer rank 0 closed", true, (None, None), String::new())
-            .unwrap();
+        s.finish(
+            1,
+            1,
+            false,
+            "peer rank 0 closed",
+            true,
+            (None, None),
+            String::new(),
+        )
+        .unwrap();
         assert!(s.failure().is_none());
         assert_eq!(s.generation, 2);
         // No commit yet: the job restarts from the beginning and forgets epoch 0's record.
@@ -752,8 +760,16 @@ mod tests {
         assert_eq!(s.register("a", Some(0)), Ok(0));
         assert_eq!(s.register("b2", Some(1)), Ok(1));
         // A second loss exceeds max_restarts = 1: the job fails.
-        s.finish(0, 2, false, "peer rank 1 closed", true, (None, None), String::new())
-            .unwrap();
+        s.finish(
+            0,
+            2,
+            false,
+            "peer rank 1 closed",
+            true,
+            (None, None),
+            String::new(),
+        )
+        .unwrap();
         assert!(s.failure().unwrap().contains("rank 0 failed"));
     }
 
@@ -766,8 +782,16 @@ mod tests {
         s.commits =
             Some(crate::commits::Commits::open(dir.path(), "t", "fp", 1, 2, false).unwrap());
         s.register("a", None).unwrap();
-        s.finish(0, 1, false, "shard corrupt", false, (None, None), String::new())
-            .unwrap();
+        s.finish(
+            0,
+            1,
+            false,
+            "shard corrupt",
+            false,
+            (None, None),
+            String::new(),
+        )
+        .unwrap();
         assert!(s.failure().is_some());
     }
 

@@ -4,6 +4,8 @@
 //! - `allreduce`: the TCP ring, one process per rank (`bench/allreduce.sh`, vs gloo).
 //! - `augment`: per-sample augmentation in loader threads (`bench/augment.sh`, vs torchvision v2).
 //! - `simclr`: time per SimCLR step at a large global batch (`bench/simclr.sh`, vs PyTorch DDP).
+//! - `checkpoint`: size, write and load time of a resumable checkpoint and the overhead of committing
+//!   every N steps (`bench/checkpoint.sh`, vs torch.save / torch.load of the same tensors).
 //! - `nccl`, `train`: on a GPU (`bench/gpu_vs_torch.py`, vs torch.distributed NCCL and plain PyTorch).
 //!
 //! This module is the command's dispatch only. Each bench is a leaf that imports nothing from its
@@ -11,6 +13,7 @@
 //! import each other; `gpu` imports none of them.
 
 mod augment;
+mod checkpoint;
 mod gpu;
 mod ring;
 mod simclr;
@@ -35,6 +38,8 @@ pub enum BenchCommand {
     Nccl(gpu::NcclArgs),
     /// Training samples/s of ConvBase through the Trainer on one device.
     Train(gpu::TrainArgs),
+    /// Resumable checkpoint size, write/load time and the overhead of committing every N steps.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -46,5 +51,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Simclr(a) => simclr::simclr(&a),
         BenchCommand::Nccl(a) => gpu::nccl(&a),
         BenchCommand::Train(a) => gpu::train(&a),
+        BenchCommand::Checkpoint(a) => checkpoint::checkpoint(&a),
     }
 }

@@ -2,17 +2,17 @@
 //! test split, device, labeled-batch augmentation), the epoch loop (`run_epochs`), the unlabeled stream
 //! and the views it yields.
 
+use crate::checkpoint::{self, ResumeMeta};
 use crate::collective::Collective;
 use crate::data::InMemorySplit;
 use crate::error::rpc;
 use crate::session::Ctx;
 use crate::trainer::{self, Trainer};
 use crate::{augment, loader, rounds, streams, Error, Result};
+use butler_common::config::CheckpointConfig;
 use butler_common::config::JobConfig;
 use butler_common::sampler::{labeled_subset, DistributedSampler};
 use butler_data::JobDataCheck;
-use crate::checkpoint::{self, ResumeMeta};
-use butler_common::config::CheckpointConfig;
 use butler_proto::{AssignmentRequest, CommitRequest, MetricsReport, Stream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -333,7 +333,8 @@ impl SampleTrace {
 
     fn record(&mut self, generation: u64, epoch: u64, step: u64, ids: &[u64]) -> Result<()> {
         use std::io::Write;
-        let line = serde_json::json!({"generation": generation, "epoch": epoch, "step": step, "ids": ids});
+        let line =
+            serde_json::json!({"generation": generation, "epoch": epoch, "step": step, "ids": ids});
         writeln!(self.0, "{line}")
             .and_then(|()| self.0.flush())
             .map_err(|e| Error::Setup(format!("BUTLER_TRACE_SAMPLES: {e}")))

@@ -67,7 +67,9 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         match session(&rt, &opts, requested, wait) {
             Ok(report) => return Ok(report),
             Err(lost) => {
-                let retry = lost.error.is_transient() && lost.restarts > 0 && sessions <= 2 * lost.restarts + 2;
+                let retry = lost.error.is_transient()
+                    && lost.restarts > 0
+                    && sessions <= 2 * lost.restarts + 2;
                 if !retry {
                     return Err(lost.error);
                 }
@@ -105,7 +107,11 @@ fn session(
         rejoin: Duration::ZERO,
     };
     let mut client = rt
-        .block_on(client::connect(&opts.coordinator, &opts.token, connect_wait))
+        .block_on(client::connect(
+            &opts.coordinator,
+            &opts.token,
+            connect_wait,
+        ))
         .map_err(|e| lost(Error::Setup(e)))?;
     let reg = rt
         .block_on(client.register(RegisterRequest {

@@ -24,7 +24,12 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     pub(crate) fn check_stop(&self) -> Result<()> {
         match self.progress.stop_reason() {
-            Some(why) if self.progress.regroup.load(std::sync::atomic::Ordering::SeqCst) => {
+            Some(why)
+                if self
+                    .progress
+                    .regroup
+                    .load(std::sync::atomic::Ordering::SeqCst) =>
+            {
                 Err(Error::Regroup(why))
             }
             Some(why) => Err(Error::Stopped(why)),

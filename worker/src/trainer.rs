@@ -230,8 +230,12 @@ impl Trainer {
                 }
             }
             (None, None) => {}
-            (Some(_), None) => return Err("the job keeps an EMA ([train] ema) but the checkpoint has none".into()),
-            (None, Some(_)) => return Err("the checkpoint has an EMA but the job sets no [train] ema".into()),
+            (Some(_), None) => {
+                return Err("the job keeps an EMA ([train] ema) but the checkpoint has none".into())
+            }
+            (None, Some(_)) => {
+                return Err("the checkpoint has an EMA but the job sets no [train] ema".into())
+            }
         }
         self.opt.load_state(&s.optim).map_err(|e| e.to_string())?;
         self.step = s.step;

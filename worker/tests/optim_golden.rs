@@ -90,7 +90,14 @@ fn share(ps: &[Tensor]) -> Vec<Tensor> {
     ps.iter().map(Tensor::shallow_clone).collect()
 }
 
-const CASES: [&str; 6] = ["sgd", "sgd_plain", "sgd_nesterov", "adam", "adam_l2", "adamw"];
+const CASES: [&str; 6] = [
+    "sgd",
+    "sgd_plain",
+    "sgd_nesterov",
+    "adam",
+    "adam_l2",
+    "adamw",
+];
 
 fn params(f: &HashMap<String, Tensor>) -> Vec<Tensor> {
     vec![
@@ -185,7 +192,11 @@ fn an_optimizer_restored_from_its_state_continues_exactly() {
             first.step();
         }
         for (a, b) in straight.iter().zip(&resumed) {
-            assert_eq!(max_diff(a, b), 0.0, "{case}: the resumed optimizer diverged");
+            assert_eq!(
+                max_diff(a, b),
+                0.0,
+                "{case}: the resumed optimizer diverged"
+            );
         }
     }
 }
@@ -210,14 +221,17 @@ fn state_that_does_not_fit_is_refused() {
             (n, t.shallow_clone())
         })
         .collect();
-    let mut fresh = Adam::new(params(&f), AdamConfig {
-        lr: 0.1,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        decoupled: false,
-    });
+    let mut fresh = Adam::new(
+        params(&f),
+        AdamConfig {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: false,
+        },
+    );
     let e = fresh
         .load_state(&OptimState::from_named(swapped).unwrap())
         .unwrap_err();

@@ -30,7 +30,8 @@ fn trainer(cfg: &JobConfig) -> Trainer {
 
 fn step(t: &mut Trainer, x: &Tensor, y: &Tensor, k: i64) {
     let (xb, yb) = (x.narrow(0, k * BATCH, BATCH), y.narrow(0, k * BATCH, BATCH));
-    t.step(&xb, &yb, BATCH as u64, None, &mut SingleProcess).unwrap();
+    t.step(&xb, &yb, BATCH as u64, None, &mut SingleProcess)
+        .unwrap();
 }
 
 fn meta(step: u64) -> ResumeMeta {
@@ -111,7 +112,10 @@ fn a_checkpoint_that_does_not_fit_is_refused_naming_the_file() {
     step(&mut adam, &x, &y, 0);
     save_resumable(&adam, &meta(1), &path).unwrap();
     let e = load_resumable(&mut sgd, &path).unwrap_err().to_string();
-    assert!(e.contains("step-0.safetensors") && e.contains("unknown slot"), "{e}");
+    assert!(
+        e.contains("step-0.safetensors") && e.contains("unknown slot"),
+        "{e}"
+    );
 
     // Truncated.
     let bytes = std::fs::read(&path).unwrap();
@@ -122,11 +126,15 @@ fn a_checkpoint_that_does_not_fit_is_refused_naming_the_file() {
     // A final model checkpoint is not a resumable one.
     let final_ckpt = dir.path().join("final.safetensors");
     butler_worker::checkpoint::save_vars(&t.vs, &final_ckpt).unwrap();
-    let e = load_resumable(&mut adam, &final_ckpt).unwrap_err().to_string();
+    let e = load_resumable(&mut adam, &final_ckpt)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a resumable checkpoint"), "{e}");
 
     // Another model.
-    let other = config("kind='adam'\nlr=0.01").to_toml().replace("channels = 8", "channels = 4");
+    let other = config("kind='adam'\nlr=0.01")
+        .to_toml()
+        .replace("channels = 8", "channels = 4");
     let mut small = trainer(&JobConfig::from_toml(&other, Path::new("o.toml")).unwrap());
     save_resumable(&t, &meta(0), &path).unwrap();
     let e = load_resumable(&mut small, &path).unwrap_err().to_string();

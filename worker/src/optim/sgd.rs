@@ -59,7 +59,11 @@ impl Sgd {
                         }
                         None => d.copy(),
                     };
-                    d = if c.nesterov { &d + &b * c.momentum } else { b.copy() };
+                    d = if c.nesterov {
+                        &d + &b * c.momentum
+                    } else {
+                        b.copy()
+                    };
                     *buf = Some(b);
                 }
                 let _ = p.g_sub_(&(d * c.lr));

@@ -48,7 +48,10 @@ impl OptimState {
             })?;
             if slot == "step" {
                 if t.numel() != 1 {
-                    return Err(StateError(format!("slot {i}.step holds {} values", t.numel())));
+                    return Err(StateError(format!(
+                        "slot {i}.step holds {} values",
+                        t.numel()
+                    )));
                 }
                 continue;
             }
