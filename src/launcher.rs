@@ -83,9 +83,6 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     cfg.validate_world(args.workers)?;
     cfg.check_data()?;
-    if args.resume && cfg.pretrain.is_some() {
-        bail!("--resume: staged (pretrain) jobs do not checkpoint yet; rerun this job without --resume");
-    }
     // The workers run on this machine: what they would refuse at start is refused here, before the run
     // directory exists.
     preflight_devices(&cfg, args.workers)?;

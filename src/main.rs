@@ -137,9 +137,6 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let config = butler_common::config::JobConfig::load(&args.config)?;
-    if args.resume && config.pretrain.is_some() {
-        anyhow::bail!("--resume: staged (pretrain) jobs do not checkpoint yet; rerun this job without --resume");
-    }
     let opts = butler_coordinator::CoordinatorOptions {
         config,
         world_size: args.world_size,

@@ -182,3 +182,41 @@ fn sigterm_commits_a_checkpoint_and_the_job_resumes_exactly() {
         "{stopped}"
     );
 }
+
+#[test]
+fn simclr_pretraining_killed_mid_pretrain_resumes_exactly() {
+    // SimCLR on the train split as the unlabeled pool (20 steps per pretraining epoch, LARS), then
+    // the probe and fine-tuning; killed after pretraining step 13, resumed from the commit of step 10.
+    let text = format!(
+        "[job]\nname = \"staged\"\nseed = 1\n[data]\nmanifest = \"{}\"\nlabels_per_class = 10\n\
+         unlabeled_split = \"train\"\n[model]\nkind = \"conv_base\"\n\
+         [optim]\nkind = \"adam\"\nlr = 0.01\n[train]\nepochs = 2\nbatch_size = 100\n\
+         [pretrain]\nmethod = \"simclr\"\nepochs = 2\nbatch_size = 200\nprobe_epochs = 10\n\
+         [pretrain.optim]\nkind = \"lars\"\nlr = 0.3\nmomentum = 0.9\n\
+         [checkpoint]\nevery_steps = 5\n\
+         [cluster]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 5000\n",
+        mnist1d().display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "job.toml", &text);
+    let straight = tmp.path().join("straight");
+    assert_ok(&run(&cfg, &straight, false, None), "the uninterrupted run");
+    let out = tmp.path().join("stopped");
+    let o = run(&cfg, &out, false, Some("worker-kill-at-step:13"));
+    assert!(!o.status.success(), "the job should have failed");
+    let o = run(&cfg, &out, true, None);
+    assert_ok(&o, "the resumed run");
+    assert!(logs(&out).contains("resumed from the commit point"));
+    let pretrained = |d: &Path| std::fs::read(d.join("checkpoints/pretrain.safetensors")).unwrap();
+    assert!(
+        pretrained(&straight) == pretrained(&out),
+        "the resumed pretraining ends with other weights"
+    );
+    assert!(final_weights(&straight) == final_weights(&out));
+    let (a, b) = (summary(&straight), summary(&out));
+    assert_eq!(a["test_accuracy"], b["test_accuracy"]);
+    assert_eq!(
+        a["stages"][0]["loss_history"], b["stages"][0]["loss_history"],
+        "the pretraining loss history spans the resume"
+    );
+}

@@ -32,6 +32,9 @@ pub struct Commit {
     pub unlabeled: Option<[u64; 2]>,
     pub world_size: u32,
     pub generation: u64,
+    /// Staged jobs: the stage (`butler_proto::Stage` value) the checkpoint belongs to.
+    #[serde(default)]
+    pub stage: u32,
 }
 
 impl Commit {
@@ -49,6 +52,17 @@ impl Commit {
                 .then_some([p.unlabeled_epoch, p.unlabeled_step]),
             world_size: p.world_size,
             generation: p.generation,
+            stage: p.stage,
+        }
+    }
+
+    /// The first labeled epoch a job resumed from this commit trains again (its records are dropped):
+    /// the commit's epoch, or 0 for a staged job's commit (inside pretraining: fine-tuning reruns).
+    pub fn first_epoch_redone(&self) -> u64 {
+        if self.stage == 0 {
+            self.epoch
+        } else {
+            0
         }
     }
 
@@ -65,6 +79,7 @@ impl Commit {
             unlabeled_step: us,
             world_size: self.world_size,
             generation: self.generation,
+            stage: self.stage,
         }
     }
 }
@@ -129,11 +144,13 @@ impl Commits {
         }
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(format!(
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
                 "--resume: {} does not exist, so this run directory has no commit point to resume \
                      from (run the job without --resume to start it)",
                 file.display()
-            )),
+            ))
+            }
             Err(e) => return Err(format!("--resume: cannot read {}: {e}", file.display())),
         };
         let state: StateFile = serde_json::from_str(&text).map_err(|e| {
@@ -350,6 +367,7 @@ mod tests {
             unlabeled: Some([0, step]),
             world_size: 2,
             generation: 1,
+            stage: 0,
         }
     }
 

@@ -514,9 +514,9 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
         None => None,
     };
 
-    // Plain, semi-supervised and distillation jobs checkpoint and resume at step boundaries; rounds
-    // resume by phase (above) and staged jobs do not checkpoint yet.
-    let plain = opts.config.pseudo_label.is_none() && opts.config.pretrain.is_none();
+    // Plain, semi-supervised, distillation and staged jobs (inside pretraining) checkpoint and resume
+    // at step boundaries; rounds resume by phase (above).
+    let plain = opts.config.pseudo_label.is_none();
     let commits = if plain {
         Some(
             crate::commits::Commits::open(
@@ -533,7 +533,9 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
         None
     };
     let prior_history = match commits.as_ref().and_then(|c| c.resumed()) {
-        Some(c) => keep_metrics_before(&opts.run_dir.join("metrics.jsonl"), c.epoch)?,
+        Some(c) => {
+            keep_metrics_before(&opts.run_dir.join("metrics.jsonl"), c.first_epoch_redone())?
+        }
         None => Vec::new(),
     };
 

@@ -186,10 +186,13 @@ impl JobState {
         let from = match self.commits.as_mut() {
             Some(c) => {
                 c.resume_from_newest(self.generation);
-                c.resumed().map_or(0, |c| c.epoch)
+                c.resumed()
+                    .map_or(0, crate::commits::Commit::first_epoch_redone)
             }
             None => 0,
         };
+        // A staged job walks its plan again from the commit (inside pretraining).
+        self.stages = crate::stages::StagePlan::new(&self.cfg, self.world_size);
         let mut kept: Vec<EpochRecord> = std::mem::take(&mut self.prior_history)
             .into_iter()
             .chain(self.epochs.iter().map(|(e, a)| Self::record(*e, a)))
@@ -325,9 +328,10 @@ impl JobState {
             shuffle: self.cfg.train.shuffle,
             world_size: self.world_size,
             rank,
+            // A staged job's commits belong to pretraining; its labeled epochs start afresh.
             start: self
                 .resumed()
-                .filter(|c| c.epoch == epoch)
+                .filter(|c| c.stage == 0 && c.epoch == epoch)
                 .map_or(0, |c| c.labeled_start),
         }))
     }

@@ -83,6 +83,7 @@ pub fn checkpoint(a: &CheckpointArgs) -> Result<()> {
         world_size: 1,
         generation: 1,
         epoch_losses: vec![[0.0, 0.0]],
+        ..ResumeMeta::default()
     };
     let commit = |t: &Trainer| -> Result<u64> {
         save_resumable(t, &meta(t.steps_taken()), &path)?;

@@ -2,7 +2,7 @@
 //! that a checkpoint does not depend on the device that wrote it (a CUDA-trained checkpoint loads on a
 //! CPU-only machine, and the other way round).
 
-use crate::trainer::Trainer;
+use crate::trainer::{Trainer, TrainingState};
 use crate::Result;
 use butler_common::fsutil;
 use std::path::Path;
@@ -46,7 +46,7 @@ pub fn save_vars(vs: &tch::nn::VarStore, path: &Path) -> Result<()> {
 
 /// Where the job stood when a resumable checkpoint was written, stored inside it (tensor `meta`, JSON
 /// bytes) so the file is one self-describing fact.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ResumeMeta {
     pub format: u32,
     pub job: String,
@@ -60,6 +60,12 @@ pub struct ResumeMeta {
     /// Each rank's running labeled-loss sum and sample count in the epoch, so the epoch's reported
     /// mean covers the whole epoch across a resume.
     pub epoch_losses: Vec<[f64; 2]>,
+    /// Staged jobs: the stage the checkpoint belongs to (`butler_proto::Stage`; 0 for other jobs).
+    #[serde(default)]
+    pub stage: u32,
+    /// Staged jobs, pretraining: the mean loss of each finished pretraining epoch.
+    #[serde(default)]
+    pub history: Vec<f64>,
 }
 
 impl ResumeMeta {
@@ -76,6 +82,7 @@ impl ResumeMeta {
             unlabeled_step: us,
             world_size: self.world_size,
             generation: self.generation,
+            stage: self.stage,
         }
     }
 }
@@ -90,7 +97,11 @@ pub fn resumable_name(step: u64) -> String {
 /// Writes the trainer's full state and `meta` to `path` atomically: `model.<variable>`,
 /// `ema.<index>`, `optim.<index>.<slot>` and `meta`.
 pub fn save_resumable(trainer: &Trainer, meta: &ResumeMeta, path: &Path) -> Result<()> {
-    let s = trainer.training_state();
+    save_state(trainer.training_state(), meta, path)
+}
+
+/// Writes a replica's state (a [`Trainer`]'s or a pretrainer's) and `meta` to `path` atomically.
+pub fn save_state(s: TrainingState, meta: &ResumeMeta, path: &Path) -> Result<()> {
     let mut named: Vec<(String, tch::Tensor)> = s
         .variables
         .into_iter()
@@ -130,6 +141,18 @@ pub fn save_resumable(trainer: &Trainer, meta: &ResumeMeta, path: &Path) -> Resu
 /// Loads a resumable checkpoint into `trainer` (on its device) and returns its metadata. Every
 /// problem — unreadable, truncated, another model, another optimizer — is an error naming the file.
 pub fn load_resumable(trainer: &mut Trainer, path: &Path) -> Result<ResumeMeta> {
+    let (state, meta) = read_state(path)?;
+    trainer
+        .load_training_state(state)
+        .map_err(|reason| crate::Error::Checkpoint {
+            file: path.to_path_buf(),
+            reason,
+        })?;
+    Ok(meta)
+}
+
+/// Reads a resumable checkpoint: the replica's state and the metadata, not yet applied.
+pub fn read_state(path: &Path) -> Result<(TrainingState, ResumeMeta)> {
     let bad = |reason: String| crate::Error::Checkpoint {
         file: path.to_path_buf(),
         reason,
@@ -172,12 +195,11 @@ pub fn load_resumable(trainer: &mut Trainer, path: &Path) -> Result<ResumeMeta> 
     if ema.iter().enumerate().any(|(k, (i, _))| k != *i) {
         return Err(bad("EMA tensors are not numbered 0..n".into()));
     }
-    let state = crate::trainer::TrainingState {
+    let state = TrainingState {
         variables,
         ema: (!ema.is_empty()).then(|| ema.into_iter().map(|(_, t)| t).collect()),
         optim: crate::optim::OptimState::from_named(optim).map_err(|e| bad(e.to_string()))?,
         step: meta.step,
     };
-    trainer.load_training_state(state).map_err(bad)?;
-    Ok(meta)
+    Ok((state, meta))
 }

@@ -165,6 +165,9 @@ pub(crate) fn run_epochs(
         let per_rank_batch = job.per_rank_batch;
         for (k, batch) in sampler.batches(per_rank_batch).iter().enumerate() {
             ctx.check_stop()?;
+            if durable.is_none() {
+                terminate_if_asked(ctx)?;
+            }
             if let Some(d) = &durable {
                 // Every rank takes the same decision at the same step: a stop requested on any rank
                 // (SIGTERM) is agreed through one tiny all-reduce, and the step counter is shared.
@@ -180,24 +183,14 @@ pub(crate) fn run_epochs(
                         unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
                         loss_sum,
                         seen,
+                        ..Boundary::default()
                     };
-                    commit(job, trainer, ring, &at)?;
+                    commit(job, ring, &at, step, || trainer.training_state())?;
                     last_commit = Some(step);
                 }
                 if stop {
                     ring.barrier()?;
-                    // The rank that got the signal leaves; the others regroup without it (with
-                    // cluster.max_restarts the job goes on once a replacement joins).
-                    if ctx.progress.terminate.load(Ordering::Relaxed) {
-                        return Err(Error::Terminated(format!(
-                            "asked to terminate (SIGTERM); the checkpoint of step {step} is committed: \
-                             continue the job with --resume"
-                        )));
-                    }
-                    return Err(Error::Regroup(format!(
-                        "another rank was asked to terminate (SIGTERM); the checkpoint of step {step} \
-                         is committed"
-                    )));
+                    return Err(stopped_at(ctx, step));
                 }
             }
             let (x, y) = match &job.labeled_aug {
@@ -293,10 +286,9 @@ pub(crate) fn run_epochs(
                     steps_in_epoch: 0,
                     labeled_start: 0,
                     unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
-                    loss_sum: 0.0,
-                    seen: 0,
+                    ..Boundary::default()
                 };
-                commit(job, trainer, ring, &at)?;
+                commit(job, ring, &at, step, || trainer.training_state())?;
                 last_commit = Some(step);
             }
         }
@@ -349,18 +341,60 @@ pub(crate) struct Durable<'m> {
 }
 
 /// A step boundary as a commit records it.
-struct Boundary {
-    epoch: u64,
-    steps_in_epoch: u64,
-    labeled_start: u64,
-    unlabeled: Option<streams::Cursor>,
+#[derive(Default)]
+pub(crate) struct Boundary {
+    pub(crate) epoch: u64,
+    pub(crate) steps_in_epoch: u64,
+    pub(crate) labeled_start: u64,
+    pub(crate) unlabeled: Option<streams::Cursor>,
     /// This rank's running loss sum and sample count in the epoch.
-    loss_sum: f64,
-    seen: u64,
+    pub(crate) loss_sum: f64,
+    pub(crate) seen: u64,
+    /// Staged jobs: the stage, and pretraining's per-epoch losses so far.
+    pub(crate) stage: u32,
+    pub(crate) history: Vec<f64>,
+}
+
+/// Why a rank stops after the agreed stop at `step` (committed): the rank that got SIGTERM leaves; the
+/// others regroup without it (with `cluster.max_restarts` the job goes on once a replacement joins).
+pub(crate) fn stopped_at(ctx: &Ctx, step: u64) -> Error {
+    if ctx.progress.terminate.load(Ordering::Relaxed) {
+        Error::Terminated(format!(
+            "asked to terminate (SIGTERM); the checkpoint of step {step} is committed: continue the \
+             job with --resume"
+        ))
+    } else {
+        Error::Regroup(format!(
+            "another rank was asked to terminate (SIGTERM); the checkpoint of step {step} is committed"
+        ))
+    }
+}
+
+/// Outside a checkpointed loop (fine-tuning of a staged job), SIGTERM stops the rank at once: the job
+/// resumes from its last commit point.
+pub(crate) fn terminate_if_asked(ctx: &Ctx) -> Result<()> {
+    if ctx.progress.terminate.load(Ordering::Relaxed) {
+        return Err(Error::Terminated(
+            "asked to terminate (SIGTERM) in a phase that writes no checkpoints; continue the job \
+             with --resume (from its last commit point)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `x` as three f32 whose sum in f64 is `x` again (each residual is exact in f64; 3 × 24 bits cover
+/// f64's 53).
+fn split_f64(x: f64) -> [f32; 3] {
+    let a = x as f32;
+    let r = x - a as f64;
+    let b = r as f32;
+    let c = (r - b as f64) as f32;
+    [a, b, c]
 }
 
 /// True on every rank when any rank was asked to terminate.
-fn agree_to_stop(ctx: &Ctx, ring: &mut dyn Collective) -> Result<bool> {
+pub(crate) fn agree_to_stop(ctx: &Ctx, ring: &mut dyn Collective) -> Result<bool> {
     let mine = ctx.progress.terminate.load(Ordering::Relaxed);
     let mut flag = tch::Tensor::from_slice(&[mine as u8 as f32]);
     ring.all_reduce_sum(&mut flag)?;
@@ -369,12 +403,22 @@ fn agree_to_stop(ctx: &Ctx, ring: &mut dyn Collective) -> Result<bool> {
 
 /// Every rank: share the epoch's running losses; rank 0: write the resumable checkpoint, then have
 /// the coordinator record it as the commit point (it checks the file's hash and size).
-fn commit(job: &Job, trainer: &Trainer, ring: &mut dyn Collective, at: &Boundary) -> Result<()> {
+pub(crate) fn commit(
+    job: &Job,
+    ring: &mut dyn Collective,
+    at: &Boundary,
+    step: u64,
+    state: impl FnOnce() -> trainer::TrainingState,
+) -> Result<()> {
     let ctx = job.ctx;
     let world = ctx.world as usize;
-    let mut sums = vec![0f32; 2 * world];
-    sums[2 * ctx.rank as usize] = at.loss_sum as f32;
-    sums[2 * ctx.rank as usize + 1] = at.seen as f32;
+    // Each rank fills its own slots (the others add zeros, so the sums are exact): the loss sum as
+    // three f32 parts that add back to the f64 exactly, so a resumed epoch reports the same mean.
+    let mut sums = vec![0f32; 4 * world];
+    let parts = split_f64(at.loss_sum);
+    let mine = 4 * ctx.rank as usize;
+    sums[mine..mine + 3].copy_from_slice(&parts);
+    sums[mine + 3] = at.seen as f32;
     let mut t = tch::Tensor::from_slice(&sums);
     ring.all_reduce_sum(&mut t)?;
     ctx.progress.advanced();
@@ -382,7 +426,6 @@ fn commit(job: &Job, trainer: &Trainer, ring: &mut dyn Collective, at: &Boundary
         return Ok(());
     }
     let all = Vec::<f32>::try_from(&t).expect("a 1-D f32 tensor");
-    let step = trainer.steps_taken();
     let meta = ResumeMeta {
         format: 0,
         job: job.cfg.job.name.clone(),
@@ -393,12 +436,17 @@ fn commit(job: &Job, trainer: &Trainer, ring: &mut dyn Collective, at: &Boundary
         unlabeled: at.unlabeled.map(|c| [c.epoch, c.step]),
         world_size: ctx.world,
         generation: ctx.generation,
-        epoch_losses: all.chunks(2).map(|c| [c[0] as f64, c[1] as f64]).collect(),
+        epoch_losses: all
+            .chunks(4)
+            .map(|c| [c[0] as f64 + c[1] as f64 + c[2] as f64, c[3] as f64])
+            .collect(),
+        stage: at.stage,
+        history: at.history.clone(),
     };
     let rel = checkpoint::resumable_name(step);
     let path = ctx.run_dir.join(&rel);
     let t0 = Instant::now();
-    checkpoint::save_resumable(trainer, &meta, &path)?;
+    checkpoint::save_state(state(), &meta, &path)?;
     let (sha256, bytes) = butler_common::fsutil::sha256_file(&path)?;
     ctx.rt
         .block_on(ctx.client.clone().commit(CommitRequest {
@@ -524,7 +572,7 @@ pub(crate) fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch:
 ///   device or a deadlock, as the coordinator sees it — until told to stop;
 /// - `BUTLER_FAULT=worker-kill-at-step:N`: it sends itself SIGKILL (`kill -9`: no cleanup at all);
 /// - `BUTLER_FAULT=worker-sigterm-at-step:N`: it sends itself SIGTERM (what Kubernetes sends first).
-fn fault_hooks(ctx: &Ctx, step: u64) {
+pub(crate) fn fault_hooks(ctx: &Ctx, step: u64) {
     #[derive(Clone, Copy, PartialEq)]
     enum Fault {
         Hang,
@@ -574,6 +622,24 @@ fn fault_hooks(ctx: &Ctx, step: u64) {
             signal("-TERM");
             // Let the signal task see it before the next step boundary.
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_loss_sum_survives_its_f32_transport_exactly() {
+        for x in [
+            0.0,
+            1.0 / 3.0,
+            58.958857536315918,
+            1e-30,
+            123456.789012345,
+            -2.5e7 / 7.0,
+        ] {
+            let [a, b, c] = super::split_f64(x);
+            assert_eq!(a as f64 + b as f64 + c as f64, x, "{x}");
         }
     }
 }

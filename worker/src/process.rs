@@ -378,6 +378,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
     );
     let ring: &mut dyn Collective = &mut comm;
     if cfg.pretrain.is_some() {
+        watch_sigterm(ctx)?;
         return stages::train(&mut job, ring);
     }
     let (eval, trainer) = if cfg.pseudo_label.is_some() {

@@ -152,15 +152,81 @@ fn pretrain(
         cfg.train.precision,
     )?;
     model.broadcast_parameters(ring)?;
-    info!(global_batch = p.batch_size, steps_per_epoch, "pretraining");
     let mut history = Vec::new();
+    // A resumed job continues from its commit point inside pretraining (every rank reads the file).
+    let resumed = match ctx
+        .resume
+        .as_ref()
+        .filter(|r| r.stage == Stage::Pretrain as u32)
+    {
+        Some(point) => {
+            let path = ctx.run_dir.join(&point.checkpoint);
+            let (state, meta) = crate::checkpoint::read_state(&path)?;
+            model
+                .load_training_state(state)
+                .map_err(|reason| Error::Checkpoint {
+                    file: path.clone(),
+                    reason,
+                })?;
+            if meta.point(&point.checkpoint) != *point {
+                return Err(Error::Checkpoint {
+                    file: path,
+                    reason: format!(
+                        "it holds step {} but the coordinator's commit names step {}",
+                        meta.step, point.step
+                    ),
+                });
+            }
+            info!(step = meta.step, checkpoint = %point.checkpoint, "resumed from the commit point");
+            history = meta.history.clone();
+            Some(meta)
+        }
+        None => None,
+    };
+    info!(global_batch = p.batch_size, steps_per_epoch, "pretraining");
     let mut samples = 0u64;
-    for epoch in 0..p.epochs {
+    let start = model.steps_taken();
+    let first_epoch = start / steps_per_epoch.max(1);
+    let mut last_commit = resumed.as_ref().map(|m| m.step);
+    let every = (cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs);
+    let pretrain_stage = Stage::Pretrain as u32;
+    for epoch in first_epoch..p.epochs {
         ctx.progress.epoch.store(epoch, Ordering::Relaxed);
         let te = Instant::now();
-        let mut sum = 0.0;
-        for _ in 0..steps_per_epoch {
+        let first_k = if epoch == first_epoch {
+            start % steps_per_epoch.max(1)
+        } else {
+            0
+        };
+        // The epoch's running loss (a global mean per step, the same on every rank) across a resume.
+        let mut sum = resumed
+            .as_ref()
+            .filter(|_| epoch == first_epoch)
+            .and_then(|m| m.epoch_losses.get(ctx.rank as usize))
+            .map_or(0.0, |l| l[0]);
+        for k in first_k..steps_per_epoch {
             ctx.check_stop()?;
+            let stop = crate::job::agree_to_stop(ctx, ring)?;
+            let step = model.steps_taken();
+            let due = every.0 > 0 && step > 0 && step.is_multiple_of(every.0);
+            if (stop || due) && last_commit != Some(step) {
+                let at = crate::job::Boundary {
+                    epoch,
+                    steps_in_epoch: k,
+                    unlabeled: Some(stream.cursor()),
+                    loss_sum: sum,
+                    seen: k,
+                    stage: pretrain_stage,
+                    history: history.clone(),
+                    ..Default::default()
+                };
+                crate::job::commit(job, ring, &at, step, || model.training_state())?;
+                last_commit = Some(step);
+            }
+            if stop {
+                ring.barrier()?;
+                return Err(crate::job::stopped_at(ctx, step));
+            }
             let (b, _global) = stream.next_batch()?;
             for s in &b.skipped {
                 warn!(shard = %s.shard.display(), index = s.index, reason = %s.reason, "skipped a corrupt unlabeled sample");
@@ -184,6 +250,7 @@ fn pretrain(
                 .step
                 .store(model.steps_taken(), Ordering::Relaxed);
             ctx.progress.advanced();
+            crate::job::fault_hooks(ctx, model.steps_taken());
         }
         let mean = sum / steps_per_epoch.max(1) as f64;
         info!(
@@ -194,6 +261,23 @@ fn pretrain(
             "pretraining epoch"
         );
         history.push(mean);
+        // After every `every_epochs` epochs, and always at the end of pretraining (a job lost in the
+        // probe or fine-tuning resumes from there: both are short and run again).
+        let step = model.steps_taken();
+        let last = epoch + 1 == p.epochs;
+        if (last || (every.1 > 0 && (epoch + 1).is_multiple_of(every.1)))
+            && last_commit != Some(step)
+        {
+            let at = crate::job::Boundary {
+                epoch: epoch + 1,
+                unlabeled: Some(stream.cursor()),
+                stage: pretrain_stage,
+                history: history.clone(),
+                ..Default::default()
+            };
+            crate::job::commit(job, ring, &at, step, || model.training_state())?;
+            last_commit = Some(step);
+        }
     }
     let checkpoint = if ctx.rank == 0 {
         save_store(&model.vs, &ctx.run_dir, "checkpoints/pretrain.safetensors")?
@@ -250,6 +334,7 @@ fn probe(
     let mut history = Vec::new();
     for _ in 0..p.probe_epochs {
         ctx.check_stop()?;
+        crate::job::terminate_if_asked(ctx)?;
         ctx.progress.advanced();
         let loss = head.forward(&train_f).cross_entropy_loss::<Tensor>(
             &train_y,

@@ -87,6 +87,63 @@ pub struct TrainingState {
     pub step: u64,
 }
 
+impl TrainingState {
+    /// Copies the state into a replica's variables (checked by name and shape), its EMA averages (which
+    /// must be present exactly when the replica keeps an EMA) and its optimizer; returns the step.
+    pub fn apply(
+        self,
+        vs: &nn::VarStore,
+        ema: Option<&mut [Tensor]>,
+        opt: &mut Optim,
+    ) -> std::result::Result<u64, String> {
+        let mut saved: std::collections::HashMap<String, Tensor> =
+            self.variables.into_iter().collect();
+        let _guard = tch::no_grad_guard();
+        for (name, mut var) in vs.variables() {
+            let t = saved
+                .remove(&name)
+                .ok_or_else(|| format!("variable {name} is missing"))?;
+            if t.size() != var.size() {
+                return Err(format!(
+                    "variable {name} has shape {:?}, the model has {:?}",
+                    t.size(),
+                    var.size()
+                ));
+            }
+            var.copy_(&t);
+        }
+        if let Some(extra) = saved.keys().next() {
+            return Err(format!("variable {extra} does not belong to this model"));
+        }
+        match (ema, self.ema) {
+            (Some(averages), Some(saved)) => {
+                if saved.len() != averages.len() {
+                    return Err(format!(
+                        "{} EMA tensors for {} parameters",
+                        saved.len(),
+                        averages.len()
+                    ));
+                }
+                for (a, t) in averages.iter_mut().zip(saved) {
+                    if a.size() != t.size() {
+                        return Err("an EMA tensor does not match its parameter".into());
+                    }
+                    a.copy_(&t);
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err("the job keeps an EMA ([train] ema) but the checkpoint has none".into())
+            }
+            (None, Some(_)) => {
+                return Err("the checkpoint has an EMA but the job sets no [train] ema".into())
+            }
+        }
+        opt.load_state(&self.optim).map_err(|e| e.to_string())?;
+        Ok(self.step)
+    }
+}
+
 /// This rank's share of a step's unlabeled batch (one tensor per view), and the size of that batch over
 /// all ranks.
 pub struct UnlabeledBatch<'a> {
@@ -194,51 +251,8 @@ impl Trainer {
     /// Restores [`Trainer::training_state`]: every variable must be present with its shape, the EMA
     /// must match `[train] ema`, the optimizer state must fit the parameters.
     pub fn load_training_state(&mut self, s: TrainingState) -> std::result::Result<(), String> {
-        let mut saved: std::collections::HashMap<String, Tensor> =
-            s.variables.into_iter().collect();
-        let _guard = tch::no_grad_guard();
-        for (name, mut var) in self.vs.variables() {
-            let t = saved
-                .remove(&name)
-                .ok_or_else(|| format!("variable {name} is missing"))?;
-            if t.size() != var.size() {
-                return Err(format!(
-                    "variable {name} has shape {:?}, the model has {:?}",
-                    t.size(),
-                    var.size()
-                ));
-            }
-            var.copy_(&t);
-        }
-        if let Some(extra) = saved.keys().next() {
-            return Err(format!("variable {extra} does not belong to this model"));
-        }
-        match (&mut self.ema, s.ema) {
-            (Some(e), Some(avgs)) => {
-                if avgs.len() != e.averages.len() {
-                    return Err(format!(
-                        "{} EMA tensors for {} parameters",
-                        avgs.len(),
-                        e.averages.len()
-                    ));
-                }
-                for (a, t) in e.averages.iter_mut().zip(avgs) {
-                    if a.size() != t.size() {
-                        return Err("an EMA tensor does not match its parameter".into());
-                    }
-                    a.copy_(&t);
-                }
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err("the job keeps an EMA ([train] ema) but the checkpoint has none".into())
-            }
-            (None, Some(_)) => {
-                return Err("the checkpoint has an EMA but the job sets no [train] ema".into())
-            }
-        }
-        self.opt.load_state(&s.optim).map_err(|e| e.to_string())?;
-        self.step = s.step;
+        let ema = self.ema.as_mut().map(|e| e.averages.as_mut_slice());
+        self.step = s.apply(&self.vs, ema, &mut self.opt)?;
         Ok(())
     }
 

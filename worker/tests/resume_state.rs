@@ -46,6 +46,7 @@ fn meta(step: u64) -> ResumeMeta {
         world_size: 1,
         generation: 1,
         epoch_losses: vec![[1.5, 80.0]],
+        ..ResumeMeta::default()
     }
 }
 

@@ -201,6 +201,30 @@ impl Pretrainer {
         Ok(value)
     }
 
+    /// What a resumable checkpoint of pretraining holds: the variables, the optimizer state, the step.
+    pub fn training_state(&self) -> crate::trainer::TrainingState {
+        crate::trainer::TrainingState {
+            variables: self
+                .vs
+                .variables()
+                .into_iter()
+                .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
+                .collect(),
+            ema: None,
+            optim: self.opt.state(),
+            step: self.step,
+        }
+    }
+
+    /// Restores [`Pretrainer::training_state`].
+    pub fn load_training_state(
+        &mut self,
+        s: crate::trainer::TrainingState,
+    ) -> std::result::Result<(), String> {
+        self.step = s.apply(&self.vs, None, &mut self.opt)?;
+        Ok(())
+    }
+
     /// Flat copy of all parameters in name order (tests, checksums).
     pub fn flat_parameters(&self) -> Vec<f32> {
         crate::trainer::flat_parameters(&self.vs)
