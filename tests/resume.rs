@@ -220,3 +220,42 @@ fn simclr_pretraining_killed_mid_pretrain_resumes_exactly() {
         "the pretraining loss history spans the resume"
     );
 }
+
+#[test]
+fn pseudo_label_rounds_killed_mid_train_resume_exactly() {
+    // 2 rounds of 4 epochs × 5 steps; killed after 27 steps in all: round 1's TRAIN (on the
+    // pseudo-labeled stream), after its commit of step 5. The resumed job reloads that commit.
+    let text = format!(
+        "[job]\nname = \"rounds\"\nseed = 3\n[data]\nmanifest = \"{}\"\nlabels_per_class = 20\n\
+         unlabeled_split = \"train\"\nunlabeled_ratio = 2\n[model]\nkind = \"conv_base\"\nchannels = 16\n\
+         [optim]\nkind = \"adam\"\nlr = 0.01\n[train]\nepochs = 4\nbatch_size = 40\neval_every = 4\n\
+         [augment]\nlabeled = \"weak\"\n\
+         [pseudo_label]\nrounds = 2\nthreshold = 0.5\ntop_k_per_class = 150\nnoisy = true\n\
+         [checkpoint]\nevery_steps = 5\n\
+         [cluster]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 5000\n",
+        mnist1d().display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "job.toml", &text);
+    let straight = tmp.path().join("straight");
+    assert_ok(&run(&cfg, &straight, false, None), "the uninterrupted run");
+    let out = tmp.path().join("stopped");
+    let o = run(&cfg, &out, false, Some("worker-kill-after-steps:27"));
+    assert!(!o.status.success(), "the job should have failed");
+    let newest = commits(&out);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("state.json")).unwrap()).unwrap();
+    let last = state["commits"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        last["round"], 1,
+        "the newest commit belongs to round 1: {state}"
+    );
+    assert!(!newest.is_empty());
+    let o = run(&cfg, &out, true, None);
+    assert_ok(&o, "the resumed run");
+    assert!(logs(&out).contains("resumed from the commit point"));
+    assert!(final_weights(&straight) == final_weights(&out));
+    let (a, b) = (summary(&straight), summary(&out));
+    assert_eq!(a["test_accuracy"], b["test_accuracy"]);
+    assert_eq!(a["rounds"], b["rounds"]);
+}

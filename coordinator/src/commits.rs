@@ -35,6 +35,9 @@ pub struct Commit {
     /// Staged jobs: the stage (`butler_proto::Stage` value) the checkpoint belongs to.
     #[serde(default)]
     pub stage: u32,
+    /// Pseudo-label rounds: the round whose TRAIN phase the checkpoint belongs to.
+    #[serde(default)]
+    pub round: u32,
 }
 
 impl Commit {
@@ -53,6 +56,7 @@ impl Commit {
             world_size: p.world_size,
             generation: p.generation,
             stage: p.stage,
+            round: p.round,
         }
     }
 
@@ -80,6 +84,7 @@ impl Commit {
             world_size: self.world_size,
             generation: self.generation,
             stage: self.stage,
+            round: self.round,
         }
     }
 }
@@ -115,7 +120,8 @@ pub struct Commits {
 impl Commits {
     /// A fresh job removes an earlier run's log and resumable checkpoints from `run_dir` (they would
     /// otherwise pass for this run's); with `resume` it reads the log and picks the newest commit whose
-    /// checkpoint is intact, warning about (and dropping) newer ones that are not.
+    /// checkpoint is intact, warning about (and dropping) newer ones that are not. A missing log is an
+    /// error when `required`, else an empty log.
     pub fn open(
         run_dir: &Path,
         job: &str,
@@ -123,6 +129,7 @@ impl Commits {
         world_size: u32,
         keep: usize,
         resume: bool,
+        required: bool,
     ) -> Result<Commits, String> {
         let file = run_dir.join(STATE_FILE);
         let mut c = Commits {
@@ -144,6 +151,7 @@ impl Commits {
         }
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(c),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(format!(
                 "--resume: {} does not exist, so this run directory has no commit point to resume \
@@ -259,10 +267,11 @@ impl Commits {
     /// `keep`.
     pub fn record(&mut self, c: Commit) -> Result<(), String> {
         if let Some(prev) = self.commits.last() {
-            if c.step < prev.step {
+            // Pseudo-label rounds start each TRAIN phase's step count afresh.
+            if (c.round, c.step) < (prev.round, prev.step) {
                 return Err(format!(
-                    "commit at step {} is older than the recorded step {}",
-                    c.step, prev.step
+                    "commit at round {} step {} is older than the recorded round {} step {}",
+                    c.round, c.step, prev.round, prev.step
                 ));
             }
         }
@@ -317,7 +326,7 @@ impl Commits {
         if let Ok(entries) = std::fs::read_dir(self.run_dir.join("checkpoints")) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("step-") && name.ends_with(".safetensors") {
+                if name.contains("step-") && name.ends_with(".safetensors") {
                     v.push(e.path());
                 }
             }
@@ -368,6 +377,7 @@ mod tests {
             world_size: 2,
             generation: 1,
             stage: 0,
+            round: 0,
         }
     }
 
@@ -375,23 +385,23 @@ mod tests {
     fn keeps_the_newest_and_resumes_from_the_last_intact() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let mut c = Commits::open(d, "j", "cfg", 2, 2, false).unwrap();
+        let mut c = Commits::open(d, "j", "cfg", 2, 2, false, true).unwrap();
         for step in [5, 10, 15] {
             c.record(commit(d, step, format!("ckpt {step}").as_bytes()))
                 .unwrap();
         }
         // keep = 2: step 5's file is gone, the log names 10 and 15.
         assert!(!d.join("checkpoints/step-5.safetensors").exists());
-        let r = Commits::open(d, "j", "cfg", 2, 2, true).unwrap();
+        let r = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap();
         assert_eq!(r.resumed().unwrap().step, 15);
         assert_eq!(r.resumed().unwrap().point().unlabeled_step, 15);
 
         // Truncate the newest: the previous one is used, and the log forgets the broken one.
         std::fs::write(d.join("checkpoints/step-15.safetensors"), b"ckpt").unwrap();
-        let r = Commits::open(d, "j", "cfg", 2, 2, true).unwrap();
+        let r = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap();
         assert_eq!(r.resumed().unwrap().step, 10);
         assert_eq!(
-            Commits::open(d, "j", "cfg", 2, 2, true)
+            Commits::open(d, "j", "cfg", 2, 2, true, true)
                 .unwrap()
                 .newest()
                 .unwrap()
@@ -401,7 +411,7 @@ mod tests {
 
         // Corrupt the only one left (same size, other bytes): a clear error naming the file.
         std::fs::write(d.join("checkpoints/step-10.safetensors"), b"ckpt 11").unwrap();
-        let e = Commits::open(d, "j", "cfg", 2, 2, true).unwrap_err();
+        let e = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap_err();
         assert!(
             e.contains("step-10.safetensors") && e.contains("corrupt"),
             "{e}"
@@ -412,20 +422,20 @@ mod tests {
     fn refuses_what_it_cannot_resume() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let e = Commits::open(d, "j", "cfg", 2, 2, true).unwrap_err();
+        let e = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap_err();
         assert!(e.contains("state.json does not exist"), "{e}");
-        let mut c = Commits::open(d, "j", "cfg", 2, 2, false).unwrap();
+        let mut c = Commits::open(d, "j", "cfg", 2, 2, false, true).unwrap();
         c.record(commit(d, 3, b"x")).unwrap();
-        let e = Commits::open(d, "j", "cfg", 3, 2, true).unwrap_err();
+        let e = Commits::open(d, "j", "cfg", 3, 2, true, true).unwrap_err();
         assert!(e.contains("resume it with 2 workers"), "{e}");
-        let e = Commits::open(d, "other", "cfg", 2, 2, true).unwrap_err();
+        let e = Commits::open(d, "other", "cfg", 2, 2, true, true).unwrap_err();
         assert!(e.contains("belongs to job"), "{e}");
-        let e = Commits::open(d, "j", "other recipe", 2, 2, true).unwrap_err();
+        let e = Commits::open(d, "j", "other recipe", 2, 2, true, true).unwrap_err();
         assert!(e.contains("config differs"), "{e}");
         // An older step than the newest is refused.
         assert!(c.record(commit(d, 2, b"y")).is_err());
         // A fresh start clears the earlier run's log and checkpoints.
-        Commits::open(d, "j", "cfg", 2, 2, false).unwrap();
+        Commits::open(d, "j", "cfg", 2, 2, false, true).unwrap();
         assert!(!d.join(STATE_FILE).exists());
         assert!(!d.join("checkpoints/step-3.safetensors").exists());
     }

@@ -514,10 +514,10 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
         None => None,
     };
 
-    // Plain, semi-supervised, distillation and staged jobs (inside pretraining) checkpoint and resume
-    // at step boundaries; rounds resume by phase (above).
-    let plain = opts.config.pseudo_label.is_none();
-    let commits = if plain {
+    // Every job kind checkpoints and resumes at step boundaries: plain, semi-supervised and
+    // distillation jobs, staged jobs inside pretraining, pseudo-label rounds inside TRAIN (their
+    // phases resume by the rounds' own state, above).
+    let commits = {
         Some(
             crate::commits::Commits::open(
                 &opts.run_dir,
@@ -526,16 +526,29 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
                 opts.world_size,
                 opts.config.checkpoint.keep,
                 opts.resume,
+                // Rounds resume by their own state even before their first commit.
+                opts.config.pseudo_label.is_none(),
             )
             .map_err(|e| butler_common::Error::invalid("job state", e))?,
         )
-    } else {
-        None
     };
-    let prior_history = match commits.as_ref().and_then(|c| c.resumed()) {
-        Some(c) => {
-            keep_metrics_before(&opts.run_dir.join("metrics.jsonl"), c.first_epoch_redone())?
-        }
+    // A resumed job trains again from some epoch; the records from there on are dropped.
+    let redo_from = match (&rounds, commits.as_ref().and_then(|c| c.resumed())) {
+        // Pseudo-label rounds: only a TRAIN phase is redone — from the commit when it belongs to
+        // this round, else from the phase's first epoch; INFER resumes without training.
+        (Some(r), commit) => match r.current() {
+            (round, crate::rounds::Phase::Train) => Some(match commit {
+                Some(c) if c.round == round => c.epoch,
+                _ => round as u64 * opts.config.train.epochs,
+            }),
+            _ => None,
+        },
+        (None, Some(c)) => Some(c.first_epoch_redone()),
+        (None, None) => Some(0),
+    };
+    let prior_history = match redo_from.filter(|_| opts.resume) {
+        Some(epoch) => keep_metrics_before(&opts.run_dir.join("metrics.jsonl"), epoch)?,
+        None if opts.resume => keep_metrics_before(&opts.run_dir.join("metrics.jsonl"), u64::MAX)?,
         None => Vec::new(),
     };
 

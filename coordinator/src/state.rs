@@ -165,8 +165,10 @@ impl JobState {
     /// Whether a lost worker can be survived by regrouping: a job that records commit points, with
     /// restarts left, not failed and not finished.
     pub fn can_regroup(&self) -> bool {
+        // Pseudo-label rounds resume by hand (`--resume`); their phase reports are not regrouped.
         self.failure.is_none()
             && self.commits.is_some()
+            && self.rounds.is_none()
             && self.restarts < self.cfg.cluster.max_restarts
             && !self.finished_ok.iter().all(Option::is_some)
     }
@@ -344,7 +346,14 @@ impl JobState {
     /// Where the unlabeled stream starts: (epoch, steps taken in it) — the resumed commit's cursor, or
     /// the beginning.
     pub fn unlabeled_cursor(&self) -> (u64, u64) {
+        // With pseudo-label rounds each TRAIN phase opens its stream afresh; the commit's cursor
+        // belongs to its own round's TRAIN only.
+        let current_train = self.rounds.as_ref().map(|r| r.current());
         self.resumed()
+            .filter(|c| match current_train {
+                Some((round, phase)) => phase == crate::rounds::Phase::Train && c.round == round,
+                None => true,
+            })
             .and_then(|c| c.unlabeled)
             .map_or((0, 0), |[e, s]| (e, s))
     }
@@ -734,7 +743,7 @@ mod tests {
         c.cluster.max_restarts = 1;
         let mut s = JobState::new(c, 2, 10);
         s.commits =
-            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 2, 2, false).unwrap());
+            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 2, 2, false, true).unwrap());
         s.register("a", None).unwrap();
         s.register("b", None).unwrap();
         s.report(0, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
@@ -784,7 +793,7 @@ mod tests {
         c.cluster.max_restarts = 3;
         let mut s = JobState::new(c, 1, 10);
         s.commits =
-            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 1, 2, false).unwrap());
+            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 1, 2, false, true).unwrap());
         s.register("a", None).unwrap();
         s.finish(
             0,

@@ -66,6 +66,9 @@ pub struct ResumeMeta {
     /// Staged jobs, pretraining: the mean loss of each finished pretraining epoch.
     #[serde(default)]
     pub history: Vec<f64>,
+    /// Pseudo-label rounds: the round whose TRAIN phase the checkpoint belongs to.
+    #[serde(default)]
+    pub round: u32,
 }
 
 impl ResumeMeta {
@@ -83,15 +86,21 @@ impl ResumeMeta {
             world_size: self.world_size,
             generation: self.generation,
             stage: self.stage,
+            round: self.round,
         }
     }
 }
 
 const RESUME_FORMAT: u32 = 1;
 
-/// The resumable checkpoint of step `step`, relative to the run directory.
-pub fn resumable_name(step: u64) -> String {
-    format!("checkpoints/step-{step:09}.safetensors")
+/// The resumable checkpoint of step `step` (of round `round`'s TRAIN phase for pseudo-label rounds,
+/// whose step counts restart each round), relative to the run directory.
+pub fn resumable_name(round: u32, step: u64) -> String {
+    if round == 0 {
+        format!("checkpoints/step-{step:09}.safetensors")
+    } else {
+        format!("checkpoints/round-{round}-step-{step:09}.safetensors")
+    }
 }
 
 /// Writes the trainer's full state and `meta` to `path` atomically: `model.<variable>`,

@@ -183,6 +183,7 @@ pub(crate) fn run_epochs(
                         unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
                         loss_sum,
                         seen,
+                        round: d.round,
                         ..Boundary::default()
                     };
                     commit(job, ring, &at, step, || trainer.training_state())?;
@@ -286,6 +287,7 @@ pub(crate) fn run_epochs(
                     steps_in_epoch: 0,
                     labeled_start: 0,
                     unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
+                    round: d.round,
                     ..Boundary::default()
                 };
                 commit(job, ring, &at, step, || trainer.training_state())?;
@@ -338,6 +340,8 @@ impl SampleTrace {
 pub(crate) struct Durable<'m> {
     pub(crate) cfg: &'m CheckpointConfig,
     pub(crate) resumed: Option<&'m ResumeMeta>,
+    /// Pseudo-label rounds: the round being trained (recorded in each commit).
+    pub(crate) round: u32,
 }
 
 /// A step boundary as a commit records it.
@@ -353,6 +357,7 @@ pub(crate) struct Boundary {
     /// Staged jobs: the stage, and pretraining's per-epoch losses so far.
     pub(crate) stage: u32,
     pub(crate) history: Vec<f64>,
+    pub(crate) round: u32,
 }
 
 /// Why a rank stops after the agreed stop at `step` (committed): the rank that got SIGTERM leaves; the
@@ -442,8 +447,9 @@ pub(crate) fn commit(
             .collect(),
         stage: at.stage,
         history: at.history.clone(),
+        round: at.round,
     };
-    let rel = checkpoint::resumable_name(step);
+    let rel = checkpoint::resumable_name(at.round, step);
     let path = ctx.run_dir.join(&rel);
     let t0 = Instant::now();
     checkpoint::save_state(state(), &meta, &path)?;
@@ -571,6 +577,8 @@ pub(crate) fn view_tensors(b: &loader::LoadedBatch, shape: &[usize]) -> Vec<tch:
 /// - `BUTLER_FAULT=worker-hang-at-step:N`: it stops working while its heartbeat goes on — a hung
 ///   device or a deadlock, as the coordinator sees it — until told to stop;
 /// - `BUTLER_FAULT=worker-kill-at-step:N`: it sends itself SIGKILL (`kill -9`: no cleanup at all);
+/// - `BUTLER_FAULT=worker-kill-after-steps:N`: the same after the process's N-th step in all (rounds
+///   start each TRAIN phase's step count at 0);
 /// - `BUTLER_FAULT=worker-sigterm-at-step:N`: it sends itself SIGTERM (what Kubernetes sends first).
 pub(crate) fn fault_hooks(ctx: &Ctx, step: u64) {
     #[derive(Clone, Copy, PartialEq)]
@@ -578,7 +586,11 @@ pub(crate) fn fault_hooks(ctx: &Ctx, step: u64) {
         Hang,
         Kill,
         Term,
+        /// After this process's N-th step, whatever the trainer's own count (rounds restart it).
+        KillAfter,
     }
+    static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let taken = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
     // Read once: this runs after every step.
     static FAULT: std::sync::OnceLock<Option<(Fault, u64)>> = std::sync::OnceLock::new();
     let fault = FAULT.get_or_init(|| {
@@ -588,13 +600,19 @@ pub(crate) fn fault_hooks(ctx: &Ctx, step: u64) {
             "worker-hang-at-step" => Fault::Hang,
             "worker-kill-at-step" => Fault::Kill,
             "worker-sigterm-at-step" => Fault::Term,
+            "worker-kill-after-steps" => Fault::KillAfter,
             _ => return None,
         };
         Some((kind, n.parse().ok()?))
     });
     let Some((kind, at)) = *fault else { return };
+    let count = if kind == Fault::KillAfter {
+        taken
+    } else {
+        step
+    };
     // Only in the job's first generation: the rank that replaces a killed one must not die again.
-    if at != step || ctx.rank + 1 != ctx.world || ctx.generation != 1 {
+    if at != count || ctx.rank + 1 != ctx.world || ctx.generation != 1 {
         return;
     }
     let signal = |sig: &str| {
@@ -609,7 +627,7 @@ pub(crate) fn fault_hooks(ctx: &Ctx, step: u64) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Fault::Kill => {
+        Fault::Kill | Fault::KillAfter => {
             warn!(step, "BUTLER_FAULT: kill -9 of this worker (test hook)");
             signal("-KILL");
             // SIGKILL is not deliverable late; never go on training.

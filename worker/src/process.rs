@@ -310,7 +310,7 @@ pub(crate) fn join_collective(
 
 /// Loads the commit point's checkpoint into `trainer` (every rank reads the same file) and checks that
 /// it is the state the coordinator recorded.
-fn resume_from(
+pub(crate) fn resume_from(
     ctx: &Ctx,
     trainer: &mut crate::trainer::Trainer,
     point: &butler_proto::ResumePoint,
@@ -396,6 +396,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
         let durable = job::Durable {
             cfg: &cfg.checkpoint,
             resumed: resumed.as_ref(),
+            round: 0,
         };
         let run = job::run_epochs(
             &job,

@@ -54,6 +54,8 @@ pub(crate) fn run(job: &Job, ring: &mut dyn Collective) -> Result<(Evaluation, T
     let mut done: Option<PhaseDone> = None;
     let mut finished: Option<(u32, i32)> = None;
     let mut last: Option<(Evaluation, Trainer, u32)> = None;
+    // The commit point this session resumes from: it belongs to one round's TRAIN phase.
+    let mut resume = ctx.resume.clone();
     loop {
         let phase = next_phase(job, done.take(), finished)?;
         let kind = PhaseKind::try_from(phase.kind).unwrap_or(PhaseKind::Unspecified);
@@ -66,6 +68,10 @@ pub(crate) fn run(job: &Job, ring: &mut dyn Collective) -> Result<(Evaluation, T
                     load_model(&mut trainer, &round_checkpoint(&ctx.run_dir, round - 1))?;
                 }
                 trainer.broadcast_parameters(ring)?;
+                let resumed = match resume.take().filter(|p| p.round == round) {
+                    Some(point) => Some(crate::process::resume_from(ctx, &mut trainer, &point)?),
+                    None => None,
+                };
                 let table: Option<Arc<PseudoTable>> = if round > 0 {
                     let set: Selection =
                         serde_json::from_str(&phase.selection_json).map_err(|e| {
@@ -107,7 +113,11 @@ pub(crate) fn run(job: &Job, ring: &mut dyn Collective) -> Result<(Evaluation, T
                     stream.as_mut(),
                     table.as_deref(),
                     from..from + epochs,
-                    None,
+                    Some(crate::job::Durable {
+                        cfg: &job.cfg.checkpoint,
+                        resumed: resumed.as_ref(),
+                        round,
+                    }),
                 )?
                 .eval;
                 if ctx.rank == 0 {
