@@ -4,7 +4,9 @@
 //! workers reconnect and register again). Each case must finish with the same final weights, byte for
 //! byte, as the uninterrupted run, and — counted from the samples the workers trained
 //! (`BUTLER_TRACE_SAMPLES`), keeping for each step the generation that survived — every labeled sample
-//! trained exactly once per epoch. Recovery times (failure detected → training again) are printed.
+//! trained exactly once per epoch. A worker cut off by a network partition (a network namespace and a
+//! veth pair whose link goes down for longer than the heartbeat timeout) is evicted, the job waits,
+//! and the same worker rejoins when the link returns. Recovery times are printed.
 
 mod common;
 use common::*;
@@ -349,6 +351,238 @@ fn a_coordinator_killed_mid_epoch_and_resumed_takes_its_workers_back() {
     eprintln!(
         "FAULT kill -9 coordinator: recovery after restart {:.2}s, accuracy {:.4} (clean {:.4})",
         recovery.unwrap_or(f64::NAN),
+        accuracy(&out),
+        accuracy(&clean)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair: `host_ip` here, `ns_ip` inside. Removed on
+/// drop (deleting the namespace deletes the pair).
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Netns {
+    const HOST_IP: &'static str = "10.213.7.1";
+    const NS_IP: &'static str = "10.213.7.2";
+
+    fn create() -> Option<Netns> {
+        let id = std::process::id() % 100_000;
+        let n = Netns {
+            name: format!("butler-part-{id}"),
+            host_if: format!("bph{id}"),
+        };
+        let ns_if = format!("bpn{id}");
+        let ok = ip(&["netns", "add", &n.name])
+            && ip(&[
+                "link", "add", &n.host_if, "type", "veth", "peer", "name", &ns_if,
+            ])
+            && ip(&["link", "set", &ns_if, "netns", &n.name])
+            && ip(&[
+                "addr",
+                "add",
+                &format!("{}/30", Self::HOST_IP),
+                "dev",
+                &n.host_if,
+            ])
+            && ip(&["link", "set", &n.host_if, "up"])
+            && ip(&[
+                "netns",
+                "exec",
+                &n.name,
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/30", Self::NS_IP),
+                "dev",
+                &ns_if,
+            ])
+            && ip(&["netns", "exec", &n.name, "ip", "link", "set", &ns_if, "up"])
+            && ip(&["netns", "exec", &n.name, "ip", "link", "set", "lo", "up"]);
+        ok.then_some(n)
+    }
+
+    fn link(&self, up: bool) {
+        assert!(ip(&[
+            "link",
+            "set",
+            &self.host_if,
+            if up { "up" } else { "down" }
+        ]));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip(&["netns", "del", &self.name]);
+        ip(&["link", "del", &self.host_if]);
+    }
+}
+
+fn log_has(dir: &Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        std::fs::read_to_string(e.unwrap().path())
+            .unwrap_or_default()
+            .contains(needle)
+    })
+}
+
+#[test]
+fn a_partitioned_worker_is_evicted_and_rejoins_when_the_link_returns() {
+    // Needs root and iproute2 (CI and the developers' machines run as root).
+    let Some(net) = Netns::create() else {
+        eprintln!("SKIPPED: cannot create a network namespace (needs root and `ip`)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&mnist1d(), 60)
+        .replace("epochs = 4", "epochs = 12")
+        .replace(
+            "collective_timeout_ms = 20000",
+            "collective_timeout_ms = 5000",
+        )
+        .replace("rejoin_timeout_ms = 30000", "rejoin_timeout_ms = 60000");
+    let cfg = write(dir.path(), "job.toml", &text);
+    let clean = dir.path().join("clean");
+    let o = run(&cfg, &clean, 3, &[], None);
+    assert!(o.status.success(), "clean run: {}", stderr(&o));
+
+    let out = dir.path().join("run");
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let trace = dir.path().join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let port = free_port().to_string();
+    let listen = format!("{}:{port}", Netns::HOST_IP);
+    let url = format!("http://{listen}");
+    let (cfg_s, out_s, trace_s) = (
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        trace.to_str().unwrap(),
+    );
+    let mut procs = Procs(vec![spawn(
+        &[
+            "coordinator",
+            "--config",
+            cfg_s,
+            "--world-size",
+            "3",
+            "--listen",
+            &listen,
+            "--run-dir",
+            out_s,
+        ],
+        &logs.join("coordinator.log"),
+        &[],
+    )]);
+    let exe = env!("CARGO_BIN_EXE_butler");
+    for r in 0..3 {
+        let rank = r.to_string();
+        let (host, id) = if r == 2 {
+            (Netns::NS_IP, "partitioned")
+        } else {
+            (Netns::HOST_IP, "w")
+        };
+        let worker = [
+            "worker",
+            "--coordinator",
+            &url,
+            "--rank",
+            &rank,
+            "--advertise-host",
+            host,
+            "--worker-id",
+            &format!("{id}{r}"),
+            "--threads",
+            "1",
+            "--connect-wait-s",
+            "60",
+        ];
+        let args: Vec<&str> = if r == 2 {
+            ["netns", "exec", net.name.as_str(), exe]
+                .into_iter()
+                .chain(worker)
+                .collect()
+        } else {
+            worker.to_vec()
+        };
+        let log = logs.join(format!("worker-{r}.log"));
+        procs.0.push(if r == 2 {
+            let f = std::fs::File::create(&log).unwrap();
+            Command::new("ip")
+                .args(&args)
+                .current_dir(repo())
+                .env("BUTLER_TOKEN", "fault-token")
+                .env("BUTLER_TRACE_SAMPLES", trace_s)
+                .stdin(Stdio::null())
+                .stdout(f.try_clone().unwrap())
+                .stderr(f)
+                .spawn()
+                .unwrap()
+        } else {
+            spawn(&args, &log, &[("BUTLER_TRACE_SAMPLES", trace_s)])
+        });
+    }
+    let t0 = Instant::now();
+    while commit_count(&out) < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no commit point appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    net.link(false);
+    let cut = Instant::now();
+    while !log_has(&logs, "regrouping") {
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "the partitioned rank was not evicted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let evicted = cut.elapsed().as_secs_f64();
+    // Longer than the heartbeat timeout: the rank must be gone from the job before it comes back.
+    std::thread::sleep(Duration::from_secs(4));
+    net.link(true);
+    let back = Instant::now();
+    for i in 0..4 {
+        loop {
+            if let Some(status) = procs.0[i].try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "process {i} failed; see {}",
+                    logs.display()
+                );
+                break;
+            }
+            assert!(
+                back.elapsed() < Duration::from_secs(150),
+                "the job did not finish after the link came back"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(
+        final_weights(&clean) == final_weights(&out),
+        "the job with a partitioned worker ends with other weights than the clean run"
+    );
+    assert_each_sample_once(&trace, 12);
+    let rejoined = seconds_between(&logs, "regrouping", "resumed from the commit point");
+    eprintln!(
+        "FAULT partition of one worker: evicted after {evicted:.2}s, training again {:.2}s after the \
+         regroup (link restored after {:.2}s), accuracy {:.4} (clean {:.4})",
+        rejoined.unwrap_or(f64::NAN),
+        back.duration_since(cut).as_secs_f64(),
         accuracy(&out),
         accuracy(&clean)
     );
