@@ -369,10 +369,12 @@ fn prepare_pool(
         bail!("--num-samples must be at least 1");
     }
     if !out.join(MANIFEST_FILE).is_file() {
-        bail!(
-            "{} has no dataset yet: run `butler data prepare mnist1d` first (the unlabeled split is added to it)",
+        // The pool joins MNIST-1D's train/test splits, so a pool directory starts as the dataset.
+        println!(
+            "{} has no dataset yet: preparing MNIST-1D's train/test splits there first",
             out.display()
         );
+        prepare(Dataset::Mnist1d, out, shard_size, python.clone())?;
     }
     let (base, _) = Manifest::load(out)?;
     if base.splits.get(split).is_some_and(|s| s.labeled) {

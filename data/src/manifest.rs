@@ -97,14 +97,19 @@ impl Manifest {
 
     /// Loads and validates a manifest; `path` may be the file or the directory holding `manifest.json`.
     pub fn load(path: &Path) -> Result<(Manifest, PathBuf)> {
-        let file = if path.is_dir() {
+        // A missing path that does not name a .json file is the dataset directory a job expects.
+        let names_dir = !path.exists() && path.extension().is_none_or(|e| e != "json");
+        let file = if path.is_dir() || names_dir {
             path.join(MANIFEST_FILE)
         } else {
             path.to_path_buf()
         };
         let text = std::fs::read_to_string(&file).map_err(|e| Error::Manifest {
             path: file.clone(),
-            message: format!("cannot read: {e} (prepare data with `butler data prepare`)"),
+            message: format!(
+                "cannot read: {e} (prepare it with `{}`)",
+                prepare_command(file.parent().unwrap_or(Path::new(".")))
+            ),
         })?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Manifest {
             path: file.clone(),
@@ -256,9 +261,51 @@ impl Manifest {
     }
 }
 
+/// The command that prepares the dataset a job expects in `dir`, from the directory's name: the
+/// datasets `butler data prepare` generates (`data/mnist1d`, `data/digits`, `data/mnist1d-shift`) and
+/// the examples' unlabeled pools (`…/mnist1d-pool-N`).
+pub fn prepare_command(dir: &Path) -> String {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let out = dir.display();
+    match name.as_str() {
+        "mnist1d" | "digits" | "mnist1d-shift" => format!("butler data prepare {name} --out {out}"),
+        _ => match name
+            .strip_prefix("mnist1d-pool-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            Some(n) => format!("butler data prepare mnist1d --num-samples {n} --out {out}"),
+            None => format!(
+                "butler data prepare mnist1d|digits|mnist1d-shift --out {out}` or `butler data import … --out {out}"
+            ),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_dataset_names_the_command_that_prepares_it() {
+        assert_eq!(
+            prepare_command(Path::new("data/digits")),
+            "butler data prepare digits --out data/digits"
+        );
+        assert_eq!(
+            prepare_command(Path::new("bench-data/mnist1d-pool-100000")),
+            "butler data prepare mnist1d --num-samples 100000 --out bench-data/mnist1d-pool-100000"
+        );
+        let e = Manifest::load(Path::new("/nonexistent/mnist1d-shift"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("butler data prepare mnist1d-shift --out /nonexistent/mnist1d-shift"),
+            "{e}"
+        );
+    }
 
     const OLD: &str = r#"{
       "format": "butler-shards", "version": 1, "name": "t", "sample_shape": [2], "dtype": "f32",
