@@ -587,3 +587,120 @@ fn a_partitioned_worker_is_evicted_and_rejoins_when_the_link_returns() {
         accuracy(&clean)
     );
 }
+
+#[test]
+fn a_job_that_loses_a_worker_and_gets_no_replacement_shrinks_and_finishes() {
+    // 3 workers, min_workers = 2, no Mixup and a constant learning rate: training with W workers
+    // equals training with one, so the run that shrinks from 3 to 2 mid-epoch must end where the clean
+    // 3-worker run ends (to float noise), with every labeled sample once per epoch.
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&mnist1d(), 60)
+        .replace("[regularize.mix]\nmixup_alpha = 0.2\n", "")
+        .replace(
+            "rejoin_timeout_ms = 30000",
+            "rejoin_timeout_ms = 2000\nmin_workers = 2",
+        );
+    let cfg = write(dir.path(), "job.toml", &text);
+    let clean = dir.path().join("clean");
+    let o = run(&cfg, &clean, 3, &[], None);
+    assert!(o.status.success(), "clean run: {}", stderr(&o));
+
+    let out = dir.path().join("run");
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let trace = dir.path().join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let (cfg_s, out_s, trace_s) = (
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        trace.to_str().unwrap(),
+    );
+    let mut procs = Procs(vec![spawn(
+        &[
+            "coordinator",
+            "--config",
+            cfg_s,
+            "--world-size",
+            "3",
+            "--listen",
+            &listen,
+            "--run-dir",
+            out_s,
+        ],
+        &logs.join("coordinator.log"),
+        &[],
+    )]);
+    for r in ["0", "1", "2"] {
+        procs.0.push(spawn(
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--rank",
+                r,
+                "--advertise-host",
+                "127.0.0.1",
+                "--worker-id",
+                &format!("w{r}"),
+                "--threads",
+                "1",
+            ],
+            &logs.join(format!("worker-{r}.log")),
+            &[
+                ("BUTLER_TRACE_SAMPLES", trace_s),
+                ("BUTLER_FAULT", "worker-kill-at-step:12"),
+            ],
+        ));
+    }
+    let t0 = Instant::now();
+    for i in [0, 1, 2] {
+        loop {
+            if let Some(status) = procs.0[i].try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "process {i} failed; see {}",
+                    logs.display()
+                );
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the job did not finish after shrinking"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(log_has(&logs, "shrinking"), "the job did not shrink");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["world_size"], 2);
+    assert_each_sample_once(&trace, 4);
+    let weights = |d: &Path| -> Vec<(String, tch::Tensor)> {
+        let mut v = tch::Tensor::read_safetensors(d.join("checkpoints/final.safetensors")).unwrap();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let worst = weights(&clean)
+        .iter()
+        .zip(weights(&out))
+        .map(|((na, a), (nb, b))| {
+            assert_eq!(na, &nb);
+            (a - b).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-4,
+        "max |Δweight| = {worst:e} against the clean 3-worker run"
+    );
+    let recovery = seconds_between(&logs, "shrinking", "resumed from the commit point");
+    eprintln!(
+        "FAULT kill -9 of 1 of 3 workers, no replacement: shrank to 2, training again {:.2}s after \
+         the shrink; max |Δweight| vs the clean run {worst:.1e}, accuracy {:.4} (clean {:.4})",
+        recovery.unwrap_or(f64::NAN),
+        accuracy(&out),
+        accuracy(&clean)
+    );
+}

@@ -317,6 +317,11 @@ pub struct ClusterConfig {
     /// How long a regroup waits for the world to be full again (a replacement worker to register).
     #[serde(default = "default_rendezvous_timeout_ms")]
     pub rejoin_timeout_ms: u64,
+    /// Elastic shrinking: when no replacement registers within `rejoin_timeout_ms`, the job continues
+    /// with the workers it has if they are at least this many (each unconsumed sample of the epoch
+    /// still trained exactly once). Absent: the full world is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_workers: Option<u32>,
 }
 
 /// `[checkpoint]`: when rank 0 writes a resumable checkpoint (model, optimizer state, EMA, schedule
@@ -379,6 +384,7 @@ impl Default for ClusterConfig {
             backend: BackendChoice::default(),
             max_restarts: 0,
             rejoin_timeout_ms: default_rendezvous_timeout_ms(),
+            min_workers: None,
         }
     }
 }
@@ -665,6 +671,37 @@ impl JobConfig {
         }
         if let Some(p) = &self.pretrain {
             p.validate_world(world_size)?;
+        }
+        if let Some(min) = self.cluster.min_workers {
+            let bad = |why: String| Error::invalid("cluster.min_workers", why);
+            if min == 0 || min > world_size {
+                return Err(bad(format!(
+                    "{min} must lie between 1 and the world size {world_size}"
+                )));
+            }
+            if min < world_size {
+                if self.data.unlabeled_split.is_some() || self.pseudo_label.is_some() {
+                    return Err(bad(format!(
+                        "{min} is below the world size {world_size}, but this job has an unlabeled \
+                         stream or pseudo-label rounds, whose re-cut across world sizes is not \
+                         persisted yet; remove cluster.min_workers"
+                    )));
+                }
+                for w in min..world_size {
+                    let carry = Self {
+                        cluster: ClusterConfig {
+                            min_workers: None,
+                            ..self.cluster.clone()
+                        },
+                        ..self.clone()
+                    };
+                    carry.validate_world(w).map_err(|e| {
+                        bad(format!(
+                            "the job may shrink to {w} workers, which cannot carry it: {e}"
+                        ))
+                    })?;
+                }
+            }
         }
         Ok(())
     }

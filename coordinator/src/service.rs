@@ -617,6 +617,9 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
                 tick.tick().await;
                 let failed = {
                     let mut st = shared.lock();
+                    if st.failure().is_none() && st.try_shrink() {
+                        shared.rendezvous.notify_waiters();
+                    }
                     if st.failure().is_none() {
                         // A silent rank is survivable (regroup); a stalled one is not (it may hang again).
                         if let Some(why) = st.overdue(timeout, join_timeout) {

@@ -214,6 +214,45 @@ impl JobState {
         );
     }
 
+    /// Elastic shrinking: past the rejoin deadline with fewer workers registered than the world but
+    /// at least `cluster.min_workers`, the job goes on with those — a new generation whose world is
+    /// their count; they register again and get dense ranks. Returns whether it shrank.
+    pub fn try_shrink(&mut self) -> bool {
+        let Some(deadline) = self.rejoin_deadline else {
+            return false;
+        };
+        let registered = self.members.iter().filter(|m| m.is_some()).count() as u32;
+        let min = self.cfg.cluster.min_workers.unwrap_or(self.world_size);
+        if self.failure.is_some()
+            || Instant::now() <= deadline
+            || registered >= self.world_size
+            || registered < min
+            || registered == 0
+        {
+            return false;
+        }
+        let from = self.world_size;
+        self.generation += 1;
+        self.world_size = registered;
+        let n = registered as usize;
+        self.members = vec![None; n];
+        self.endpoints = vec![None; n];
+        self.finished_ok = vec![None; n];
+        self.stages = crate::stages::StagePlan::new(&self.cfg, registered);
+        self.rejoin_deadline =
+            Some(Instant::now() + Duration::from_millis(self.cfg.cluster.rejoin_timeout_ms));
+        if let Some(c) = self.commits.as_mut() {
+            c.resume_from_newest(self.generation);
+        }
+        tracing::warn!(
+            from,
+            to = registered,
+            generation = self.generation,
+            "shrinking: no replacement within cluster.rejoin_timeout_ms; continuing with the workers left"
+        );
+        true
+    }
+
     /// After a regroup, once: the epoch records kept (`metrics.jsonl` must be rewritten to them).
     pub fn take_regrouped(&mut self) -> Option<Vec<EpochRecord>> {
         std::mem::take(&mut self.regrouped).then(|| self.prior_history.clone())
@@ -244,6 +283,15 @@ impl JobState {
             return Err(Refusal::JobFailed(f.clone()));
         }
         let rank = match requested {
+            // After the job shrank, a worker asks for its old rank: it takes the lowest free one.
+            Some(r) if r >= self.world_size && self.cfg.cluster.min_workers.is_some() => {
+                self.members
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(Refusal::WorldFull {
+                        world: self.world_size,
+                    })? as u32
+            }
             Some(r) if r >= self.world_size => {
                 return Err(Refusal::BadRank {
                     rank: r,

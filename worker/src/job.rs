@@ -157,9 +157,18 @@ pub(crate) fn run_epochs(
         let t0 = Instant::now();
         // A resumed epoch carries on the running loss of its first part.
         let resumed_here = resumed.filter(|m| m.epoch == epoch);
-        let (mut loss_sum, mut seen) = resumed_here
-            .and_then(|m| m.epoch_losses.get(ctx.rank as usize))
-            .map_or((0.0, 0u64), |&[l, n]| (l, n as u64));
+        let (mut loss_sum, mut seen) = match resumed_here {
+            Some(m) if m.world_size == ctx.world => m
+                .epoch_losses
+                .get(ctx.rank as usize)
+                .map_or((0.0, 0u64), |&[l, n]| (l, n as u64)),
+            // Another world: rank 0 carries the whole epoch's running loss.
+            Some(m) if ctx.rank == 0 => m
+                .epoch_losses
+                .iter()
+                .fold((0.0, 0u64), |(l, n), e| (l + e[0], n + e[1] as u64)),
+            _ => (0.0, 0),
+        };
         let steps_before = resumed_here.map_or(0, |m| m.steps_in_epoch);
         let lr = trainer.learning_rate();
         let per_rank_batch = job.per_rank_batch;

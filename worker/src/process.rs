@@ -327,13 +327,12 @@ pub(crate) fn resume_from(
         });
     }
     if meta.world_size != ctx.world {
-        return Err(Error::Checkpoint {
-            file: path,
-            reason: format!(
-                "written by {} ranks, resumed by {}",
-                meta.world_size, ctx.world
-            ),
-        });
+        // The job shrank: the coordinator re-cuts the epoch's unconsumed samples for this world.
+        info!(
+            from = meta.world_size,
+            to = ctx.world,
+            "resuming with another world size"
+        );
     }
     info!(step = meta.step, epoch = meta.epoch, checkpoint = %point.checkpoint, "resumed from the commit point");
     Ok(meta)
