@@ -589,13 +589,15 @@ fn a_partitioned_worker_is_evicted_and_rejoins_when_the_link_returns() {
 }
 
 #[test]
-fn a_job_that_loses_a_worker_and_gets_no_replacement_shrinks_and_finishes() {
+fn an_elastic_job_shrinks_without_a_replacement_and_grows_when_a_worker_joins() {
     // 3 workers, min_workers = 2, no Mixup and a constant learning rate: training with W workers
-    // equals training with one, so the run that shrinks from 3 to 2 mid-epoch must end where the clean
+    // equals training with one, so the run that shrinks from 3 to 2 mid-epoch (no replacement within
+    // the rejoin timeout) and grows back to 3 when a new worker registers must end where the clean
     // 3-worker run ends (to float noise), with every labeled sample once per epoch.
     let dir = tempfile::tempdir().unwrap();
     let text = config(&mnist1d(), 60)
         .replace("[regularize.mix]\nmixup_alpha = 0.2\n", "")
+        .replace("epochs = 4", "epochs = 12")
         .replace(
             "rejoin_timeout_ms = 30000",
             "rejoin_timeout_ms = 2000\nmin_workers = 2",
@@ -656,7 +658,30 @@ fn a_job_that_loses_a_worker_and_gets_no_replacement_shrinks_and_finishes() {
         ));
     }
     let t0 = Instant::now();
-    for i in [0, 1, 2] {
+    while !log_has(&logs, "shrinking") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the job did not shrink"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A new worker (no rank asked) joins the running 2-worker job.
+    procs.0.push(spawn(
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--advertise-host",
+            "127.0.0.1",
+            "--worker-id",
+            "newcomer",
+            "--threads",
+            "1",
+        ],
+        &logs.join("worker-new.log"),
+        &[("BUTLER_TRACE_SAMPLES", trace_s)],
+    ));
+    for i in [0, 1, 2, 4] {
         loop {
             if let Some(status) = procs.0[i].try_wait().unwrap() {
                 assert!(
@@ -668,16 +693,19 @@ fn a_job_that_loses_a_worker_and_gets_no_replacement_shrinks_and_finishes() {
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(120),
-                "the job did not finish after shrinking"
+                "the job did not finish after shrinking and growing"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    assert!(log_has(&logs, "shrinking"), "the job did not shrink");
+    assert!(
+        log_has(&logs, "waits to join"),
+        "the newcomer did not wait for a boundary"
+    );
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(s["world_size"], 2);
-    assert_each_sample_once(&trace, 4);
+    assert_eq!(s["world_size"], 3, "the job grew back to 3 workers");
+    assert_each_sample_once(&trace, 12);
     let weights = |d: &Path| -> Vec<(String, tch::Tensor)> {
         let mut v = tch::Tensor::read_safetensors(d.join("checkpoints/final.safetensors")).unwrap();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -696,10 +724,13 @@ fn a_job_that_loses_a_worker_and_gets_no_replacement_shrinks_and_finishes() {
         "max |Δweight| = {worst:e} against the clean 3-worker run"
     );
     let recovery = seconds_between(&logs, "shrinking", "resumed from the commit point");
+    let admitted = seconds_between(&logs, "waits to join", "resuming with another world size");
     eprintln!(
         "FAULT kill -9 of 1 of 3 workers, no replacement: shrank to 2, training again {:.2}s after \
-         the shrink; max |Δweight| vs the clean run {worst:.1e}, accuracy {:.4} (clean {:.4})",
+         the shrink; a new worker admitted {:.2}s after it asked; max |Δweight| vs the clean run \
+         {worst:.1e}, accuracy {:.4} (clean {:.4})",
         recovery.unwrap_or(f64::NAN),
+        admitted.unwrap_or(f64::NAN),
         accuracy(&out),
         accuracy(&clean)
     );

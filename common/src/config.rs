@@ -679,6 +679,13 @@ impl JobConfig {
                     "{min} must lie between 1 and the world size {world_size}"
                 )));
             }
+            if self.cluster.max_restarts == 0 {
+                return Err(bad(
+                    "an elastic job regroups when it loses a worker: set cluster.max_restarts to at \
+                     least 1"
+                        .into(),
+                ));
+            }
             if min < world_size {
                 if self.data.unlabeled_split.is_some() || self.pseudo_label.is_some() {
                     return Err(bad(format!(

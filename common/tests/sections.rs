@@ -174,3 +174,56 @@ mod pretrain {
         assert!(c.validate_world(2).is_ok());
     }
 }
+
+mod elastic {
+    use butler_common::config::JobConfig;
+    use std::path::Path;
+
+    fn job(batch: usize, extra: &str) -> JobConfig {
+        let text = format!(
+            "[job]\nname='t'\n[data]\nmanifest='m'\n{extra}[model]\nkind='mlp'\nhidden=[8]\n\
+             [optim]\nkind='sgd'\nlr=0.1\n[train]\nepochs=1\nbatch_size={batch}\n"
+        );
+        JobConfig::from_toml(&text, Path::new("job.toml")).unwrap()
+    }
+
+    fn with_cluster(mut c: JobConfig, min: u32, restarts: u32) -> JobConfig {
+        c.cluster.min_workers = Some(min);
+        c.cluster.max_restarts = restarts;
+        c
+    }
+
+    #[test]
+    fn every_world_an_elastic_job_may_shrink_to_must_carry_its_batch() {
+        // 60 is divisible by 4, 3 and 2.
+        assert!(with_cluster(job(60, ""), 2, 1).validate_world(4).is_ok());
+        // 48 is not divisible by 5: a world of 6 that may shrink to 5 is refused, naming both.
+        let e = with_cluster(job(48, ""), 4, 1)
+            .validate_world(6)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.min_workers") && e.contains("shrink to 5"), "{e}");
+        // Elastic needs regroups.
+        let e = with_cluster(job(60, ""), 2, 0)
+            .validate_world(3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_restarts"), "{e}");
+        // Out of range.
+        let e = with_cluster(job(60, ""), 5, 1)
+            .validate_world(3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 1 and the world size 3"), "{e}");
+        // An unlabeled stream cannot shrink yet.
+        let e = with_cluster(job(60, "unlabeled_split='u'\n"), 2, 1)
+            .validate_world(3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unlabeled"), "{e}");
+        // min = world is not elastic: anything goes.
+        assert!(with_cluster(job(60, "unlabeled_split='u'\n"), 3, 1)
+            .validate_world(3)
+            .is_ok());
+    }
+}

@@ -78,8 +78,34 @@ impl Coordinator for Service {
         let peer = req.remote_addr();
         let r = req.into_inner();
         let requested = u32::try_from(r.requested_rank).ok();
-        let mut st = self.0.lock();
-        let rank = st.register(&r.worker_id, requested).map_err(status)?;
+        // A worker that finds a shrunk job full waits for the next step boundary, where the job
+        // regroups with it (the ranks hear about it in their heartbeats).
+        let mut waiting = false;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.0.lock().cfg.cluster.rejoin_timeout_ms);
+        let (st, rank) = loop {
+            let notified = self.0.rendezvous.notified();
+            {
+                let mut st = self.0.lock();
+                match st.register(&r.worker_id, requested) {
+                    Err(Refusal::WorldFull { .. }) if waiting || st.wait_to_join() => {
+                        if !waiting {
+                            info!(worker = %r.worker_id, "a worker waits to join at the next step boundary");
+                        }
+                        waiting = true;
+                    }
+                    other => {
+                        let rank = other.map_err(status)?;
+                        break (st, rank);
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::deadline_exceeded(
+                    "the job did not reach a step boundary to admit this worker in time",
+                ));
+            }
+        };
         info!(rank, worker = %r.worker_id, ?peer, generation = st.generation, "worker registered");
         Ok(Response::new(RegisterResponse {
             rank,
@@ -295,11 +321,14 @@ impl Coordinator for Service {
         let r = req.into_inner();
         let mut st = self.0.lock();
         match st.heartbeat(r.rank, r.generation, r.progress) {
-            Ok(()) => Ok(Response::new(HeartbeatResponse::default())),
+            Ok(()) => Ok(Response::new(HeartbeatResponse {
+                regroup_at_boundary: st.joining > 0,
+                ..Default::default()
+            })),
             Err(Refusal::JobFailed(why)) => Ok(Response::new(HeartbeatResponse {
                 stop: true,
                 reason: why,
-                regroup: false,
+                ..Default::default()
             })),
             // A rank of an older generation: the job regrouped without it, and it must join again.
             Err(Refusal::StaleGeneration { got, current }) if got < current => {
@@ -309,6 +338,7 @@ impl Coordinator for Service {
                         "the job regrouped (generation {current}, this rank is in {got})"
                     ),
                     regroup: true,
+                    ..Default::default()
                 }))
             }
             Err(e) => Err(status(e)),

@@ -116,6 +116,10 @@ pub struct JobState {
     rejoin_deadline: Option<Instant>,
     /// A regroup happened that the service has not yet written out (`metrics.jsonl`).
     regrouped: bool,
+    /// The world size the job was started with (it may shrink to `cluster.min_workers` and grow back).
+    pub max_world: u32,
+    /// Workers waiting to join a shrunk job (admitted at the next step boundary).
+    pub joining: u32,
     /// Pseudo-label rounds, when the job has them.
     pub rounds: Option<crate::rounds::Rounds>,
     /// Commit points of a job that checkpoints (plain, semi-supervised and distillation jobs).
@@ -142,6 +146,8 @@ impl JobState {
             restarts: 0,
             rejoin_deadline: None,
             regrouped: false,
+            max_world: world_size,
+            joining: 0,
             rounds: None,
             commits: None,
             prior_history: Vec::new(),
@@ -166,18 +172,39 @@ impl JobState {
     /// restarts left, not failed and not finished.
     pub fn can_regroup(&self) -> bool {
         // Pseudo-label rounds resume by hand (`--resume`); their phase reports are not regrouped.
+        // Admitting a waiting worker is not a failure: it needs no restart left.
         self.failure.is_none()
             && self.commits.is_some()
             && self.rounds.is_none()
-            && self.restarts < self.cfg.cluster.max_restarts
+            && (self.restarts < self.cfg.cluster.max_restarts || self.joining > 0)
             && !self.finished_ok.iter().all(Option::is_some)
+    }
+
+    /// A worker asks to join a job running below its world size: true when it should wait for the
+    /// next step boundary (the ranks are told through their heartbeats), false when it cannot join.
+    pub fn wait_to_join(&mut self) -> bool {
+        let open = self.failure.is_none()
+            && self.cfg.cluster.min_workers.is_some()
+            && self.world_size + self.joining < self.max_world
+            && self.members.iter().all(Option::is_some)
+            && !self.finished_ok.iter().any(Option::is_some);
+        if open {
+            self.joining += 1;
+        }
+        open
     }
 
     /// Survives a lost worker: a new generation in which every rank registers again (survivors and
     /// replacements alike) and resumes from the newest commit point. Records of the epochs at or after
     /// that commit are dropped (they are trained again; see [`JobState::take_regrouped`]).
     pub fn regroup(&mut self, why: &str) {
-        self.restarts += 1;
+        if self.joining > 0 {
+            // Growing back: the waiting workers take part in the new generation.
+            self.world_size = (self.world_size + self.joining).min(self.max_world);
+            self.joining = 0;
+        } else {
+            self.restarts += 1;
+        }
         self.generation += 1;
         let n = self.world_size as usize;
         self.members = vec![None; n];
@@ -298,15 +325,23 @@ impl JobState {
                     world: self.world_size,
                 })
             }
-            Some(r) => {
-                if let Some(m) = &self.members[r as usize] {
+            Some(r) => match &self.members[r as usize] {
+                // Elastic jobs renumber: a worker whose old rank a newcomer took takes a free one.
+                Some(_) if self.cfg.cluster.min_workers.is_some() => self
+                    .members
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(Refusal::WorldFull {
+                        world: self.world_size,
+                    })? as u32,
+                Some(m) => {
                     return Err(Refusal::RankTaken {
                         rank: r,
                         by: m.worker_id.clone(),
-                    });
+                    })
                 }
-                r
-            }
+                None => r,
+            },
             None => self
                 .members
                 .iter()

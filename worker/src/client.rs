@@ -75,6 +75,8 @@ pub struct Progress {
     pub terminate: AtomicBool,
     /// The stop asked for is a regroup (see [`Progress::request_regroup`]).
     pub regroup: AtomicBool,
+    /// A worker waits to join: regroup at the next step boundary every rank agrees on, after a commit.
+    pub regroup_at_boundary: AtomicBool,
 }
 
 impl Progress {
@@ -140,6 +142,9 @@ pub async fn heartbeat_loop(
             Ok(r) => {
                 last_ok = Instant::now();
                 let r = r.into_inner();
+                if r.regroup_at_boundary {
+                    progress.regroup_at_boundary.store(true, Ordering::SeqCst);
+                }
                 if r.stop && r.regroup {
                     progress.request_regroup(r.reason);
                     return;

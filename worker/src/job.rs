@@ -372,6 +372,13 @@ pub(crate) struct Boundary {
 /// Why a rank stops after the agreed stop at `step` (committed): the rank that got SIGTERM leaves; the
 /// others regroup without it (with `cluster.max_restarts` the job goes on once a replacement joins).
 pub(crate) fn stopped_at(ctx: &Ctx, step: u64) -> Error {
+    if ctx.progress.regroup_at_boundary.load(Ordering::Relaxed)
+        && !ctx.progress.terminate.load(Ordering::Relaxed)
+    {
+        return Error::Regroup(format!(
+            "admitting a new worker at the checkpoint of step {step} (committed)"
+        ));
+    }
     if ctx.progress.terminate.load(Ordering::Relaxed) {
         Error::Terminated(format!(
             "asked to terminate (SIGTERM); the checkpoint of step {step} is committed: continue the \
@@ -409,7 +416,8 @@ fn split_f64(x: f64) -> [f32; 3] {
 
 /// True on every rank when any rank was asked to terminate.
 pub(crate) fn agree_to_stop(ctx: &Ctx, ring: &mut dyn Collective) -> Result<bool> {
-    let mine = ctx.progress.terminate.load(Ordering::Relaxed);
+    let mine = ctx.progress.terminate.load(Ordering::Relaxed)
+        || ctx.progress.regroup_at_boundary.load(Ordering::Relaxed);
     let mut flag = tch::Tensor::from_slice(&[mine as u8 as f32]);
     ring.all_reduce_sum(&mut flag)?;
     Ok(flag.double_value(&[0]) > 0.0)
