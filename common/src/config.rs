@@ -322,6 +322,10 @@ pub struct ClusterConfig {
     /// still trained exactly once). Absent: the full world is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_workers: Option<u32>,
+    /// Elastic growth: workers that register while the job runs below this many are admitted at the
+    /// next step boundary. Default: the world size the job starts with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
 }
 
 /// `[checkpoint]`: when rank 0 writes a resumable checkpoint (model, optimizer state, EMA, schedule
@@ -385,6 +389,7 @@ impl Default for ClusterConfig {
             max_restarts: 0,
             rejoin_timeout_ms: default_rendezvous_timeout_ms(),
             min_workers: None,
+            max_workers: None,
         }
     }
 }
@@ -672,6 +677,20 @@ impl JobConfig {
         if let Some(p) = &self.pretrain {
             p.validate_world(world_size)?;
         }
+        if let Some(max) = self.cluster.max_workers {
+            if max < world_size {
+                return Err(Error::invalid(
+                    "cluster.max_workers",
+                    format!("{max} is below the world size {world_size} the job starts with"),
+                ));
+            }
+            if max > world_size && self.cluster.min_workers.is_none() {
+                return Err(Error::invalid(
+                    "cluster.max_workers",
+                    "growing past the starting world needs an elastic job: set cluster.min_workers",
+                ));
+            }
+        }
         if let Some(min) = self.cluster.min_workers {
             let bad = |why: String| Error::invalid("cluster.min_workers", why);
             if min == 0 || min > world_size {
@@ -686,25 +705,28 @@ impl JobConfig {
                         .into(),
                 ));
             }
-            if min < world_size {
-                if self.data.unlabeled_split.is_some() || self.pseudo_label.is_some() {
-                    return Err(bad(format!(
-                        "{min} is below the world size {world_size}, but this job has an unlabeled \
-                         stream or pseudo-label rounds, whose re-cut across world sizes is not \
-                         persisted yet; remove cluster.min_workers"
-                    )));
-                }
-                for w in min..world_size {
+            let max = self.cluster.max_workers.unwrap_or(world_size);
+            if min < max && (self.data.unlabeled_split.is_some() || self.pseudo_label.is_some()) {
+                return Err(bad(format!(
+                    "the world may change ({min}..={max} workers), but this job has an unlabeled \
+                     stream or pseudo-label rounds, whose re-cut across world sizes is not persisted \
+                     yet; remove cluster.min_workers / max_workers"
+                )));
+            }
+            if min < max {
+                for w in (min..=max).filter(|&w| w != world_size) {
                     let carry = Self {
                         cluster: ClusterConfig {
                             min_workers: None,
+                            max_workers: None,
                             ..self.cluster.clone()
                         },
                         ..self.clone()
                     };
                     carry.validate_world(w).map_err(|e| {
                         bad(format!(
-                            "the job may shrink to {w} workers, which cannot carry it: {e}"
+                            "the job may run with {w} workers (cluster.min_workers..=max_workers), \
+                             which cannot carry it: {e}"
                         ))
                     })?;
                 }

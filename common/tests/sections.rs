@@ -202,7 +202,10 @@ mod elastic {
             .validate_world(6)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cluster.min_workers") && e.contains("shrink to 5"), "{e}");
+        assert!(
+            e.contains("cluster.min_workers") && e.contains("run with 5 workers"),
+            "{e}"
+        );
         // Elastic needs regroups.
         let e = with_cluster(job(60, ""), 2, 0)
             .validate_world(3)
@@ -225,5 +228,30 @@ mod elastic {
         assert!(with_cluster(job(60, "unlabeled_split='u'\n"), 3, 1)
             .validate_world(3)
             .is_ok());
+    }
+}
+
+mod elastic_growth {
+    use butler_common::config::JobConfig;
+    use std::path::Path;
+
+    #[test]
+    fn growth_is_bounded_by_max_workers_and_checked_like_shrinking() {
+        let text = "[job]\nname='t'\n[data]\nmanifest='m'\n[model]\nkind='mlp'\nhidden=[8]\n\
+             [optim]\nkind='sgd'\nlr=0.1\n[train]\nepochs=1\nbatch_size=60\n\
+             [cluster]\nmax_restarts=1\nmin_workers=2\nmax_workers=5\n";
+        let c = JobConfig::from_toml(text, Path::new("job.toml")).unwrap();
+        // 60 is divisible by 2, 3, 4 and 5.
+        assert!(c.validate_world(3).is_ok());
+        let e = c.validate_world(6).unwrap_err().to_string();
+        assert!(e.contains("cluster.max_workers"), "{e}");
+        let mut c7 = c.clone();
+        c7.cluster.max_workers = Some(7);
+        let e = c7.validate_world(3).unwrap_err().to_string();
+        assert!(e.contains("run with 7 workers"), "{e}");
+        let mut not_elastic = c.clone();
+        not_elastic.cluster.min_workers = None;
+        let e = not_elastic.validate_world(3).unwrap_err().to_string();
+        assert!(e.contains("set cluster.min_workers"), "{e}");
     }
 }

@@ -121,7 +121,9 @@ impl Commits {
     /// A fresh job removes an earlier run's log and resumable checkpoints from `run_dir` (they would
     /// otherwise pass for this run's); with `resume` it reads the log and picks the newest commit whose
     /// checkpoint is intact, warning about (and dropping) newer ones that are not. A missing log is an
-    /// error when `required`, else an empty log.
+    /// error when `required`, else an empty log; another world size is an error unless `any_world`
+    /// (elastic jobs).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         run_dir: &Path,
         job: &str,
@@ -130,6 +132,7 @@ impl Commits {
         keep: usize,
         resume: bool,
         required: bool,
+        any_world: bool,
     ) -> Result<Commits, String> {
         let file = run_dir.join(STATE_FILE);
         let mut c = Commits {
@@ -189,7 +192,7 @@ impl Commits {
                 file.display()
             ));
         }
-        if state.world_size != world_size {
+        if state.world_size != world_size && !any_world {
             return Err(format!(
                 "--resume: the job was run with {} workers and is resumed with {world_size}; resume \
                  it with {} workers",
@@ -385,23 +388,23 @@ mod tests {
     fn keeps_the_newest_and_resumes_from_the_last_intact() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let mut c = Commits::open(d, "j", "cfg", 2, 2, false, true).unwrap();
+        let mut c = Commits::open(d, "j", "cfg", 2, 2, false, true, false).unwrap();
         for step in [5, 10, 15] {
             c.record(commit(d, step, format!("ckpt {step}").as_bytes()))
                 .unwrap();
         }
         // keep = 2: step 5's file is gone, the log names 10 and 15.
         assert!(!d.join("checkpoints/step-5.safetensors").exists());
-        let r = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap();
+        let r = Commits::open(d, "j", "cfg", 2, 2, true, true, false).unwrap();
         assert_eq!(r.resumed().unwrap().step, 15);
         assert_eq!(r.resumed().unwrap().point().unlabeled_step, 15);
 
         // Truncate the newest: the previous one is used, and the log forgets the broken one.
         std::fs::write(d.join("checkpoints/step-15.safetensors"), b"ckpt").unwrap();
-        let r = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap();
+        let r = Commits::open(d, "j", "cfg", 2, 2, true, true, false).unwrap();
         assert_eq!(r.resumed().unwrap().step, 10);
         assert_eq!(
-            Commits::open(d, "j", "cfg", 2, 2, true, true)
+            Commits::open(d, "j", "cfg", 2, 2, true, true, false)
                 .unwrap()
                 .newest()
                 .unwrap()
@@ -411,7 +414,7 @@ mod tests {
 
         // Corrupt the only one left (same size, other bytes): a clear error naming the file.
         std::fs::write(d.join("checkpoints/step-10.safetensors"), b"ckpt 11").unwrap();
-        let e = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap_err();
+        let e = Commits::open(d, "j", "cfg", 2, 2, true, true, false).unwrap_err();
         assert!(
             e.contains("step-10.safetensors") && e.contains("corrupt"),
             "{e}"
@@ -422,20 +425,20 @@ mod tests {
     fn refuses_what_it_cannot_resume() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let e = Commits::open(d, "j", "cfg", 2, 2, true, true).unwrap_err();
+        let e = Commits::open(d, "j", "cfg", 2, 2, true, true, false).unwrap_err();
         assert!(e.contains("state.json does not exist"), "{e}");
-        let mut c = Commits::open(d, "j", "cfg", 2, 2, false, true).unwrap();
+        let mut c = Commits::open(d, "j", "cfg", 2, 2, false, true, false).unwrap();
         c.record(commit(d, 3, b"x")).unwrap();
-        let e = Commits::open(d, "j", "cfg", 3, 2, true, true).unwrap_err();
+        let e = Commits::open(d, "j", "cfg", 3, 2, true, true, false).unwrap_err();
         assert!(e.contains("resume it with 2 workers"), "{e}");
-        let e = Commits::open(d, "other", "cfg", 2, 2, true, true).unwrap_err();
+        let e = Commits::open(d, "other", "cfg", 2, 2, true, true, false).unwrap_err();
         assert!(e.contains("belongs to job"), "{e}");
-        let e = Commits::open(d, "j", "other recipe", 2, 2, true, true).unwrap_err();
+        let e = Commits::open(d, "j", "other recipe", 2, 2, true, true, false).unwrap_err();
         assert!(e.contains("config differs"), "{e}");
         // An older step than the newest is refused.
         assert!(c.record(commit(d, 2, b"y")).is_err());
         // A fresh start clears the earlier run's log and checkpoints.
-        Commits::open(d, "j", "cfg", 2, 2, false, true).unwrap();
+        Commits::open(d, "j", "cfg", 2, 2, false, true, false).unwrap();
         assert!(!d.join(STATE_FILE).exists());
         assert!(!d.join("checkpoints/step-3.safetensors").exists());
     }

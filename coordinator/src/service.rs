@@ -558,6 +558,8 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
                 opts.resume,
                 // Rounds resume by their own state even before their first commit.
                 opts.config.pseudo_label.is_none(),
+                // An elastic job may resume with another world size in its range.
+                opts.config.cluster.min_workers.is_some(),
             )
             .map_err(|e| butler_common::Error::invalid("job state", e))?,
         )
@@ -653,7 +655,7 @@ pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) 
                     if st.failure().is_none() {
                         // A silent rank is survivable (regroup); a stalled one is not (it may hang again).
                         if let Some(why) = st.overdue(timeout, join_timeout) {
-                            if st.can_regroup() {
+                            if st.can_regroup() && !st.rejoin_expired() {
                                 st.regroup(&why);
                             } else {
                                 st.fail(why);

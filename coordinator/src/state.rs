@@ -146,7 +146,11 @@ impl JobState {
             restarts: 0,
             rejoin_deadline: None,
             regrouped: false,
-            max_world: world_size,
+            max_world: cfg
+                .cluster
+                .max_workers
+                .unwrap_or(world_size)
+                .max(world_size),
             joining: 0,
             rounds: None,
             commits: None,
@@ -278,6 +282,13 @@ impl JobState {
             "shrinking: no replacement within cluster.rejoin_timeout_ms; continuing with the workers left"
         );
         true
+    }
+
+    /// A regroup's rejoin deadline passed with ranks still missing (and the job could not shrink): the
+    /// job fails rather than regrouping again.
+    pub fn rejoin_expired(&self) -> bool {
+        self.rejoin_deadline.is_some_and(|d| Instant::now() > d)
+            && self.members.iter().any(Option::is_none)
     }
 
     /// After a regroup, once: the epoch records kept (`metrics.jsonl` must be rewritten to them).
@@ -825,8 +836,9 @@ mod tests {
         let mut c = cfg();
         c.cluster.max_restarts = 1;
         let mut s = JobState::new(c, 2, 10);
-        s.commits =
-            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 2, 2, false, true).unwrap());
+        s.commits = Some(
+            crate::commits::Commits::open(dir.path(), "t", "fp", 2, 2, false, true, false).unwrap(),
+        );
         s.register("a", None).unwrap();
         s.register("b", None).unwrap();
         s.report(0, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
@@ -875,8 +887,9 @@ mod tests {
         let mut c = cfg();
         c.cluster.max_restarts = 3;
         let mut s = JobState::new(c, 1, 10);
-        s.commits =
-            Some(crate::commits::Commits::open(dir.path(), "t", "fp", 1, 2, false, true).unwrap());
+        s.commits = Some(
+            crate::commits::Commits::open(dir.path(), "t", "fp", 1, 2, false, true, false).unwrap(),
+        );
         s.register("a", None).unwrap();
         s.finish(
             0,
