@@ -706,11 +706,10 @@ impl JobConfig {
                 ));
             }
             let max = self.cluster.max_workers.unwrap_or(world_size);
-            if min < max && (self.data.unlabeled_split.is_some() || self.pseudo_label.is_some()) {
+            if min < max && (self.pretrain.is_some() || self.pseudo_label.is_some()) {
                 return Err(bad(format!(
-                    "the world may change ({min}..={max} workers), but this job has an unlabeled \
-                     stream or pseudo-label rounds, whose re-cut across world sizes is not persisted \
-                     yet; remove cluster.min_workers / max_workers"
+                    "the world may change ({min}..={max} workers), but staged jobs and pseudo-label \
+                     rounds cannot change their world yet; remove cluster.min_workers / max_workers"
                 )));
             }
             if min < max {

@@ -218,12 +218,22 @@ mod elastic {
             .unwrap_err()
             .to_string();
         assert!(e.contains("between 1 and the world size 3"), "{e}");
-        // An unlabeled stream cannot shrink yet.
-        let e = with_cluster(job(60, "unlabeled_split='u'\n"), 2, 1)
+        // A job with an unlabeled stream may (the stream re-cuts its epoch); a staged job may not.
+        assert!(with_cluster(job(60, "unlabeled_split='u'\n"), 2, 1)
+            .validate_world(3)
+            .is_ok());
+        let staged = JobConfig::from_toml(
+            "[job]\nname='t'\n[data]\nmanifest='m'\nlabels_per_class=4\nunlabeled_split='u'\n\
+             [model]\nkind='conv_base'\n[optim]\nkind='sgd'\nlr=0.1\n[train]\nepochs=1\nbatch_size=60\n\
+             [pretrain]\nmethod='simclr'\nepochs=1\nbatch_size=60\n[pretrain.optim]\nkind='lars'\nlr=0.1\n",
+            Path::new("job.toml"),
+        )
+        .unwrap();
+        let e = with_cluster(staged, 2, 1)
             .validate_world(3)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unlabeled"), "{e}");
+        assert!(e.contains("staged jobs"), "{e}");
         // min = world is not elastic: anything goes.
         assert!(with_cluster(job(60, "unlabeled_split='u'\n"), 3, 1)
             .validate_world(3)

@@ -4,7 +4,7 @@
 //! The cursor (epoch, step within the epoch) is all it takes to resume at the same sample with the same
 //! augmentation.
 
-use crate::assign::ShardedOrder;
+use crate::assign::{Period, ShardedOrder};
 use crate::loader::{LoadedBatch, LoaderSpec, StreamLoader, ViewMaker};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -44,13 +44,18 @@ pub struct UnlabeledStream {
     rank: u32,
     views: Arc<dyn ViewMaker>,
     cursor: Cursor,
+    /// Earlier membership periods of the cursor's epoch (another world size consumed part of it).
+    history: Vec<Period>,
     steps_in_epoch: u64,
     loader: Option<StreamLoader>,
 }
 
 impl UnlabeledStream {
     /// `spec.batch` is this rank's unlabeled batch (μ times the labeled one); `spec.epoch` is ignored in
-    /// favour of `from.epoch`.
+    /// favour of `from.epoch`. `history` holds the periods of `from.epoch` that other world sizes
+    /// consumed (empty unless the job changed its world mid-epoch); `from.step` counts this period's
+    /// steps.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: LoaderSpec,
         seed: u64,
@@ -59,6 +64,7 @@ impl UnlabeledStream {
         rank: u32,
         views: Arc<dyn ViewMaker>,
         from: Cursor,
+        history: Vec<Period>,
     ) -> Result<Self> {
         let split =
             spec.manifest.splits.get(&spec.split).ok_or_else(|| {
@@ -83,6 +89,7 @@ impl UnlabeledStream {
             rank,
             views,
             cursor: from,
+            history,
             steps_in_epoch: 0,
             loader: None,
         };
@@ -90,15 +97,33 @@ impl UnlabeledStream {
         Ok(s)
     }
 
-    /// The order of the cursor's epoch (a fresh period: membership does not change yet).
+    /// The order of the cursor's epoch, after its earlier membership periods.
     fn order(&self) -> ShardedOrder<'_> {
         ShardedOrder {
             shard_sizes: &self.sizes,
             seed: self.seed,
             epoch: self.cursor.epoch,
             shuffle_window: self.shuffle_window,
-            history: &[],
+            history: &self.history,
         }
+    }
+
+    /// The cursor's epoch as membership periods: the earlier ones and the current one up to the
+    /// cursor (each rank of this world consumed `step × batch` samples of its sequence, or all of a
+    /// shorter one). A job that goes on with another world size opens the stream with these as its
+    /// history, so each unconsumed sample of the epoch comes exactly once.
+    pub fn periods(&self) -> Vec<Period> {
+        let order = self.order();
+        let taken = self.cursor.step * self.spec.batch as u64;
+        let consumed = (0..self.world)
+            .map(|r| taken.min(order.rank_sequence(self.world, r).len()))
+            .collect();
+        let mut all = self.history.clone();
+        all.push(Period {
+            world: self.world,
+            consumed,
+        });
+        all
     }
 
     fn open(&mut self) -> Result<()> {
@@ -137,6 +162,7 @@ impl UnlabeledStream {
                 epoch: self.cursor.epoch + 1,
                 step: 0,
             };
+            self.history.clear();
             self.open()?;
         }
         let order = self.order();

@@ -294,6 +294,7 @@ fn unlabeled_stream_rolls_epochs_and_resumes_from_its_cursor() {
             0,
             Arc::new(Jitter),
             from,
+            Vec::new(),
         )
         .unwrap()
     };

@@ -69,6 +69,10 @@ pub struct ResumeMeta {
     /// Pseudo-label rounds: the round whose TRAIN phase the checkpoint belongs to.
     #[serde(default)]
     pub round: u32,
+    /// The unlabeled stream's epoch as membership periods (world size, samples each rank consumed),
+    /// the current one last: what a job resumed with another world size re-cuts.
+    #[serde(default)]
+    pub unlabeled_periods: Vec<(u32, Vec<u64>)>,
 }
 
 impl ResumeMeta {

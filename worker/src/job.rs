@@ -190,6 +190,7 @@ pub(crate) fn run_epochs(
                         steps_in_epoch: steps_before + k as u64,
                         labeled_start: sampler.position_after(k as u64, per_rank_batch),
                         unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
+                        unlabeled_periods: periods_of(unlabeled.as_deref()),
                         loss_sum,
                         seen,
                         round: d.round,
@@ -212,9 +213,15 @@ pub(crate) fn run_epochs(
             };
             let global = sampler.global_batch_len(k as u64, per_rank_batch);
             let mut pseudo_batch = None;
+            let mut unlabeled_ids: Vec<u64> = Vec::new();
             let u = match unlabeled.as_deref_mut() {
                 Some(stream) => {
                     let (b, global_u) = stream.next_batch()?;
+                    if trace.is_some() {
+                        // (stream epoch, sample id) pairs, flattened.
+                        let e = stream.cursor().epoch;
+                        unlabeled_ids = b.ids.iter().flat_map(|&id| [e, id]).collect();
+                    }
                     for s in &b.skipped {
                         warn!(shard = %s.shard.display(), index = s.index, reason = %s.reason, "skipped a corrupt unlabeled sample");
                     }
@@ -242,7 +249,13 @@ pub(crate) fn run_epochs(
                 )));
             }
             if let Some(t) = trace.as_mut() {
-                t.record(ctx.generation, epoch, trainer.steps_taken() - 1, batch)?;
+                t.record(
+                    ctx.generation,
+                    epoch,
+                    trainer.steps_taken() - 1,
+                    batch,
+                    &unlabeled_ids,
+                )?;
             }
             loss_sum += loss * batch.len() as f64;
             seen += batch.len() as u64;
@@ -296,6 +309,7 @@ pub(crate) fn run_epochs(
                     steps_in_epoch: 0,
                     labeled_start: 0,
                     unlabeled: unlabeled.as_deref().map(|u| u.cursor()),
+                    unlabeled_periods: periods_of(unlabeled.as_deref()),
                     round: d.round,
                     ..Boundary::default()
                 };
@@ -334,10 +348,18 @@ impl SampleTrace {
         Ok(Some(SampleTrace(std::io::BufWriter::new(f))))
     }
 
-    fn record(&mut self, generation: u64, epoch: u64, step: u64, ids: &[u64]) -> Result<()> {
+    fn record(
+        &mut self,
+        generation: u64,
+        epoch: u64,
+        step: u64,
+        ids: &[u64],
+        unlabeled: &[u64],
+    ) -> Result<()> {
         use std::io::Write;
-        let line =
-            serde_json::json!({"generation": generation, "epoch": epoch, "step": step, "ids": ids});
+        let line = serde_json::json!({
+            "generation": generation, "epoch": epoch, "step": step, "ids": ids, "unlabeled": unlabeled,
+        });
         writeln!(self.0, "{line}")
             .and_then(|()| self.0.flush())
             .map_err(|e| Error::Setup(format!("BUTLER_TRACE_SAMPLES: {e}")))
@@ -360,6 +382,8 @@ pub(crate) struct Boundary {
     pub(crate) steps_in_epoch: u64,
     pub(crate) labeled_start: u64,
     pub(crate) unlabeled: Option<streams::Cursor>,
+    /// The unlabeled stream's epoch as membership periods (see `UnlabeledStream::periods`).
+    pub(crate) unlabeled_periods: Vec<(u32, Vec<u64>)>,
     /// This rank's running loss sum and sample count in the epoch.
     pub(crate) loss_sum: f64,
     pub(crate) seen: u64,
@@ -402,6 +426,16 @@ pub(crate) fn terminate_if_asked(ctx: &Ctx) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The unlabeled stream's membership periods, for a commit.
+fn periods_of(stream: Option<&streams::UnlabeledStream>) -> Vec<(u32, Vec<u64>)> {
+    stream.map_or(Vec::new(), |s| {
+        s.periods()
+            .into_iter()
+            .map(|p| (p.world, p.consumed))
+            .collect()
+    })
 }
 
 /// `x` as three f32 whose sum in f64 is `x` again (each residual is exact in f64; 3 × 24 bits cover
@@ -465,6 +499,7 @@ pub(crate) fn commit(
         stage: at.stage,
         history: at.history.clone(),
         round: at.round,
+        unlabeled_periods: at.unlabeled_periods.clone(),
     };
     let rel = checkpoint::resumable_name(at.round, step);
     let path = ctx.run_dir.join(&rel);
@@ -492,6 +527,7 @@ pub(crate) fn open_unlabeled_stream(
     job: &Job,
     views: Arc<dyn loader::ViewMaker>,
     batch: Option<u64>,
+    resumed: Option<&ResumeMeta>,
 ) -> Result<Option<streams::UnlabeledStream>> {
     let (ctx, cfg, manifest, manifest_file) =
         (job.ctx, job.cfg, &job.manifest, job.manifest_file.as_path());
@@ -526,6 +562,36 @@ pub(crate) fn open_unlabeled_stream(
         timeout: Duration::from_millis(cfg.cluster.collective_timeout_ms),
     };
     info!(split = %a.split, samples = a.dataset_len, per_rank_batch = spec.batch, "unlabeled stream assigned");
+    // A job resumed with another world size re-cuts what is left of the stream's epoch: the commit's
+    // periods become the history of a fresh period.
+    let (from, history) = match resumed {
+        Some(m) if m.world_size != a.world_size && !m.unlabeled_periods.is_empty() => {
+            info!(
+                periods = m.unlabeled_periods.len(),
+                "the unlabeled stream re-cuts its epoch for this world size"
+            );
+            (
+                streams::Cursor {
+                    epoch: a.epoch,
+                    step: 0,
+                },
+                m.unlabeled_periods
+                    .iter()
+                    .map(|(world, consumed)| butler_data::assign::Period {
+                        world: *world,
+                        consumed: consumed.clone(),
+                    })
+                    .collect(),
+            )
+        }
+        _ => (
+            streams::Cursor {
+                epoch: a.epoch,
+                step: a.start,
+            },
+            Vec::new(),
+        ),
+    };
     let stream = streams::UnlabeledStream::new(
         spec,
         a.seed,
@@ -533,10 +599,8 @@ pub(crate) fn open_unlabeled_stream(
         a.world_size,
         a.rank,
         views,
-        streams::Cursor {
-            epoch: a.epoch,
-            step: a.start,
-        },
+        from,
+        history,
     )?;
     Ok(Some(stream))
 }

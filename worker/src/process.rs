@@ -391,7 +391,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
             None => None,
         };
         let views = job::unlabeled_views(cfg, &job.manifest.sample_shape)?;
-        let mut unlabeled = job::open_unlabeled_stream(&job, views, None)?;
+        let mut unlabeled = job::open_unlabeled_stream(&job, views, None, resumed.as_ref())?;
         let durable = job::Durable {
             cfg: &cfg.checkpoint,
             resumed: resumed.as_ref(),

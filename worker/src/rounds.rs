@@ -100,6 +100,7 @@ pub(crate) fn run(job: &Job, ring: &mut dyn Collective) -> Result<(Evaluation, T
                             job,
                             pseudo_views(job, t.clone())?,
                             Some(job.per_rank_batch * ratio),
+                            None,
                         )?
                     }
                     None => None,

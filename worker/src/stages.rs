@@ -138,7 +138,7 @@ fn pretrain(
         }),
         _ => Arc::new(loader::Identity),
     };
-    let mut stream = crate::job::open_unlabeled_stream(job, views, Some(per_rank))?
+    let mut stream = crate::job::open_unlabeled_stream(job, views, Some(per_rank), None)?
         .ok_or_else(|| Error::Setup("pretraining needs data.unlabeled_split".into()))?;
     let steps_per_epoch = stream.steps_per_epoch();
     let mut model = Pretrainer::new_on(
