@@ -15,7 +15,7 @@ import subprocess
 MNIST = "examples/mnist1d-40-"
 METHODS = [
     ("supervised, no augmentation", "labels"),
-    ("supervised + weak augmentation (honest baseline)", "augmented"),
+    ("supervised + strong augmentation (honest baseline)", "augmented"),
     ("UDA", "uda"),
     ("FixMatch", "fixmatch"),
     ("pseudo-label rounds (R = 3, noisy student)", "pseudo-label"),
@@ -29,10 +29,10 @@ def mnist(method, **swap):
     return text
 
 
-POOL = {'manifest = "data/mnist1d"': 'manifest = "data/mnist1d-pool"', 'unlabeled_split = "train"': 'unlabeled_split = "unlabeled"'}
+POOL = {'manifest = "data/mnist1d-val500"': 'manifest = "data/mnist1d-val500-pool"', 'unlabeled_split = "train"': 'unlabeled_split = "unlabeled"'}
 # Domain adaptation: labeled source (40 per class), unlabeled target train split, evaluated on target test.
 SHIFT = {
-    'manifest = "data/mnist1d"': 'manifest = "data/mnist1d-shift"',
+    'manifest = "data/mnist1d-val500"': 'manifest = "data/mnist1d-shift-val500"',
     'unlabeled_split = "train"': 'unlabeled_split = "target_train"',
     "labels_per_class = 40": 'labels_per_class = 40\ntest_split = "target_test"',
 }
@@ -40,9 +40,9 @@ SHIFT = {
 
 def digits(method):
     """Digits with 10 labels per class: the MNIST-1D recipe's methods on the digits MLP."""
-    text = mnist(method, **{'manifest = "data/mnist1d"': 'manifest = "data/digits"', "labels_per_class = 40": "labels_per_class = 10"})
+    text = mnist(method, **{'manifest = "data/mnist1d-val500"': 'manifest = "data/digits-val200"', "labels_per_class = 40": "labels_per_class = 10"})
     text = text.replace('kind = "conv_base"', 'kind = "mlp"\nhidden = [256]')
-    text = text.replace("epochs = 150", "epochs = 300").replace("batch_size = 64", "batch_size = 32")
+    text = text.replace("steps = 6000", "steps = 3000").replace("batch_size = 64", "batch_size = 32")
     return text
 
 
@@ -64,7 +64,8 @@ def run(butler, text, out, seed, workers):
         subprocess.run([butler, "run", cfg, "--workers", str(workers), "--seed", str(seed), "--out", out],
                        check=True, stdout=subprocess.DEVNULL)
     with open(summary) as f:
-        return json.load(f)["test_accuracy"]
+        d = json.load(f)
+    return d.get("val_accuracy") or float("nan"), d["test_accuracy"]
 
 
 def main():
@@ -79,13 +80,16 @@ def main():
         if args.only and table != args.only:
             continue
         print(f"\n{table} ({args.seeds} seeds, {args.workers} workers)\n")
-        print("| method | test accuracy (%) |\n|---|---|")
+        print("| method | validation (%) | test, per seed | test (%) mean ± std |\n|---|---|---|---|")
         for name, text in rows:
             slug = name.split(" (")[0].replace(" ", "-").replace(",", "").replace("+", "plus").lower()
-            accs = [100 * run(args.butler, text, f"{args.out}/{table}/{slug}/seed-{s}", s, args.workers)
-                    for s in range(args.seeds)]
+            res = [run(args.butler, text, f"{args.out}/{table}/{slug}/seed-{s}", s, args.workers)
+                   for s in range(args.seeds)]
+            val = [100 * v for v, _ in res]
+            accs = [100 * t for _, t in res]
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            print(f"| {name} | {statistics.mean(accs):.1f} ± {sd:.1f} |", flush=True)
+            print(f"| {name} | {statistics.mean(val):.1f} | {' '.join(f'{a:.1f}' for a in accs)} | "
+                  f"{statistics.mean(accs):.1f} ± {sd:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

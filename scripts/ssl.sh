@@ -7,11 +7,13 @@ bash scripts/setup.sh
 source scripts/env.sh
 cargo build --locked --release --bins
 b=./target/release/butler
-[ -f data/mnist1d/manifest.json ] || $b data prepare mnist1d
-[ -f data/digits/manifest.json ] || $b data prepare digits
-[ -f data/mnist1d-shift/manifest.json ] || $b data prepare mnist1d-shift
-if [ ! -f data/mnist1d-pool/manifest.json ]; then
-  $b data prepare mnist1d --out data/mnist1d-pool
-  $b data prepare mnist1d --out data/mnist1d-pool --num-samples 100000
+# Every dataset holds out a stratified validation split (`--val`): the recipes were chosen on it, and
+# the test split is evaluated once, at the end of each run.
+[ -f data/mnist1d-val500/manifest.json ] || $b data prepare mnist1d --val 500 --out data/mnist1d-val500
+[ -f data/digits-val200/manifest.json ] || $b data prepare digits --val 200 --out data/digits-val200
+[ -f data/mnist1d-shift-val500/manifest.json ] || $b data prepare mnist1d-shift --val 500 --out data/mnist1d-shift-val500
+if [ ! -f data/mnist1d-val500-pool/manifest.json ]; then
+  $b data prepare mnist1d --val 500 --out data/mnist1d-val500-pool
+  $b data prepare mnist1d --out data/mnist1d-val500-pool --num-samples 100000
 fi
 python scripts/ssl.py "$b" "$@"

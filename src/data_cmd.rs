@@ -41,6 +41,12 @@ pub enum DataCommand {
         /// seed + k. The range must not include 42, the seed of train/test.
         #[arg(long, default_value_t = POOL_SEED)]
         seed: u64,
+        /// Hold out this many samples of the train split as a `val` split, stratified by class (the
+        /// same count per class up to rounding; a fixed draw, the same on every machine). Jobs name it
+        /// with `data.val_split = "val"`: they evaluate on it while training and on the test split
+        /// once, at the end.
+        #[arg(long, default_value_t = 0)]
+        val: u64,
     },
     /// Import a dataset from .npy/.npz, an image folder, CIFAR-10/100 binaries or MNIST IDX files.
     Import(ImportArgs),
@@ -89,6 +95,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             num_samples,
             split,
             seed,
+            val,
         } => {
             let out = out.unwrap_or_else(|| PathBuf::from("data").join(dataset.name()));
             match num_samples {
@@ -97,13 +104,13 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                         bail!("--num-samples is only for mnist1d");
                     }
                     let split = split.unwrap_or_else(|| "unlabeled".into());
-                    prepare_pool(&out, n, &split, seed, shard_size, python)
+                    prepare_pool(&out, n, &split, seed, shard_size, val, python)
                 }
                 None => {
                     if split.is_some() {
                         bail!("--split names the unlabeled split of --num-samples; give both or neither");
                     }
-                    prepare(dataset, &out, shard_size, python)
+                    prepare(dataset, &out, shard_size, val, python)
                 }
             }
         }
@@ -295,7 +302,13 @@ fn find_python(explicit: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-fn prepare(dataset: Dataset, out: &Path, shard_size: usize, python: Option<PathBuf>) -> Result<()> {
+fn prepare(
+    dataset: Dataset,
+    out: &Path,
+    shard_size: usize,
+    val: u64,
+    python: Option<PathBuf>,
+) -> Result<()> {
     if shard_size == 0 {
         bail!("--shard-size must be at least 1");
     }
@@ -314,7 +327,7 @@ fn prepare(dataset: Dataset, out: &Path, shard_size: usize, python: Option<PathB
     ));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;
-    let result = build(dataset, &staging, shard_size, &python);
+    let result = build(dataset, &staging, shard_size, val, &python);
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
@@ -363,6 +376,7 @@ fn prepare_pool(
     split: &str,
     seed: u64,
     shard_size: usize,
+    val: u64,
     python: Option<PathBuf>,
 ) -> Result<()> {
     if n == 0 {
@@ -374,7 +388,13 @@ fn prepare_pool(
             "{} has no dataset yet: preparing MNIST-1D's train/test splits there first",
             out.display()
         );
-        prepare(Dataset::Mnist1d, out, shard_size, python.clone())?;
+        prepare(Dataset::Mnist1d, out, shard_size, val, python.clone())?;
+    } else if val > 0 {
+        bail!(
+            "--val holds out a validation split when the dataset is generated, but {} exists: \
+             prepare the dataset with --val first (into an empty directory), then add the pool",
+            out.display()
+        );
     }
     let (base, _) = Manifest::load(out)?;
     if base.splits.get(split).is_some_and(|s| s.labeled) {
@@ -484,7 +504,7 @@ fn prepare_pool(
     inspect(out, true)
 }
 
-fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Result<()> {
+fn build(dataset: Dataset, dir: &Path, shard_size: usize, val: u64, python: &Path) -> Result<()> {
     let raw = dir.join("raw.safetensors");
     let status = Command::new(python)
         .arg("-c")
@@ -515,9 +535,8 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
         Some(s) => serde_json::from_str(s).context("the generator's `splits` metadata")?,
         None => vec!["train".into(), "test".into()],
     };
-    let mut splits = BTreeMap::new();
+    let mut arrays: Vec<(String, Vec<f32>, Vec<i64>)> = Vec::new();
     let mut sample_shape = Vec::new();
-    let mut next_id = 0u64;
     for split in split_names.iter().map(String::as_str) {
         let x = st.tensor(&format!("x_{split}"))?;
         let y = st.tensor(&format!("y_{split}"))?;
@@ -541,6 +560,38 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
+        if xs.len() != n * numel || ys.len() != n {
+            bail!(
+                "generator wrote {split} with {} values for {n} samples and {} labels",
+                xs.len(),
+                ys.len()
+            );
+        }
+        arrays.push((split.to_string(), xs, ys));
+    }
+    if val > 0 {
+        let k = arrays
+            .iter()
+            .position(|(name, ..)| name == "train")
+            .context("--val holds out part of the train split, and this dataset has none")?;
+        let (_, xs, ys) = arrays.remove(k);
+        let numel: usize = sample_shape.iter().product();
+        let held = stratified_holdout(&ys, classes.len(), val)?;
+        let mut parts = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+        for (i, &y) in ys.iter().enumerate() {
+            let (px, py) = &mut parts[held[i] as usize];
+            px.extend_from_slice(&xs[i * numel..(i + 1) * numel]);
+            py.push(y);
+        }
+        let [(tx, ty), (vx, vy)] = parts;
+        arrays.insert(k, ("val".into(), vx, vy));
+        arrays.insert(k, ("train".into(), tx, ty));
+    }
+    let numel: usize = sample_shape.iter().product();
+    let mut splits = BTreeMap::new();
+    let mut next_id = 0u64;
+    for (split, xs, ys) in &arrays {
+        let n = ys.len();
         let mut shards = Vec::new();
         for (k, start) in (0..n).step_by(shard_size).enumerate() {
             let end = (start + shard_size).min(n);
@@ -566,7 +617,7 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
                 num_samples: n as u64,
                 labeled: true,
                 shards,
-                class_counts: Some(class_counts(&ys, classes.len())?),
+                class_counts: Some(class_counts(ys, classes.len())?),
             },
         );
     }
@@ -587,6 +638,39 @@ fn build(dataset: Dataset, dir: &Path, shard_size: usize, python: &Path) -> Resu
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     Ok(())
+}
+
+/// Which samples `--val` holds out (true) of a split with labels `ys`: `val` in all, each class's
+/// share proportional to its count (largest remainders, ties to the lower class), each class's
+/// samples picked by a fixed-seed shuffle, so the split is the same wherever it is prepared.
+fn stratified_holdout(ys: &[i64], classes: usize, val: u64) -> Result<Vec<bool>> {
+    let n = ys.len() as u64;
+    if val >= n {
+        bail!("--val {val}: the train split has only {n} samples");
+    }
+    let counts = class_counts(ys, classes)?;
+    let mut quota: Vec<u64> = counts.iter().map(|&c| c * val / n).collect();
+    let mut order: Vec<usize> = (0..classes).collect();
+    // Largest remainder first; the sort is stable, so ties keep the lower class first.
+    order.sort_by_key(|&c| std::cmp::Reverse(counts[c] * val % n));
+    let missing = val - quota.iter().sum::<u64>();
+    for &c in order.iter().take(missing as usize) {
+        quota[c] += 1;
+    }
+    let mut held = vec![false; ys.len()];
+    for (c, &q) in quota.iter().enumerate() {
+        let mut members: Vec<usize> = (0..ys.len()).filter(|&i| ys[i] == c as i64).collect();
+        let mut rng = butler_data::rng::MixRng::new(0x7661_6c00 + c as u64);
+        // Fisher–Yates on the class's positions.
+        for i in (1..members.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            members.swap(i, j);
+        }
+        for &i in members.iter().take(q as usize) {
+            held[i] = true;
+        }
+    }
+    Ok(held)
 }
 
 fn class_counts(labels: &[i64], classes: usize) -> Result<Vec<u64>> {

@@ -57,7 +57,26 @@ fn spawn(
 ) -> Result<Proc> {
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    // The processes must not outlive the launcher, however it ends (Ctrl-C reaches the whole process
+    // group, but `kill` or an OOM kill reaches only the launcher): the kernel sends each child SIGTERM
+    // when the launcher exits — a worker then commits and stops at the next step boundary.
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (prctl, getppid, kill).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher may have died between fork and prctl.
+            if libc::getppid() != launcher {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
         .args(args)
         .env("BUTLER_TOKEN", token)
         .env("BUTLER_THREADS", threads.to_string())
@@ -83,6 +102,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     cfg.validate_world(args.workers)?;
     cfg.check_data()?;
+    cfg.resolve_steps()?;
     // The workers run on this machine: what they would refuse at start is refused here, before the run
     // directory exists.
     preflight_devices(&cfg, args.workers)?;
@@ -307,8 +327,12 @@ fn supervise(
         )
     })?;
     let s: serde_json::Value = serde_json::from_str(&text)?;
+    let val = s["val_accuracy"]
+        .as_f64()
+        .map(|v| format!("validation accuracy {v:.4}, "))
+        .unwrap_or_default();
     println!(
-        "{}: test accuracy {:.4}, {} workers, {:.0} samples/s, {:.1}s wall — {}",
+        "{}: {val}test accuracy {:.4}, {} workers, {:.0} samples/s, {:.1}s wall — {}",
         cfg.job.name,
         s["test_accuracy"].as_f64().unwrap_or(f64::NAN),
         args.workers,
@@ -329,10 +353,14 @@ fn update_progress(bar: &ProgressBar, metrics: &Path) {
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
     {
         bar.set_position(lines.len() as u64);
-        let acc = last["test_accuracy"]
-            .as_f64()
-            .map(|a| format!(" test acc {a:.4}"))
-            .unwrap_or_default();
+        let acc = match (
+            last["val_accuracy"].as_f64(),
+            last["test_accuracy"].as_f64(),
+        ) {
+            (Some(v), _) => format!(" val acc {v:.4}"),
+            (None, Some(a)) => format!(" test acc {a:.4}"),
+            _ => String::new(),
+        };
         bar.set_message(format!(
             "loss {:.4}{acc}",
             last["train_loss"].as_f64().unwrap_or(f64::NAN)

@@ -810,3 +810,71 @@ fn shrink_and_grow(fixmatch: bool) {
         accuracy(&clean)
     );
 }
+
+/// Processes whose command line mentions `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_launchers_processes_do_not_outlive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "job.toml",
+        &config(&mnist1d(), 64).replace("epochs = 4", "epochs = 10000"),
+    );
+    let out = dir.path().join("run");
+    let mut launcher = butler()
+        .arg("run")
+        .arg(&cfg)
+        .args(["--workers", "2", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_file(&out.join("metrics.jsonl"), Duration::from_secs(120));
+    let addr = std::fs::read_to_string(out.join("coordinator.addr")).unwrap();
+    let coordinator = processes_with(&out.join("job.toml").display().to_string());
+    let workers = processes_with(addr.trim());
+    assert_eq!(
+        (coordinator.len(), workers.len()),
+        (1, 2),
+        "{coordinator:?} {workers:?}"
+    );
+    // kill -9: the launcher can do nothing; the kernel tells its children (PR_SET_PDEATHSIG).
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let t0 = Instant::now();
+    let alive = |pids: &[u32]| {
+        pids.iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| !s.contains(") Z "))
+            })
+            .count()
+    };
+    while alive(&coordinator) + alive(&workers) > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "processes outlived the launcher by 30 s: coordinator {coordinator:?}, workers {workers:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "children gone {:.2} s after kill -9 of the launcher",
+        t0.elapsed().as_secs_f64()
+    );
+}

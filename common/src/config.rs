@@ -138,6 +138,12 @@ pub struct DataConfig {
     pub train_split: String,
     #[serde(default = "default_test_split")]
     pub test_split: String,
+    /// A labeled split the job evaluates on while it trains (every `train.eval_every` epochs), keeping
+    /// the test split for one evaluation at the end — choose hyper-parameters on this, never on test.
+    /// `butler data prepare … --val N` holds one out of train as `val`. Absent: the periodic
+    /// evaluations use the test split (a curve to watch, not to select on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_split: Option<String>,
     /// Few-label experiments: train on this many labeled samples per class of the train split.
     #[serde(default)]
     pub labels_per_class: Option<u64>,
@@ -207,6 +213,10 @@ fn default_window() -> usize {
     10_000
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn default_train_split() -> String {
     "train".into()
 }
@@ -217,7 +227,14 @@ fn default_test_split() -> String {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// Epochs of the labeled set. Give this or `steps`.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub epochs: u64,
+    /// Optimizer steps instead of epochs — the natural unit when the labeled set is tiny (40 per class
+    /// is 6 steps an epoch). Rounded up to whole epochs of the labeled set before the job starts
+    /// ([`TrainConfig::resolve_steps`]); the run directory's config then says `epochs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
     /// Global batch size; each of the W workers takes `batch_size / W`, so results do not depend on W.
     pub batch_size: usize,
     /// torch's `label_smoothing`: target (1 − ε)·onehot + ε/K.
@@ -240,6 +257,19 @@ pub struct TrainConfig {
     /// EMA model); e.g. 0.999. Absent: no EMA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
+}
+
+impl TrainConfig {
+    /// Turns `steps` into `epochs` for a labeled set of `labeled_len` samples: the fewest whole epochs
+    /// of `⌈labeled_len / batch_size⌉` steps that make at least `steps` steps (so a job runs at least
+    /// the steps asked for, and every epoch stays whole — the assignments, commits and metrics count
+    /// in epochs). No-op when `epochs` is given.
+    pub fn resolve_steps(&mut self, labeled_len: u64) {
+        if let Some(steps) = self.steps.take() {
+            let per_epoch = labeled_len.div_ceil(self.batch_size.max(1) as u64).max(1);
+            self.epochs = steps.div_ceil(per_epoch).max(1);
+        }
+    }
 }
 
 /// `[train] precision`.
@@ -440,8 +470,29 @@ impl JobConfig {
             path: origin.into(),
             message: format!("{key}: {why}"),
         };
-        if self.train.epochs == 0 {
-            return Err(bad("train.epochs", "must be at least 1".into()));
+        match (self.train.epochs, self.train.steps) {
+            (0, None) => {
+                return Err(bad(
+                    "train.epochs",
+                    "must be at least 1 (or give train.steps instead)".into(),
+                ))
+            }
+            (_, Some(0)) => return Err(bad("train.steps", "must be at least 1".into())),
+            (e, Some(_)) if e > 0 => {
+                return Err(bad(
+                    "train.steps",
+                    "give train.epochs or train.steps, not both".into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(v) = &self.data.val_split {
+            if v == &self.data.train_split || v == &self.data.test_split {
+                return Err(bad(
+                    "data.val_split",
+                    format!("{v:?} is also the train or test split; name a held-out split (`butler data prepare … --val N` writes \"val\")"),
+                ));
+            }
         }
         if self.train.batch_size == 0 {
             return Err(bad("train.batch_size", "must be at least 1".into()));
@@ -583,6 +634,10 @@ impl JobConfig {
             batch_regularizers: r.mix.is_some() || r.manifold_mixup.is_some() || r.cutout.is_some(),
         };
         crate::semi::validate(self.ssl.as_ref(), self.pseudo_label.as_ref(), &facts, &bad)?;
+        if let Some(ssl) = &self.ssl {
+            ssl.check_ema(self.train.ema)
+                .map_err(|(key, why)| bad(key, why))?;
+        }
         if let ModelConfig::ConvBase { channels: 0, .. } = &self.model {
             return Err(bad("model.channels", "must be positive".into()));
         }
@@ -739,7 +794,13 @@ impl JobConfig {
         self.data
             .unlabeled_ratio
             .unwrap_or(match self.ssl.as_ref().map(|s| s.method) {
-                Some(crate::semi::SslMethod::Fixmatch) => 7,
+                // FixMatch's μ = 7, which USB keeps for its threshold family.
+                Some(
+                    crate::semi::SslMethod::Fixmatch
+                    | crate::semi::SslMethod::Flexmatch
+                    | crate::semi::SslMethod::Freematch
+                    | crate::semi::SslMethod::Softmatch,
+                ) => 7,
                 _ => 1,
             })
     }

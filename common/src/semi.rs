@@ -1,4 +1,5 @@
-//! Config of the semi-supervised methods: consistency training (`[ssl]`: UDA, FixMatch), per-sample
+//! Config of the semi-supervised methods: consistency training (`[ssl]`: UDA, FixMatch, FlexMatch,
+//! FreeMatch, SoftMatch, Π-model, Mean Teacher, optionally with distribution alignment), per-sample
 //! augmentation of the labeled batch (`[augment]`), and pseudo-label refresh rounds (`[pseudo_label]`).
 //! Each section is optional; `JobConfig::validate` calls [`validate`] for the cross-section rules.
 
@@ -26,6 +27,21 @@ pub struct SslConfig {
     /// UDA and FixMatch reference code) or over the unmasked examples only ("masked").
     #[serde(default)]
     pub normalize: UnsupNorm,
+    /// ReMixMatch's distribution alignment of the target prediction (UDA, FixMatch, FlexMatch,
+    /// FreeMatch; SoftMatch's "uniform alignment" is the same operation): p ← Normalize(p · p_labeled /
+    /// p̃), with a uniform p_labeled and p̃ an EMA of the mean prediction on the unlabeled batches.
+    #[serde(default)]
+    pub distribution_alignment: bool,
+    /// Momentum of distribution alignment's running mean prediction p̃ (USB's `DistAlignEMAHook`).
+    #[serde(default = "default_momentum")]
+    pub da_momentum: f64,
+    /// FreeMatch, SoftMatch: momentum λ of the EMAs of the confidence statistics.
+    #[serde(default = "default_momentum")]
+    pub adaptive_momentum: f64,
+    /// Ramp-up of the unsupervised weight: λ·exp(−5(1 − t/T)²) for the first T steps (Laine & Aila
+    /// 2017), λ afterwards; 0 = no ramp-up. Meant for the Π-model and Mean Teacher.
+    #[serde(default)]
+    pub rampup_steps: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +51,50 @@ pub enum SslMethod {
     Uda,
     /// Sohn et al. 2020: hard pseudo-label from the weak view, cross-entropy on the strong view.
     Fixmatch,
+    /// Laine & Aila 2017: mean squared error between the softmax outputs of the two views, the target
+    /// (view 0) from the model being trained, detached.
+    PiModel,
+    /// Tarvainen & Valpola 2017: the Π-model's loss with the target from the EMA of the weights
+    /// (`[train] ema`) as the teacher.
+    MeanTeacher,
+    /// Zhang et al. 2021: FixMatch with class-wise curriculum thresholds τ·M(β_c) from the learning
+    /// status of every unlabeled sample (the warmup variant, convex M(x) = x/(2 − x)).
+    Flexmatch,
+    /// Wang et al. 2023: FixMatch with the self-adaptive threshold τ_t·MaxNorm(p̃_t)(c) (EMAs of the
+    /// mean confidence and of the mean prediction); without the fairness term.
+    Freematch,
+    /// Chen et al. 2023: every pseudo-label weighted by a truncated Gaussian of its confidence with
+    /// EMAs of the confidence's mean and variance.
+    Softmatch,
+}
+
+impl SslMethod {
+    /// The key's value in a config (`method = "…"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMethod::Uda => "uda",
+            SslMethod::Fixmatch => "fixmatch",
+            SslMethod::PiModel => "pi_model",
+            SslMethod::MeanTeacher => "mean_teacher",
+            SslMethod::Flexmatch => "flexmatch",
+            SslMethod::Freematch => "freematch",
+            SslMethod::Softmatch => "softmatch",
+        }
+    }
+
+    /// Whether the method's target is a pseudo-label (hard or sharpened) with a confidence mask or
+    /// weight, which distribution alignment can act on; false for the Π-model and Mean Teacher.
+    pub fn pseudo_labels(self) -> bool {
+        !matches!(self, SslMethod::PiModel | SslMethod::MeanTeacher)
+    }
+
+    /// Whether `ssl.threshold` means something for the method (the others adapt their own).
+    pub fn takes_threshold(self) -> bool {
+        matches!(
+            self,
+            SslMethod::Uda | SslMethod::Fixmatch | SslMethod::Flexmatch
+        )
+    }
 }
 
 /// TSA (Xie et al. 2020, §3.2): at step t of T, a labeled example whose correct-class probability
@@ -76,10 +136,37 @@ pub enum UnsupNorm {
 impl SslConfig {
     pub fn threshold(&self) -> f64 {
         self.threshold.unwrap_or(match self.method {
-            SslMethod::Fixmatch => 0.95,
-            SslMethod::Uda => 0.0,
+            SslMethod::Fixmatch | SslMethod::Flexmatch => 0.95,
+            _ => 0.0,
         })
     }
+
+    /// The checks that need `[train] ema`, which `JobFacts` does not carry: Mean Teacher's teacher is
+    /// the EMA of the weights. Returns the key and the reason on failure.
+    pub fn check_ema(&self, ema: Option<f64>) -> Result<(), (&'static str, String)> {
+        if self.method == SslMethod::MeanTeacher && ema.is_none() {
+            return Err((
+                "train.ema",
+                "ssl.method = \"mean_teacher\" needs [train] ema (the teacher is the EMA of the weights)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The weight of the unsupervised term at `step`: λ times the sigmoid ramp-up.
+    pub fn unsupervised_weight(&self, step: u64) -> f64 {
+        self.lambda_u * sigmoid_rampup(step, self.rampup_steps)
+    }
+}
+
+/// exp(−5(1 − t/T)²) for t < T, 1 from T on (Laine & Aila 2017, appendix A); 1 for T = 0.
+pub fn sigmoid_rampup(step: u64, rampup_steps: u64) -> f64 {
+    if rampup_steps == 0 || step >= rampup_steps {
+        return 1.0;
+    }
+    let phase = 1.0 - step as f64 / rampup_steps as f64;
+    (-5.0 * phase * phase).exp()
 }
 
 /// Per-sample augmentation of the labeled batch, with the same weak/strong pipelines the consistency
@@ -137,6 +224,9 @@ pub struct PseudoLabelConfig {
 
 fn one_f() -> f64 {
     1.0
+}
+fn default_momentum() -> f64 {
+    0.999
 }
 fn yes() -> bool {
     true
@@ -208,12 +298,42 @@ pub fn validate(
         }
         unit("ssl.threshold", s.threshold())?;
         positive("ssl.temperature", s.temperature)?;
-        if s.method == SslMethod::Fixmatch && (s.temperature != 1.0 || s.tsa != TsaSchedule::None) {
+        if s.method != SslMethod::Uda && (s.temperature != 1.0 || s.tsa != TsaSchedule::None) {
             return Err(bad(
                 "ssl",
-                "temperature and tsa are UDA options; FixMatch uses hard pseudo-labels".into(),
+                format!(
+                    "temperature and tsa are UDA options; {} does not use them",
+                    s.method.name()
+                ),
             ));
         }
+        if s.threshold.is_some() && !s.method.takes_threshold() {
+            return Err(bad(
+                "ssl.threshold",
+                format!(
+                    "{} sets no fixed threshold (only uda, fixmatch and flexmatch take one)",
+                    s.method.name()
+                ),
+            ));
+        }
+        if s.distribution_alignment && !s.method.pseudo_labels() {
+            return Err(bad(
+                "ssl.distribution_alignment",
+                format!(
+                    "{} has no pseudo-label to align (uda, fixmatch, flexmatch, freematch, softmatch)",
+                    s.method.name()
+                ),
+            ));
+        }
+        let momentum = |key: &str, m: f64| {
+            if (0.0..1.0).contains(&m) {
+                Ok(())
+            } else {
+                Err(bad(key, format!("{m} is outside [0, 1)")))
+            }
+        };
+        momentum("ssl.da_momentum", s.da_momentum)?;
+        momentum("ssl.adaptive_momentum", s.adaptive_momentum)?;
     }
     if let Some(p) = pseudo_label {
         if p.rounds < 2 {
@@ -254,4 +374,83 @@ pub fn validate(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ssl(extra: &str) -> SslConfig {
+        toml::from_str(extra).unwrap()
+    }
+
+    fn check(s: &SslConfig) -> std::result::Result<(), String> {
+        let facts = JobFacts {
+            unlabeled_split: true,
+            ..JobFacts::default()
+        };
+        let bad = |key: &str, why: String| crate::Error::invalid(key, why);
+        validate(Some(s), None, &facts, &bad).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_usb_methods_parse_with_their_defaults() {
+        for (name, method) in [
+            ("pi_model", SslMethod::PiModel),
+            ("mean_teacher", SslMethod::MeanTeacher),
+            ("flexmatch", SslMethod::Flexmatch),
+            ("freematch", SslMethod::Freematch),
+            ("softmatch", SslMethod::Softmatch),
+        ] {
+            let s = ssl(&format!("method = '{name}'"));
+            assert_eq!(s.method, method);
+            assert_eq!(s.method.name(), name);
+            assert_eq!((s.da_momentum, s.adaptive_momentum), (0.999, 0.999));
+            assert_eq!((s.rampup_steps, s.distribution_alignment), (0, false));
+            check(&s).unwrap();
+        }
+        assert_eq!(ssl("method = 'flexmatch'").threshold(), 0.95);
+        check(&ssl("method = 'fixmatch'\ndistribution_alignment = true")).unwrap();
+    }
+
+    #[test]
+    fn misplaced_usb_options_are_refused_naming_the_key() {
+        for (text, key) in [
+            ("method = 'freematch'\nthreshold = 0.9", "ssl.threshold"),
+            ("method = 'softmatch'\nthreshold = 0.9", "ssl.threshold"),
+            (
+                "method = 'pi_model'\ndistribution_alignment = true",
+                "ssl.distribution_alignment",
+            ),
+            ("method = 'fixmatch'\nda_momentum = 1.0", "ssl.da_momentum"),
+            (
+                "method = 'softmatch'\nadaptive_momentum = -0.1",
+                "ssl.adaptive_momentum",
+            ),
+            ("method = 'flexmatch'\ntsa = 'linear'", "UDA options"),
+        ] {
+            let e = check(&ssl(text)).unwrap_err();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn mean_teacher_needs_the_weight_average() {
+        let s = ssl("method = 'mean_teacher'");
+        let (key, why) = s.check_ema(None).unwrap_err();
+        assert_eq!(key, "train.ema");
+        assert!(why.contains("mean_teacher"), "{why}");
+        s.check_ema(Some(0.99)).unwrap();
+        ssl("method = 'pi_model'").check_ema(None).unwrap();
+    }
+
+    #[test]
+    fn the_rampup_is_the_sigmoid_shape_then_one() {
+        assert_eq!(sigmoid_rampup(5, 0), 1.0);
+        assert!((sigmoid_rampup(0, 10) - (-5.0f64).exp()).abs() < 1e-15);
+        assert!((sigmoid_rampup(5, 10) - (-1.25f64).exp()).abs() < 1e-15);
+        assert_eq!(sigmoid_rampup(10, 10), 1.0);
+        let s = ssl("method = 'pi_model'\nlambda_u = 2.0\nrampup_steps = 4");
+        assert!((s.unsupervised_weight(2) - 2.0 * (-1.25f64).exp()).abs() < 1e-15);
+    }
 }

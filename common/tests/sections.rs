@@ -265,3 +265,18 @@ mod elastic_growth {
         assert!(e.contains("set cluster.min_workers"), "{e}");
     }
 }
+
+#[test]
+fn every_example_config_loads_and_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            butler_common::config::JobConfig::load(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 19, "only {n} example configs in {}", dir.display());
+}

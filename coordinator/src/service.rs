@@ -361,6 +361,7 @@ impl Coordinator for Service {
                 r.train_seconds,
                 r.learning_rate,
                 (r.test_accuracy, r.test_loss),
+                (r.val_accuracy, r.val_loss),
             )
             .map_err(status)?
         };
@@ -526,8 +527,13 @@ fn token_matches(got: &[u8], want: &[u8]) -> bool {
 }
 
 /// Runs the coordinator until the job ends. `on_bound` receives the bound address (port 0 allowed).
-pub async fn serve(opts: CoordinatorOptions, on_bound: impl FnOnce(SocketAddr)) -> Result<Outcome> {
+pub async fn serve(
+    mut opts: CoordinatorOptions,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<Outcome> {
     let (manifest, manifest_file) = opts.config.check_data()?;
+    // Workers receive the config with `train.steps` already turned into epochs.
+    opts.config.resolve_steps()?;
     opts.config.validate_world(opts.world_size)?;
     let train_len = opts.config.train_len(&manifest, &manifest_file)?;
     let unlabeled_len = match &opts.config.data.unlabeled_split {

@@ -26,6 +26,8 @@ struct EpochAgg {
     reports: u32,
     test_accuracy: Option<f64>,
     test_loss: Option<f64>,
+    val_accuracy: Option<f64>,
+    val_loss: Option<f64>,
 }
 
 /// What a rank reported when it finished successfully.
@@ -541,6 +543,7 @@ impl JobState {
         seconds: f64,
         lr: f64,
         test: (Option<f64>, Option<f64>),
+        val: (Option<f64>, Option<f64>),
     ) -> Result<Option<EpochRecord>, Refusal> {
         self.check(rank, generation)?;
         self.touch(rank);
@@ -553,6 +556,10 @@ impl JobState {
         if test.0.is_some() {
             agg.test_accuracy = test.0;
             agg.test_loss = test.1;
+        }
+        if val.0.is_some() {
+            agg.val_accuracy = val.0;
+            agg.val_loss = val.1;
         }
         if agg.reports == self.world_size {
             return Ok(Some(Self::record(epoch, agg)));
@@ -573,6 +580,8 @@ impl JobState {
             learning_rate: a.lr,
             test_accuracy: a.test_accuracy,
             test_loss: a.test_loss,
+            val_accuracy: a.val_accuracy,
+            val_loss: a.val_loss,
         }
     }
 
@@ -733,6 +742,7 @@ impl JobState {
                 .or_else(|| history.iter().rev().find_map(|h| h.test_accuracy))
                 .unwrap_or(0.0),
             test_loss: loss,
+            val_accuracy: history.iter().rev().find_map(|h| h.val_accuracy),
             world_size: self.world_size,
             generation: self.generation,
             epochs: self.cfg.train.epochs,
@@ -795,12 +805,22 @@ mod tests {
         s.register("a", None).unwrap();
         s.register("b", None).unwrap();
         assert_eq!(
-            s.report(0, 1, 0, 1.0, 10, 2.0, 0.1, (Some(0.5), Some(1.0)))
-                .unwrap(),
+            s.report(
+                0,
+                1,
+                0,
+                1.0,
+                10,
+                2.0,
+                0.1,
+                (Some(0.5), Some(1.0)),
+                (None, None)
+            )
+            .unwrap(),
             None
         );
         let r = s
-            .report(1, 1, 0, 3.0, 30, 3.0, 0.1, (None, None))
+            .report(1, 1, 0, 3.0, 30, 3.0, 0.1, (None, None), (None, None))
             .unwrap()
             .unwrap();
         assert_eq!(r.train_samples, 40);
@@ -841,8 +861,10 @@ mod tests {
         );
         s.register("a", None).unwrap();
         s.register("b", None).unwrap();
-        s.report(0, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
-        s.report(1, 1, 0, 1.0, 5, 1.0, 0.1, (None, None)).unwrap();
+        s.report(0, 1, 0, 1.0, 5, 1.0, 0.1, (None, None), (None, None))
+            .unwrap();
+        s.report(1, 1, 0, 1.0, 5, 1.0, 0.1, (None, None), (None, None))
+            .unwrap();
         // Rank 1's collective failed: a transient failure, so the job regroups.
         s.finish(
             1,

@@ -13,6 +13,11 @@ pub struct EpochRecord {
     pub learning_rate: f64,
     pub test_accuracy: Option<f64>,
     pub test_loss: Option<f64>,
+    /// The validation split's (`data.val_split`), on the epochs that evaluate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
 }
 
 /// `summary.json`: what a job produced, written once, atomically, when every rank has finished.
@@ -22,6 +27,9 @@ pub struct Summary {
     /// Final test accuracy in 0..1.
     pub test_accuracy: f64,
     pub test_loss: Option<f64>,
+    /// The last validation accuracy, when the job has a `data.val_split`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
     pub world_size: u32,
     pub generation: u64,
     pub epochs: u64,

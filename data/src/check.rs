@@ -14,6 +14,9 @@ pub trait JobDataCheck {
     /// Number of training samples the sampler covers: the whole train split, or the labeled subset.
     fn train_len(&self, m: &Manifest, file: &Path) -> Result<u64>;
 
+    /// Resolves `train.steps` into whole epochs of the labeled set (see `TrainConfig::resolve_steps`).
+    fn resolve_steps(&mut self) -> Result<()>;
+
     /// Loads the manifest and checks that the splits exist, are labeled, and fit the model.
     fn check_data(&self) -> Result<(Manifest, PathBuf)>;
 }
@@ -40,14 +43,26 @@ impl JobDataCheck for JobConfig {
         }
     }
 
+    fn resolve_steps(&mut self) -> Result<()> {
+        if self.train.steps.is_some() {
+            let (m, file) = Manifest::load(&self.data.manifest)?;
+            let len = self.train_len(&m, &file)?;
+            self.train.resolve_steps(len);
+        }
+        Ok(())
+    }
+
     fn check_data(&self) -> Result<(Manifest, PathBuf)> {
         let (m, file) = Manifest::load(&self.data.manifest)?;
-        for split in [&self.data.train_split, &self.data.test_split] {
+        let splits = [&self.data.train_split, &self.data.test_split]
+            .into_iter()
+            .chain(self.data.val_split.as_ref());
+        for split in splits {
             if !m.split(split, &file)?.labeled {
                 return Err(Error::Manifest {
                     path: file.clone(),
                     message: format!(
-                        "split {split:?} is unlabeled; supervised training needs labels"
+                        "split {split:?} is unlabeled; training and evaluation need labels"
                     ),
                 });
             }

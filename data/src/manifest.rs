@@ -263,13 +263,22 @@ impl Manifest {
 
 /// The command that prepares the dataset a job expects in `dir`, from the directory's name: the
 /// datasets `butler data prepare` generates (`data/mnist1d`, `data/digits`, `data/mnist1d-shift`) and
-/// the examples' unlabeled pools (`…/mnist1d-pool-N`).
+/// the same with a validation split held out (`data/mnist1d-val500`: `--val 500`), and the examples'
+/// unlabeled pools (`…/mnist1d-pool-N`).
 pub fn prepare_command(dir: &Path) -> String {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let out = dir.display();
+    // `<dataset>-val<N>`: the dataset with N train samples held out as `val`.
+    if let Some((base, n)) = name
+        .rsplit_once("-val")
+        .and_then(|(b, n)| Some((b, n.parse::<u64>().ok()?)))
+        .filter(|(b, _)| matches!(*b, "mnist1d" | "digits" | "mnist1d-shift"))
+    {
+        return format!("butler data prepare {base} --val {n} --out {out}");
+    }
     match name.as_str() {
         "mnist1d" | "digits" | "mnist1d-shift" => format!("butler data prepare {name} --out {out}"),
         _ => match name
@@ -290,6 +299,10 @@ mod tests {
 
     #[test]
     fn a_missing_dataset_names_the_command_that_prepares_it() {
+        assert_eq!(
+            prepare_command(Path::new("data/mnist1d-val500")),
+            "butler data prepare mnist1d --val 500 --out data/mnist1d-val500"
+        );
         assert_eq!(
             prepare_command(Path::new("data/digits")),
             "butler data prepare digits --out data/digits"

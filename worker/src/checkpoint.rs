@@ -108,7 +108,8 @@ pub fn resumable_name(round: u32, step: u64) -> String {
 }
 
 /// Writes the trainer's full state and `meta` to `path` atomically: `model.<variable>`,
-/// `ema.<index>`, `optim.<index>.<slot>` and `meta`.
+/// `ema.<index>`, `optim.<index>.<slot>`, `objective.<name>` (the method's running statistics) and
+/// `meta`.
 pub fn save_resumable(trainer: &Trainer, meta: &ResumeMeta, path: &Path) -> Result<()> {
     save_state(trainer.training_state(), meta, path)
 }
@@ -132,6 +133,11 @@ pub fn save_state(s: TrainingState, meta: &ResumeMeta, path: &Path) -> Result<()
             .named()
             .into_iter()
             .map(|(n, t)| (format!("optim.{n}"), t)),
+    );
+    named.extend(
+        s.objective
+            .into_iter()
+            .map(|(n, t)| (format!("objective.{n}"), t)),
     );
     let json = serde_json::to_vec(&ResumeMeta {
         format: RESUME_FORMAT,
@@ -177,6 +183,7 @@ pub fn read_state(path: &Path) -> Result<(TrainingState, ResumeMeta)> {
         ));
     }
     let (mut variables, mut ema, mut optim, mut meta) = (Vec::new(), Vec::new(), Vec::new(), None);
+    let mut objective = Vec::new();
     for (name, t) in named {
         if let Some(n) = name.strip_prefix("model.") {
             variables.push((n.to_string(), t));
@@ -187,6 +194,8 @@ pub fn read_state(path: &Path) -> Result<(TrainingState, ResumeMeta)> {
             ema.push((i, t));
         } else if let Some(n) = name.strip_prefix("optim.") {
             optim.push((n.to_string(), t));
+        } else if let Some(n) = name.strip_prefix("objective.") {
+            objective.push((n.to_string(), t));
         } else if name == "meta" {
             let bytes = Vec::<u8>::try_from(&t).map_err(|e| bad(e.to_string()))?;
             meta = Some(
@@ -213,6 +222,7 @@ pub fn read_state(path: &Path) -> Result<(TrainingState, ResumeMeta)> {
         ema: (!ema.is_empty()).then(|| ema.into_iter().map(|(_, t)| t).collect()),
         optim: crate::optim::OptimState::from_named(optim).map_err(|e| bad(e.to_string()))?,
         step: meta.step,
+        objective,
     };
     Ok((state, meta))
 }

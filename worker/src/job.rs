@@ -29,6 +29,8 @@ pub(crate) struct Job<'a> {
     pub(crate) manifest_file: PathBuf,
     pub(crate) train_set: InMemorySplit,
     pub(crate) test_set: InMemorySplit,
+    /// `data.val_split`: evaluated while training; the test split then only at the end.
+    pub(crate) val_set: Option<InMemorySplit>,
     pub(crate) per_rank_batch: u64,
     pub(crate) steps_per_epoch: u64,
     /// Per-sample augmentation of labeled batches.
@@ -57,6 +59,10 @@ impl<'a> Job<'a> {
             train_set = train_set.subset(&labeled_subset(&labels, k, cfg.subset_seed()));
         }
         let test_set = InMemorySplit::load(&manifest_file, &manifest, &cfg.data.test_split)?;
+        let val_set = match &cfg.data.val_split {
+            Some(v) => Some(InMemorySplit::load(&manifest_file, &manifest, v)?),
+            None => None,
+        };
         let per_rank_batch = (cfg.train.batch_size / ctx.world as usize) as u64;
         // Every rank runs the same number of steps: ceil(ceil(n / world) / per-rank batch).
         let steps_per_epoch = train_set
@@ -71,6 +77,7 @@ impl<'a> Job<'a> {
             manifest_file,
             train_set,
             test_set,
+            val_set,
             per_rank_batch,
             steps_per_epoch,
             labeled_aug,
@@ -232,14 +239,18 @@ pub(crate) fn run_epochs(
                             pseudo_batch = Some(table.batch(&b, shape));
                             None
                         }
-                        None => Some((view_tensors(&b, shape), global_u)),
+                        None => Some((view_tensors(&b, shape), global_u, b.ids.clone())),
                     }
                 }
                 None => None,
             };
-            let u_batch = u.as_ref().map(|(views, g)| trainer::UnlabeledBatch {
+            let u_batch = u.as_ref().map(|(views, g, ids)| trainer::UnlabeledBatch {
                 views,
                 global_len: *g,
+                ids,
+                pool_len: (cfg.data.unlabeled_split.as_ref())
+                    .and_then(|s| job.manifest.splits.get(s))
+                    .map_or(0, |s| s.num_samples),
             });
             let loss = trainer.step_with(&x, &y, global, u_batch, pseudo_batch.as_ref(), ring)?;
             if !loss.is_finite() {
@@ -273,14 +284,23 @@ pub(crate) fn run_epochs(
             0.0
         });
         let last = epoch == last_epoch;
-        let eval = if last || (epoch - first_epoch + 1).is_multiple_of(cfg.train.eval_every) {
+        let due = last || (epoch - first_epoch + 1).is_multiple_of(cfg.train.eval_every);
+        // With a validation split the periodic evaluations use it, and the test split is evaluated
+        // once, after the last epoch; without one the test split is the periodic curve.
+        let val = match &job.val_set {
+            Some(v) if due => Some(trainer.evaluate(&v.x, &v.y, ring, 1000)?),
+            _ => None,
+        };
+        let eval = if last || (due && job.val_set.is_none()) {
             let e = trainer.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
-            ctx.progress.advanced();
             last_eval = Some(e);
             Some(e)
         } else {
             None
         };
+        if due {
+            ctx.progress.advanced();
+        }
         let report = MetricsReport {
             rank: ctx.rank,
             generation: ctx.generation,
@@ -292,6 +312,8 @@ pub(crate) fn run_epochs(
             learning_rate: lr,
             test_accuracy: eval.filter(|_| ctx.rank == 0).map(|e| e.accuracy),
             test_loss: eval.filter(|_| ctx.rank == 0).map(|e| e.loss),
+            val_accuracy: val.filter(|_| ctx.rank == 0).map(|e| e.accuracy),
+            val_loss: val.filter(|_| ctx.rank == 0).map(|e| e.loss),
         };
         ctx.rt
             .block_on(ctx.client.clone().report_metrics(report))

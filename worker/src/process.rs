@@ -67,7 +67,10 @@ pub fn run(opts: WorkerOptions) -> Result<WorkerReport> {
         match session(&rt, &opts, requested, wait) {
             Ok(report) => return Ok(report),
             Err(lost) => {
+                // A worker asked to terminate leaves instead of registering again (its coordinator
+                // may be gone too: a launcher that dies takes its processes with it).
                 let retry = lost.error.is_transient()
+                    && !TERMINATE_REQUESTED.load(std::sync::atomic::Ordering::Relaxed)
                     && lost.restarts > 0
                     && sessions <= 2 * lost.restarts + 2;
                 if !retry {
@@ -338,6 +341,10 @@ pub(crate) fn resume_from(
     Ok(meta)
 }
 
+/// Set once this process has received SIGTERM; it then never starts another session.
+static TERMINATE_REQUESTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// SIGTERM (what Kubernetes sends before it kills a pod) asks the job to stop at the next step boundary
 /// with a committed checkpoint, instead of dying mid-step.
 fn watch_sigterm(ctx: &Ctx) -> Result<()> {
@@ -351,6 +358,7 @@ fn watch_sigterm(ctx: &Ctx) -> Result<()> {
     ctx.rt.spawn(async move {
         if term.recv().await.is_some() {
             tracing::warn!("SIGTERM: stopping at the next step boundary after a checkpoint");
+            TERMINATE_REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
             progress
                 .terminate
                 .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -239,6 +239,8 @@ pub fn train_supervised(
         let u = ssl.then(|| UnlabeledBatch {
             views: &views,
             global_len: UNLABELED as u64,
+            ids: &[],
+            pool_len: 0,
         });
         trainer
             .step(&xb, &yb, BATCH as u64, u, &mut comm)

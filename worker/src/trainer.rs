@@ -85,6 +85,8 @@ pub struct TrainingState {
     pub ema: Option<Vec<Tensor>>,
     pub optim: crate::optim::OptimState,
     pub step: u64,
+    /// The objective's own state ([`Objective::state`]: running statistics, per-sample records).
+    pub objective: Vec<(String, Tensor)>,
 }
 
 impl TrainingState {
@@ -149,6 +151,11 @@ impl TrainingState {
 pub struct UnlabeledBatch<'a> {
     pub views: &'a [Tensor],
     pub global_len: u64,
+    /// The stable ids of the share's samples (FlexMatch's per-sample record); may be empty for methods
+    /// that do not need them.
+    pub ids: &'a [u64],
+    /// How many samples the unlabeled split holds (FlexMatch's N); 0 when unknown.
+    pub pool_len: u64,
 }
 
 /// Result of evaluating on a split, summed over all ranks.
@@ -245,12 +252,16 @@ impl Trainer {
             }),
             optim: self.opt.state(),
             step: self.step,
+            objective: self.objective.state(),
         }
     }
 
     /// Restores [`Trainer::training_state`]: every variable must be present with its shape, the EMA
-    /// must match `[train] ema`, the optimizer state must fit the parameters.
-    pub fn load_training_state(&mut self, s: TrainingState) -> std::result::Result<(), String> {
+    /// must match `[train] ema`, the optimizer state must fit the parameters, the objective's state must
+    /// belong to the objective.
+    pub fn load_training_state(&mut self, mut s: TrainingState) -> std::result::Result<(), String> {
+        self.objective
+            .load_state(std::mem::take(&mut s.objective))?;
         let ema = self.ema.as_mut().map(|e| e.averages.as_mut_slice());
         self.step = s.apply(&self.vs, ema, &mut self.opt)?;
         Ok(())
@@ -341,6 +352,15 @@ impl Trainer {
         // Per (seed, step, rank): reproducible, and each rank draws its own mixing within its own batch.
         let mut rng = MixRng::new(mix(mix(self.cfg.job.seed, self.step), comm.rank() as u64));
         let (model, objective) = (self.model.as_ref(), self.objective.as_mut());
+        // The EMA as a teacher (Mean Teacher): the averaged weights' logits in training mode. butler's
+        // models keep no batch-norm buffers, so the teacher's forward changes no state of the student.
+        let teacher = self
+            .ema
+            .as_ref()
+            .map(|e| move |u: &Tensor| e.swapped(|| model.forward_t(u, true)));
+        let (ids, pool_len) = unlabeled
+            .as_ref()
+            .map_or((&[][..], 0), |u| (u.ids, u.pool_len));
         let parts = with_precision(self.cfg.train.precision, dev, || {
             objective.loss(StepCtx {
                 model,
@@ -349,9 +369,13 @@ impl Trainer {
                 rng: &mut rng,
                 step: self.step,
                 unlabeled: &views,
+                unlabeled_ids: ids,
+                unlabeled_pool: pool_len,
                 pseudo: pseudo.as_ref(),
+                comm: &mut *comm,
+                teacher: teacher.as_ref().map(|t| t as &dyn Fn(&Tensor) -> Tensor),
             })
-        });
+        })?;
         let mut value = 0.0;
         let mut total: Option<Tensor> = None;
         let mut add = |t: Tensor| {

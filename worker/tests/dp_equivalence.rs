@@ -20,8 +20,10 @@ static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const GLOBAL_BATCH: usize = 48;
 
 /// `extra` is appended: further sections (e.g. `[ssl]`). With an `[ssl]` section the data section names
-/// an unlabeled split, which the config requires.
+/// an unlabeled split, which the config requires. Keys before `extra`'s first section header go into
+/// `[train]` (e.g. `ema=0.9` for Mean Teacher).
 fn config_with(optim: &str, extra: &str) -> JobConfig {
+    let (train, extra) = extra.split_at(extra.find('[').unwrap_or(extra.len()));
     let unlabeled = if extra.contains("[ssl]") {
         "unlabeled_split='u'\n"
     } else {
@@ -29,7 +31,7 @@ fn config_with(optim: &str, extra: &str) -> JobConfig {
     };
     let text = format!(
         "[job]\nname='dp'\nseed=3\n[data]\nmanifest='unused'\n{unlabeled}[model]\nkind='conv_base'\nchannels=8\n\
-         [optim]\n{optim}\n[schedule]\nkind='cosine'\nwarmup_steps=3\n[train]\nepochs=1\nbatch_size={GLOBAL_BATCH}\nlabel_smoothing=0.1\n\
+         [optim]\n{optim}\n[schedule]\nkind='cosine'\nwarmup_steps=3\n[train]\nepochs=1\nbatch_size={GLOBAL_BATCH}\nlabel_smoothing=0.1\n{train}\
          [cluster]\nbucket_mb=0.01\n{extra}"
     );
     JobConfig::from_toml(&text, Path::new("dp.toml")).unwrap()
@@ -48,19 +50,28 @@ fn rings(world: usize) -> Vec<TcpRing> {
 }
 
 /// The unlabeled samples of step `s`: a global batch of `UNLABELED` samples split unevenly across the
-/// ranks (rank r of W takes a share that differs by rank), as (clean, perturbed) views.
+/// ranks (rank r of W takes a share that differs by rank), as (clean, perturbed) views, with sample
+/// ids that come back every `POOL` samples (FlexMatch overwrites its records).
 const UNLABELED: i64 = 36;
+const POOL: u64 = 100;
 
-fn unlabeled_share(pool: &Tensor, step: usize, world: usize, rank: usize) -> (Vec<Tensor>, u64) {
+fn unlabeled_share(
+    pool: &Tensor,
+    step: usize,
+    world: usize,
+    rank: usize,
+) -> (Vec<Tensor>, u64, Vec<u64>) {
     // Uneven cut points: rank r ends at UNLABELED·(r+1)²/W² (all for W = 1).
     let end = |r: usize| UNLABELED * ((r * r) as i64) / ((world * world) as i64);
     let (a, b) = (end(rank), end(rank + 1));
     let base = step as i64 * UNLABELED;
     let clean = pool.narrow(0, base + a, b - a);
     let noise = pool.narrow(0, base + a + 1, b - a) * 0.3;
+    let ids = (base + a..base + b).map(|i| i as u64 % POOL).collect();
     (
         vec![clean.shallow_clone(), &clean + noise],
         UNLABELED as u64,
+        ids,
     )
 }
 
@@ -124,9 +135,11 @@ fn train_with(world: usize, optim: &str, extra: &str, n: i64) -> Vec<Vec<f32>> {
                         let (xb, yb) = split.batch(batch);
                         let global = sampler.global_batch_len(k as u64, per_rank as u64);
                         let views = ssl.then(|| unlabeled_share(&pool, taken, world, rank));
-                        let u = views.as_ref().map(|(v, g)| UnlabeledBatch {
+                        let u = views.as_ref().map(|(v, g, ids)| UnlabeledBatch {
                             views: v,
                             global_len: *g,
+                            ids,
+                            pool_len: POOL,
                         });
                         trainer.step(&xb, &yb, global, u, &mut ring).unwrap();
                         taken += 1;
@@ -238,18 +251,104 @@ fn two_workers_equal_one_with_fixmatch() {
     );
 }
 
+// The USB methods: their statistics (mean prediction, confidence moments, FlexMatch's learning status)
+// are reduced over the global unlabeled batch, so every rank holds the state one process would. Fast
+// momenta make the state move within the test's 20 steps.
+
+const ADAMW: &str = "kind='adamw'\nlr=0.003";
+const FLEXMATCH: &str = "[ssl]\nmethod='flexmatch'\nthreshold=0.5\n";
+const FREEMATCH: &str = "[ssl]\nmethod='freematch'\nadaptive_momentum=0.7\n";
+const SOFTMATCH: &str = "[ssl]\nmethod='softmatch'\nadaptive_momentum=0.7\ndistribution_alignment=true\nda_momentum=0.5\n";
+const FIXMATCH_DA: &str =
+    "[ssl]\nmethod='fixmatch'\nthreshold=0.15\ndistribution_alignment=true\nda_momentum=0.5\n";
+const MEAN_TEACHER: &str = "ema=0.9\n[ssl]\nmethod='mean_teacher'\nrampup_steps=10\n";
+const PI_MODEL: &str = "[ssl]\nmethod='pi_model'\nnormalize='masked'\n";
+
+#[test]
+fn two_workers_equal_one_with_flexmatch() {
+    check_with(ADAMW, FLEXMATCH, 2, 950);
+}
+
+#[test]
+fn three_workers_equal_one_with_flexmatch() {
+    check_with(ADAMW, FLEXMATCH, 3, 950);
+}
+
+#[test]
+fn two_workers_equal_one_with_freematch() {
+    check_with(ADAMW, FREEMATCH, 2, 950);
+}
+
+#[test]
+fn three_workers_equal_one_with_freematch() {
+    check_with(ADAMW, FREEMATCH, 3, 950);
+}
+
+#[test]
+fn three_workers_equal_one_with_softmatch_and_uniform_alignment() {
+    check_with(ADAMW, SOFTMATCH, 3, 950);
+}
+
+#[test]
+fn two_workers_equal_one_with_fixmatch_and_distribution_alignment() {
+    check_with(ADAMW, FIXMATCH_DA, 2, 950);
+}
+
+#[test]
+fn two_workers_equal_one_with_mean_teacher() {
+    check_with(ADAMW, MEAN_TEACHER, 2, 950);
+}
+
+#[test]
+fn three_workers_equal_one_with_the_pi_model() {
+    check_with(ADAMW, PI_MODEL, 3, 950);
+}
+
 /// The equivalence tests above prove something only if the unlabeled term moves the parameters at these
 /// thresholds (a mask that is all zeros would make the consistency term vanish).
 #[test]
 fn the_unlabeled_terms_of_the_equivalence_tests_are_active() {
     for (optim, ssl) in [
-        ("kind='sgd'\nlr=0.05\nmomentum=0.9", "[ssl]\nmethod='uda'\ntemperature=0.5\nthreshold=0.12\ntsa='linear'\nnormalize='masked'\nlambda_u="),
-        ("kind='adamw'\nlr=0.003", "[ssl]\nmethod='fixmatch'\nthreshold=0.15\nlambda_u="),
+        ("kind='sgd'\nlr=0.05\nmomentum=0.9", "[ssl]\nmethod='uda'\ntemperature=0.5\nthreshold=0.12\ntsa='linear'\nnormalize='masked'\nlambda_u=".to_string()),
+        ("kind='adamw'\nlr=0.003", "[ssl]\nmethod='fixmatch'\nthreshold=0.15\nlambda_u=".to_string()),
+        (ADAMW, format!("{FLEXMATCH}lambda_u=")),
+        (ADAMW, format!("{FREEMATCH}lambda_u=")),
+        (ADAMW, format!("{SOFTMATCH}lambda_u=")),
+        (ADAMW, format!("{FIXMATCH_DA}lambda_u=")),
+        (ADAMW, format!("{MEAN_TEACHER}lambda_u=")),
+        (ADAMW, format!("{PI_MODEL}lambda_u=")),
     ] {
         let on = train_with(1, optim, &format!("{ssl}2.0\n"), 950).remove(0);
         let off = train_with(1, optim, &format!("{ssl}0.0\n"), 950).remove(0);
         let d = max_abs_diff(&on, &off);
         assert!(d > 1e-4, "{ssl}: the unlabeled term changed the parameters by only {d}");
+    }
+}
+
+/// The methods' state matters: with a slow and a fast momentum (FreeMatch, SoftMatch, alignment) or
+/// another threshold (FlexMatch's curriculum) training ends elsewhere, so an equivalence that held only
+/// for a state that never moved would be caught.
+#[test]
+fn the_state_of_the_usb_methods_changes_the_training() {
+    for (a, b) in [
+        (FREEMATCH.to_string(), FREEMATCH.replace("0.7", "0.999")),
+        (
+            SOFTMATCH.to_string(),
+            SOFTMATCH.replace("adaptive_momentum=0.7", "adaptive_momentum=0.999"),
+        ),
+        (
+            FIXMATCH_DA.to_string(),
+            FIXMATCH_DA.replace("\ndistribution_alignment=true\nda_momentum=0.5", ""),
+        ),
+        (
+            FLEXMATCH.to_string(),
+            FLEXMATCH.replace("flexmatch", "fixmatch"),
+        ),
+    ] {
+        let x = train_with(1, ADAMW, &a, 950).remove(0);
+        let y = train_with(1, ADAMW, &b, 950).remove(0);
+        let d = max_abs_diff(&x, &y);
+        assert!(d > 1e-4, "{a} vs {b}: only {d} apart");
     }
 }
 

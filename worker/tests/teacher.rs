@@ -132,15 +132,21 @@ fn distillation_on_unlabeled_data_is_the_kd_term_alone() {
     let y = Tensor::from_slice(&[1i64, 2, 3, 4]);
     let u = Tensor::randn([6, 40], (Kind::Float, Device::Cpu));
     let mut rng = MixRng::new(0);
-    let parts = objective.loss(StepCtx {
-        model: student.as_ref(),
-        x: &x,
-        y: &y,
-        rng: &mut rng,
-        step: 0,
-        unlabeled: std::slice::from_ref(&u),
-        pseudo: None,
-    });
+    let parts = objective
+        .loss(StepCtx {
+            model: student.as_ref(),
+            x: &x,
+            y: &y,
+            rng: &mut rng,
+            step: 0,
+            unlabeled: std::slice::from_ref(&u),
+            unlabeled_ids: &[],
+            unlabeled_pool: 0,
+            pseudo: None,
+            comm: &mut butler_worker::collective::SingleProcess,
+            teacher: None,
+        })
+        .unwrap();
 
     let teacher = Teacher::load(&fixtures().join("teacher.pt"), &cfg.model, &[40], 10).unwrap();
     let kd = KdConfig {
@@ -168,14 +174,20 @@ fn distillation_on_unlabeled_data_is_the_kd_term_alone() {
 
     // An empty unlabeled share contributes no part.
     let empty = Tensor::zeros([0, 40], (Kind::Float, Device::Cpu));
-    let parts = objective.loss(StepCtx {
-        model: student.as_ref(),
-        x: &x,
-        y: &y,
-        rng: &mut rng,
-        step: 1,
-        unlabeled: std::slice::from_ref(&empty),
-        pseudo: None,
-    });
+    let parts = objective
+        .loss(StepCtx {
+            model: student.as_ref(),
+            x: &x,
+            y: &y,
+            rng: &mut rng,
+            step: 1,
+            unlabeled: std::slice::from_ref(&empty),
+            unlabeled_ids: &[],
+            unlabeled_pool: 0,
+            pseudo: None,
+            comm: &mut butler_worker::collective::SingleProcess,
+            teacher: None,
+        })
+        .unwrap();
     assert!(parts.unlabeled.is_none());
 }

@@ -213,6 +213,7 @@ impl Pretrainer {
             ema: None,
             optim: self.opt.state(),
             step: self.step,
+            objective: Vec::new(),
         }
     }
 

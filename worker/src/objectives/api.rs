@@ -1,8 +1,20 @@
 //! The objective interface: what a step's loss receives ([`StepCtx`]) and returns ([`LossParts`],
 //! [`Counted`] masked means), and the [`Objective`] trait every method implements.
+//!
+//! **Collectives inside a loss.** Methods whose statistics the reference implementations compute on
+//! the whole (single-process) batch — FreeMatch's and SoftMatch's confidence EMAs, distribution
+//! alignment's mean prediction, FlexMatch's per-sample learning status — reduce them over every rank
+//! through [`StepCtx::comm`] while they compute the loss, so W workers hold the state one process
+//! holding the global batch would. Every rank must make the same calls in the same order, whatever its
+//! share: an empty share contributes zeros and still calls.
+//!
+//! **State.** Such statistics are part of the training state: [`Objective::state`] lists them as named
+//! host tensors for a resumable checkpoint and [`Objective::load_state`] restores them.
 
+use crate::collective::Collective;
 use crate::mixing::MixRng;
 use crate::models::Model;
+use crate::Result;
 use tch::Tensor;
 
 /// Everything one step's loss may need.
@@ -17,8 +29,18 @@ pub struct StepCtx<'a> {
     /// This rank's unlabeled batch `[u, ...sample_shape]`, one tensor per view (weak/clean then strong
     /// for the consistency methods, the raw samples otherwise); empty when the job streams none.
     pub unlabeled: &'a [Tensor],
+    /// The stable sample ids of `unlabeled`'s rows (empty when the caller does not know them).
+    pub unlabeled_ids: &'a [u64],
+    /// How many samples the unlabeled split holds (FlexMatch's N); 0 when unknown.
+    pub unlabeled_pool: u64,
     /// This rank's pseudo-labeled samples of the step (refresh rounds after the first).
     pub pseudo: Option<&'a PseudoBatch>,
+    /// The step's collective, for statistics of the global batch (see the module documentation).
+    pub comm: &'a mut dyn Collective,
+    /// The EMA of the weights as a teacher (`[train] ema`): its logits on a batch, in training mode,
+    /// without gradient. It swaps the averages into the parameters in place, so it must be called before
+    /// the student's forward pass of the step (after it, autograd's saved tensors would be overwritten).
+    pub teacher: Option<&'a dyn Fn(&Tensor) -> Tensor>,
 }
 
 /// Pseudo-labeled samples with their targets.
@@ -71,11 +93,27 @@ pub struct LossParts {
 
 pub trait Objective: Send {
     fn name(&self) -> &'static str;
-    /// The loss parts for this rank's batches.
-    fn loss(&mut self, ctx: StepCtx) -> LossParts;
+    /// The loss parts for this rank's batches; fails only when a collective does, or when the step lacks
+    /// something the method needs (sample ids).
+    fn loss(&mut self, ctx: StepCtx) -> Result<LossParts>;
     /// How many [`Counted`] parts every call returns (the same on every rank and every step).
     fn counted_terms(&self) -> usize {
         0
+    }
+    /// The method's own training state (running statistics, per-sample records) as named host tensors,
+    /// identical on every rank; empty for stateless methods.
+    fn state(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    /// Restores [`Objective::state`]; every name must belong to the method.
+    fn load_state(&mut self, state: Vec<(String, Tensor)>) -> std::result::Result<(), String> {
+        match state.first() {
+            None => Ok(()),
+            Some((name, _)) => Err(format!(
+                "objective state {name:?} does not belong to {}",
+                self.name()
+            )),
+        }
     }
 }
 

@@ -136,7 +136,7 @@ impl Objective for Distill {
         "kd"
     }
 
-    fn loss(&mut self, ctx: StepCtx) -> LossParts {
+    fn loss(&mut self, ctx: StepCtx) -> Result<LossParts> {
         let labeled = non_empty(ctx.x).then(|| {
             let prepared = self.aug.apply(ctx.x, ctx.y, ctx.rng);
             let student = prepared.forward(ctx.model);
@@ -164,10 +164,10 @@ impl Objective for Distill {
                 .expect("the teacher was probed on this sample shape at load");
             kd_loss(&student, &teacher, None, &self.kd, 0.0) * self.unlabeled_weight
         });
-        LossParts {
+        Ok(LossParts {
             labeled,
             unlabeled,
             ..Default::default()
-        }
+        })
     }
 }

@@ -4,7 +4,10 @@
 //! - `supervised.rs`: cross-entropy with label smoothing and the input regularizers (Cutout, Mixup,
 //!   CutMix, Manifold Mixup);
 //! - `kd.rs`: knowledge distillation from a frozen teacher, composing with the same input regularizers;
-//! - `consistency.rs`: UDA and FixMatch on the unlabeled stream's weak/strong views;
+//! - `consistency.rs`: UDA, FixMatch, FlexMatch, FreeMatch, SoftMatch, Π-model and Mean Teacher on the
+//!   unlabeled stream's weak/strong views, with `usb.rs` holding the stateful pieces (distribution
+//!   alignment, curriculum / self-adaptive thresholds, soft weights), whose statistics are reduced over
+//!   the global batch through the step's collective and saved in resumable checkpoints;
 //! - `pseudo.rs`: supervised loss plus a term on the pseudo-labeled samples of a refresh round.
 //!
 //! Randomness (which batch is mixed, λ, boxes, holes) comes from a `MixRng` seeded by
@@ -26,6 +29,7 @@ pub mod consistency;
 pub mod kd;
 pub mod pseudo;
 pub mod supervised;
+pub mod usb;
 
 pub use api::{Counted, LossParts, Objective, PseudoBatch, PseudoTargets, StepCtx};
 pub use batch_aug::{BatchAug, Prepared, Spatial};
@@ -44,6 +48,8 @@ pub fn build(
 ) -> Result<Box<dyn Objective>> {
     let aug = BatchAug::new(&cfg.regularize, sample_shape, classes, model_mix_points)?;
     if let Some(s) = &cfg.ssl {
+        s.check_ema(cfg.train.ema)
+            .map_err(|(key, why)| butler_common::Error::invalid(key, why))?;
         return Ok(Box::new(consistency::Consistency::new(
             s,
             cfg.train.label_smoothing,

@@ -7,6 +7,7 @@
 use super::api::{non_empty, Counted, LossParts, Objective, PseudoTargets, StepCtx};
 use super::supervised::Supervised;
 use crate::losses::{cross_entropy_per_example, soft_pseudo_label_loss};
+use crate::Result;
 use butler_common::semi::PseudoLabelConfig;
 use tch::Kind;
 
@@ -35,14 +36,15 @@ impl Objective for PseudoLabel {
         1
     }
 
-    fn loss(&mut self, ctx: StepCtx) -> LossParts {
+    fn loss(&mut self, ctx: StepCtx) -> Result<LossParts> {
         let pseudo = ctx.pseudo.filter(|p| non_empty(&p.x));
         let model = ctx.model;
         let mut parts = self.supervised.loss(StepCtx {
             pseudo: None,
             unlabeled: &[],
+            unlabeled_ids: &[],
             ..ctx
-        });
+        })?;
         let term = match pseudo {
             None => Counted {
                 sum: None,
@@ -65,6 +67,6 @@ impl Objective for PseudoLabel {
             }
         };
         parts.counted.push(term);
-        parts
+        Ok(parts)
     }
 }

@@ -4,6 +4,7 @@
 use super::api::{non_empty, LossParts, Objective, StepCtx};
 use super::batch_aug::BatchAug;
 use crate::losses::{cross_entropy, soft_cross_entropy};
+use crate::Result;
 
 pub struct Supervised {
     aug: BatchAug,
@@ -24,9 +25,9 @@ impl Objective for Supervised {
         "supervised"
     }
 
-    fn loss(&mut self, ctx: StepCtx) -> LossParts {
+    fn loss(&mut self, ctx: StepCtx) -> Result<LossParts> {
         if !non_empty(ctx.x) {
-            return LossParts::default();
+            return Ok(LossParts::default());
         }
         let prepared = self.aug.apply(ctx.x, ctx.y, ctx.rng);
         let logits = prepared.forward(ctx.model);
@@ -34,9 +35,9 @@ impl Objective for Supervised {
             Some(q) => soft_cross_entropy(&logits, q, self.label_smoothing),
             None => cross_entropy(&logits, ctx.y, self.label_smoothing),
         };
-        LossParts {
+        Ok(LossParts {
             labeled: Some(loss),
             ..Default::default()
-        }
+        })
     }
 }
