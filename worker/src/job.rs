@@ -131,6 +131,10 @@ pub(crate) fn run_epochs(
     let mut trace = SampleTrace::open(ctx)?;
     let mut last_commit = resumed.map(|m| m.step);
     let start_epoch = resumed.map_or(epochs.start, |m| m.epoch.max(epochs.start));
+    // The unlabeled split's size (FlexMatch's N), looked up once.
+    let pool_len = (cfg.data.unlabeled_split.as_ref())
+        .and_then(|s| job.manifest.splits.get(s))
+        .map_or(0, |s| s.num_samples);
     for epoch in start_epoch..epochs.end {
         ctx.progress.epoch.store(epoch, Ordering::Relaxed);
         let a = ctx
@@ -248,9 +252,7 @@ pub(crate) fn run_epochs(
                 views,
                 global_len: *g,
                 ids,
-                pool_len: (cfg.data.unlabeled_split.as_ref())
-                    .and_then(|s| job.manifest.splits.get(s))
-                    .map_or(0, |s| s.num_samples),
+                pool_len,
             });
             let loss = trainer.step_with(&x, &y, global, u_batch, pseudo_batch.as_ref(), ring)?;
             if !loss.is_finite() {
