@@ -49,5 +49,17 @@ else
     echo "deploy: pods of $k"
     "$venv/bin/python" deploy/tests/pods.py "$out/$k.yaml" --butler "$butler" --data data/mnist1d
   done
+  # The same test refuses a render with a wrong variable name: the workers then advertise 127.0.0.1,
+  # their ring peers in other pods cannot reach them, and the job never ends.
+  echo "deploy: pods of base with BUTLER_ADVERTISE_HOST misspelt (must fail)"
+  sed 's/name: BUTLER_ADVERTISE_HOST$/name: BUTLER_ADVERTISE_ADDR/' "$out/base.yaml" > "$out/broken-advertise.yaml"
+  grep -q BUTLER_ADVERTISE_ADDR "$out/broken-advertise.yaml"
+  if "$venv/bin/python" deploy/tests/pods.py "$out/broken-advertise.yaml" --butler "$butler" \
+      --data data/mnist1d --timeout 30 > "$out/broken-advertise.log" 2>&1; then
+    echo "deploy: the pods test passed a render whose workers advertise 127.0.0.1" >&2
+    exit 1
+  fi
+  grep -q "still running after 30 s" "$out/broken-advertise.log"
+  echo "deploy: refused as expected ($(grep FAILED "$out/broken-advertise.log"))"
 fi
 echo "deploy: all checks passed in $((SECONDS - start)) s"

@@ -9,4 +9,5 @@ cargo build --locked --bins
 [ -f data/mnist1d/manifest.json ] || ./target/debug/butler data prepare mnist1d
 [ -f data/digits/manifest.json ] || ./target/debug/butler data prepare digits
 [ -f data/mnist1d-val500/manifest.json ] || ./target/debug/butler data prepare mnist1d --val 500 --out data/mnist1d-val500
+bash deploy/check.sh
 cargo test --locked --workspace -- --test-threads="${BUTLER_TEST_THREADS:-2}"

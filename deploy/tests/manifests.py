@@ -738,7 +738,7 @@ def check_flags(docs: list[dict], butler: str) -> list[str]:
                     flag = a.split("=", 1)[0]
                     if flag not in known:
                         problems.append(f"{t.where} container {c['name']}: `butler {' '.join(sub)}` has no flag {flag}")
-            envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", text))
+            envs = set(re.findall(r"\[env: ([A-Z0-9_]+)[=\]]", text))
             used = set(re.findall(r"\$\(([A-Za-z0-9_]+)\)", " ".join(args)))
             for e in c.get("env") or []:
                 n = e["name"]
