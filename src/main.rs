@@ -68,6 +68,11 @@ struct CoordinatorArgs {
     /// newest intact commit point (`state.json`), or, for pseudo-label rounds, at their current phase.
     #[arg(long)]
     resume: bool,
+    /// Only check this command line: parse the job config strictly and apply the world-size rules,
+    /// then exit (0: it would start). Reads no data and opens no port; deploy/check.sh runs it on the
+    /// Kubernetes manifests' coordinator arguments.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(clap::Args)]
@@ -137,6 +142,16 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let config = butler_common::config::JobConfig::load(&args.config)?;
+    if args.check {
+        config.validate_world(args.world_size)?;
+        println!(
+            "{}: job {:?} is valid for {} workers",
+            args.config.display(),
+            config.job.name,
+            args.world_size
+        );
+        return Ok(());
+    }
     let opts = butler_coordinator::CoordinatorOptions {
         config,
         world_size: args.world_size,
