@@ -25,7 +25,8 @@ if [ ! -x "$butler" ]; then
   echo "deploy/check.sh: $butler does not exist; build it first: cargo build --locked --bins" >&2
   exit 1
 fi
-export BUTLER_BIN="$PWD/$butler"
+butler="$(realpath "$butler")"
+export BUTLER_BIN="$butler"
 
 out="target/deploy"
 rm -rf "$out" && mkdir -p "$out"
