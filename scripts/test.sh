@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+bash scripts/setup-chromium.sh   # the run report's browser check (tests/report.rs)
 source scripts/env.sh
 cargo build --locked --bins
 [ -f data/mnist1d/manifest.json ] || ./target/debug/butler data prepare mnist1d

@@ -340,6 +340,11 @@ fn supervise(
         s["wall_seconds"].as_f64().unwrap_or(f64::NAN),
         summary_path.display()
     );
+    // The report is a view of the run, not part of its result: failing to draw it fails nothing.
+    match crate::report::write_report(out) {
+        Ok(path) => println!("report: {}", path.display()),
+        Err(e) => eprintln!("warning: no run report: {e:#}"),
+    }
     Ok(())
 }
 

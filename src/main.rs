@@ -1,5 +1,5 @@
 //! `butler`: the one user-facing binary. Subcommands: `run` (local launcher), `coordinator`, `worker`,
-//! `data` (prepare / import / inspect), `bench`, `doctor`.
+//! `data` (prepare / import / inspect), `bench`, `doctor`, `report`.
 //!
 //! Architecture Invariant: command-line glue only — argument parsing, calls into the library crates,
 //! printed summaries. Formats, training and protocol logic live in the crates; their typed errors reach
@@ -9,6 +9,7 @@ mod bench;
 mod data_cmd;
 mod doctor;
 mod launcher;
+mod report;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// What this machine offers: libtorch, CUDA devices, cuDNN, NCCL, and the backend `auto` would pick.
     Doctor(doctor::DoctorArgs),
+    /// Write a run directory's report: one self-contained HTML page with its curves and tables.
+    Report(report::ReportArgs),
 }
 
 #[derive(clap::Args)]
@@ -137,6 +140,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Doctor(args) => doctor::run(args),
+        Command::Report(args) => report::run(args),
     }
 }
 
