@@ -31,6 +31,9 @@ pub struct RunArgs {
     /// their current phase).
     #[arg(long)]
     pub resume: bool,
+    /// Serve the coordinator's Prometheus metrics (/metrics) on this address, e.g. 127.0.0.1:9400.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 struct Proc {
@@ -132,7 +135,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let threads = args
         .threads
         .unwrap_or((cores / args.workers as usize).max(1));
-    let token = format!("{:032x}", rand::random::<u128>());
+    // `BUTLER_TOKEN` when set (so `butler status` can ask the coordinator), else a fresh random one.
+    let token = std::env::var("BUTLER_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     let exe = std::env::current_exe().context("locating the butler binary")?;
 
     let mut procs = vec![spawn(
@@ -153,6 +160,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         ]
         .into_iter()
         .chain(args.resume.then(|| "--resume".to_string()))
+        .chain(
+            args.metrics_listen
+                .iter()
+                .flat_map(|a| ["--metrics-listen".to_string(), a.to_string()]),
+        )
         .collect::<Vec<_>>(),
         logs.join("coordinator.log"),
         &token,
@@ -227,6 +239,11 @@ fn supervise(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    eprintln!(
+        "coordinator at http://{} (with BUTLER_TOKEN set: butler status --coordinator http://{})",
+        addr.trim(),
+        addr.trim()
+    );
     for rank in 0..args.workers {
         procs.push(spawn(
             &format!("worker {rank}"),

@@ -26,6 +26,15 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text (colour only on a terminal) or as one JSON object per line.
+    #[arg(long, global = true, env = "BUTLER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -46,6 +55,23 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Write a run directory's report: one self-contained HTML page with its curves and tables.
     Report(report::ReportArgs),
+    /// What a running job is doing: membership, progress, throughput, per-rank timing and lateness.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "BUTLER_COORDINATOR")]
+    coordinator: String,
+    #[arg(long, env = "BUTLER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Print the status document as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print again every this many seconds until the coordinator goes away.
+    #[arg(long, value_name = "SECONDS")]
+    watch: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +84,9 @@ struct CoordinatorArgs {
     world_size: u32,
     #[arg(long, default_value = "0.0.0.0:50051")]
     listen: SocketAddr,
+    /// Serve Prometheus metrics (OpenMetrics text at /metrics, plain HTTP, no token) on this address.
+    #[arg(long, env = "BUTLER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Where metrics.jsonl and summary.json go (shared storage on a cluster).
     #[arg(long)]
     run_dir: PathBuf,
@@ -105,17 +134,20 @@ struct WorkerArgs {
     local_rank: usize,
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BUTLER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only on a terminal: `butler run` sends each process's stderr to a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => fmt.with_ansi(ansi).init(),
+        // The worker's span (rank, generation) rides on every line as `span`.
+        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 fn main() {
@@ -128,15 +160,22 @@ fn main() {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(args) => launcher::run(args),
+        Command::Run(args) => {
+            // The coordinator and workers it starts log the same way.
+            if cli.log_format == LogFormat::Json {
+                std::env::set_var("BUTLER_LOG_FORMAT", "json");
+            }
+            launcher::run(args)
+        }
         Command::Coordinator(args) => {
-            init_tracing();
+            init_tracing(cli.log_format);
             coordinator(args)
         }
         Command::Worker(args) => {
-            init_tracing();
+            init_tracing(cli.log_format);
             worker(args)
         }
+        Command::Status(args) => status(args),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Doctor(args) => doctor::run(args),
@@ -163,6 +202,7 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
         run_dir: args.run_dir.clone(),
         token: args.token,
         resume: args.resume,
+        metrics_listen: args.metrics_listen,
     };
     // A stale summary from an earlier run in this directory must not pass for this run's result.
     // A resumed job keeps the metrics of its earlier part.
@@ -206,7 +246,8 @@ fn worker(args: WorkerArgs) -> Result<()> {
             .unwrap_or_else(|_| "worker".into());
         format!("{host}:{}", std::process::id())
     });
-    let report = butler_worker::run(butler_worker::WorkerOptions {
+    // The worker logs its end inside its span (rank, generation).
+    butler_worker::run(butler_worker::WorkerOptions {
         coordinator: args.coordinator,
         token: args.token,
         worker_id,
@@ -216,10 +257,99 @@ fn worker(args: WorkerArgs) -> Result<()> {
         connect_wait: Duration::from_secs(args.connect_wait_s),
         local_rank: args.local_rank,
     })?;
-    tracing::info!(
-        rank = report.rank,
-        test_accuracy = report.test_accuracy,
-        "worker done"
-    );
     Ok(())
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    loop {
+        let doc = rt
+            .block_on(butler_coordinator::status_rpc(&args.coordinator, &args.token))
+            .map_err(anyhow::Error::msg)?;
+        if args.json {
+            println!("{doc}");
+        } else {
+            print!("{}", render_status(&doc));
+        }
+        match args.watch {
+            Some(s) if s > 0.0 => std::thread::sleep(Duration::from_secs_f64(s)),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The status document as a few lines and a per-rank table.
+fn render_status(d: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let num = |v: &serde_json::Value| v.as_f64();
+    let fmt_opt = |v: Option<f64>, digits: usize| match v {
+        Some(x) => format!("{x:.digits$}"),
+        None => "-".into(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "job {} — {} — generation {}, world {}, restarts {}",
+        d["job"].as_str().unwrap_or("?"),
+        d["state"].as_str().unwrap_or("?"),
+        d["generation"],
+        d["world_size"],
+        d["restarts"]
+    );
+    if let Some(f) = d["failure"].as_str() {
+        let _ = writeln!(out, "failure: {f}");
+    }
+    let eta = num(&d["eta_seconds"]).map_or("-".into(), |s| format!("{:.0}s", s));
+    let _ = writeln!(
+        out,
+        "epoch {}/{}  step {}  {} samples/s  loss {}  val acc {}  test acc {}  elapsed {:.0}s  ETA {eta}",
+        d["epoch"].as_u64().map_or("-".into(), |e| (e + 1).to_string()),
+        d["epochs"],
+        d["step"],
+        fmt_opt(num(&d["samples_per_second"]), 0),
+        fmt_opt(num(&d["train_loss"]), 4),
+        fmt_opt(num(&d["val_accuracy"]), 4),
+        fmt_opt(num(&d["test_accuracy"]), 4),
+        num(&d["elapsed_seconds"]).unwrap_or(0.0),
+    );
+    if let Some(l) = d["late_rank"].as_object() {
+        let _ = writeln!(
+            out,
+            "late rank: {} ({} phase, +{:.1} ms per step at step {})",
+            l["rank"],
+            l["phase"].as_str().unwrap_or("?"),
+            l["lateness_seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            l["step"]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:>4}  {:<9} {:<10} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  host",
+        "rank", "state", "phase", "beat s", "data ms", "comp ms", "comm ms", "opt ms", "late ms", "samp/s"
+    );
+    for r in d["ranks"].as_array().into_iter().flatten() {
+        let t = &r["timing"];
+        let w = &t["window"];
+        let ms = |k: &str| fmt_opt(num(&w[k]).map(|x| x * 1e3), 2);
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<9} {:<10} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}{}",
+            r["rank"],
+            r["state"].as_str().unwrap_or("?"),
+            t["phase"].as_str().unwrap_or("-"),
+            fmt_opt(num(&r["heartbeat_age_seconds"]), 1),
+            ms("data_seconds"),
+            ms("compute_seconds"),
+            ms("comm_seconds"),
+            ms("optim_seconds"),
+            ms("lateness_seconds"),
+            fmt_opt(num(&w["samples_per_second"]), 0),
+            t["host"].as_str().unwrap_or(""),
+            if t["late"].as_bool() == Some(true) { "  LATE" } else { "" },
+        );
+    }
+    out
 }

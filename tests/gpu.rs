@@ -133,6 +133,7 @@ fn rank_zeros_nccl_id_travels_through_the_coordinator_unchanged() {
         run_dir: dir.path().join("run"),
         token: "secret".into(),
         resume: false,
+        metrics_listen: None,
     };
     rt.spawn(butler_coordinator::serve(opts, move |addr| {
         let _ = tx.send(addr);

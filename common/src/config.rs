@@ -27,6 +27,9 @@ pub struct JobConfig {
     /// Resumable checkpoints (plain, semi-supervised and distillation jobs).
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Per-step metrics (TensorBoard, steps.jsonl, Prometheus).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Consistency training on the unlabeled stream (UDA, FixMatch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl: Option<crate::semi::SslConfig>,
@@ -358,6 +361,51 @@ pub struct ClusterConfig {
     pub max_workers: Option<u32>,
 }
 
+/// `[metrics]`: how often the job reports per-step scalars. Every `every_steps` optimizer steps the ranks
+/// average the step's losses by part and the method's signals (one small all-reduce) and rank 0 sends them
+/// to the coordinator, which writes them to `<run>/tb/` (TensorBoard), `<run>/steps.jsonl` and its
+/// `/metrics` endpoint with the per-rank step-time split. Per-epoch metrics are always written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Every this many optimizer steps (0: per-epoch metrics only).
+    #[serde(default = "fifty")]
+    pub every_steps: u64,
+    /// Write TensorBoard event files under `<run>/tb/`.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+    /// A rank is named late when its arrival at the gradient all-reduce (data + compute per step) exceeds
+    /// the median rank's by more than this fraction of the median step time, in this many consecutive
+    /// windows.
+    #[serde(default = "late_fraction")]
+    pub late_fraction: f64,
+    #[serde(default = "three")]
+    pub late_windows: u32,
+}
+
+fn fifty() -> u64 {
+    50
+}
+
+fn late_fraction() -> f64 {
+    0.2
+}
+
+fn three() -> u32 {
+    3
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            every_steps: fifty(),
+            tensorboard: true,
+            late_fraction: late_fraction(),
+            late_windows: three(),
+        }
+    }
+}
+
 /// `[checkpoint]`: when rank 0 writes a resumable checkpoint (model, optimizer state, EMA, schedule
 /// position, both streams' cursors) and the coordinator records it as the job's commit point.
 /// A worker told to stop (SIGTERM) writes one at the next step boundary whatever these say.
@@ -455,6 +503,7 @@ impl JobConfig {
         let mut c = self.clone();
         c.cluster = ClusterConfig::default();
         c.checkpoint = CheckpointConfig::default();
+        c.metrics = MetricsConfig::default();
         c.train.threads = 0;
         c.loader = LoaderConfig {
             shuffle_window: c.loader.shuffle_window,
@@ -470,6 +519,15 @@ impl JobConfig {
             path: origin.into(),
             message: format!("{key}: {why}"),
         };
+        if !(self.metrics.late_fraction > 0.0 && self.metrics.late_fraction.is_finite()) {
+            return Err(bad(
+                "metrics.late_fraction",
+                format!("must be a positive number, got {}", self.metrics.late_fraction),
+            ));
+        }
+        if self.metrics.late_windows == 0 {
+            return Err(bad("metrics.late_windows", "must be at least 1".into()));
+        }
         match (self.train.epochs, self.train.steps) {
             (0, None) => {
                 return Err(bad(

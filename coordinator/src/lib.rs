@@ -6,13 +6,16 @@
 //! (counts, shapes) and deals in ranks, generations, epochs, cursors and scalar metrics.
 
 pub mod commits;
+pub mod metrics;
+pub mod observe;
 pub mod rounds;
 mod service;
 mod stages;
 mod state;
 mod summary;
+pub mod tb;
 
-pub use service::{serve, CoordinatorOptions, Outcome};
+pub use service::{serve, status_rpc, CoordinatorOptions, Outcome};
 pub use state::JobState;
 pub use summary::{EpochRecord, StageRecord, Summary};
 

@@ -28,6 +28,8 @@ pub struct CoordinatorOptions {
     pub token: String,
     /// Continue a job stopped mid-way (pseudo-label rounds: from `rounds/state.json`).
     pub resume: bool,
+    /// Serve Prometheus `/metrics` here (plain HTTP, no token).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How a job ended.
@@ -45,12 +47,91 @@ struct Shared {
     done: watch::Sender<Option<bool>>,
     job_toml: String,
     run_dir: PathBuf,
+    /// Timing, late ranks, per-step scalars and their sinks. Locked after `state` when both are held.
+    observer: Mutex<crate::observe::Observer>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, JobState> {
         // A panic while holding the lock would be a bug in JobState; the state is still the best record.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn observer(&self) -> MutexGuard<'_, crate::observe::Observer> {
+        self.observer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `/metrics` text: membership refreshed at scrape time, then every series.
+    fn scrape(&self) -> String {
+        let (generation, world, members) = {
+            let st = self.lock();
+            (st.generation, st.world_size, st.members_view())
+        };
+        let o = self.observer();
+        o.metrics.membership(generation, world, &members);
+        o.metrics.encode()
+    }
+
+    /// `butler status`'s document.
+    fn status_json(&self) -> serde_json::Value {
+        let st = self.lock();
+        let o = self.observer();
+        let history = st.history();
+        let last_epoch = history.last();
+        let ranks: Vec<serde_json::Value> = st
+            .members_view()
+            .into_iter()
+            .map(|m| {
+                let state = match (&m.worker, m.finished) {
+                    (None, _) => "missing",
+                    (Some(_), true) => "finished",
+                    (Some(_), false) => "running",
+                };
+                serde_json::json!({
+                    "rank": m.rank,
+                    "worker": m.worker,
+                    "state": state,
+                    "heartbeat_age_seconds": m.heartbeat_age,
+                    "progress_age_seconds": m.progress_age,
+                    "timing": o.rank_status(m.rank),
+                })
+            })
+            .collect();
+        let samples_per_second = o
+            .last
+            .as_ref()
+            .and_then(|l| l.scalars.get("perf/samples_per_second").copied());
+        let epochs = st.cfg.train.epochs;
+        let done_epochs = history.len() as u64;
+        let elapsed = st.elapsed();
+        // The ETA from epochs done in this coordinator's lifetime (a resumed job's earlier part aside).
+        let this_run = done_epochs.saturating_sub(st.prior_history.len() as u64);
+        let eta = (this_run > 0 && done_epochs < epochs)
+            .then(|| elapsed / this_run as f64 * (epochs - done_epochs) as f64);
+        serde_json::json!({
+            "job": st.cfg.job.name,
+            "state": match st.failure() {
+                Some(_) => "failed",
+                None if st.all_finished() => "finished",
+                None => "running",
+            },
+            "failure": st.failure(),
+            "generation": st.generation,
+            "world_size": st.world_size,
+            "restarts": st.restarts,
+            "epoch": last_epoch.map(|e| e.epoch),
+            "epochs": epochs,
+            "step": o.step,
+            "elapsed_seconds": elapsed,
+            "eta_seconds": eta,
+            "samples_per_second": samples_per_second,
+            "train_loss": last_epoch.map(|e| e.train_loss),
+            "val_accuracy": history.iter().rev().find_map(|e| e.val_accuracy),
+            "test_accuracy": history.iter().rev().find_map(|e| e.test_accuracy),
+            "scalars": o.last.as_ref().map(|l| &l.scalars),
+            "late_rank": o.late_history.last(),
+            "ranks": ranks,
+        })
     }
 }
 
@@ -131,8 +212,14 @@ impl Coordinator for Service {
                 nccl: r.nccl,
                 nccl_id: r.nccl_id,
             };
+            let host = String::from_utf8_lossy(&published.endpoint)
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .unwrap_or_default();
+            let device = published.device.clone();
             st.publish_endpoint(r.rank, r.generation, published)
                 .map_err(status)?;
+            self.0.observer().rank_info(r.rank, &host, &device);
             Duration::from_millis(st.cfg.cluster.rendezvous_timeout_ms)
         };
         self.0.rendezvous.notify_waiters();
@@ -320,6 +407,11 @@ impl Coordinator for Service {
     ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
         let mut st = self.0.lock();
+        if r.generation == st.generation {
+            self.0
+                .observer()
+                .beat(r.rank, r.timing, &r.phase, r.collectives);
+        }
         match st.heartbeat(r.rank, r.generation, r.progress) {
             Ok(()) => Ok(Response::new(HeartbeatResponse {
                 regroup_at_boundary: st.joining > 0,
@@ -366,6 +458,7 @@ impl Coordinator for Service {
             .map_err(status)?
         };
         if let Some(rec) = record {
+            self.0.observer().epoch_done(&rec, r.step);
             info!(
                 epoch = rec.epoch,
                 train_loss = rec.train_loss,
@@ -393,6 +486,7 @@ impl Coordinator for Service {
         let c = crate::commits::Commit::from_point(&point, r.sha256, r.bytes);
         let mut st = self.0.lock();
         st.commit(r.rank, r.generation, c).map_err(status)?;
+        self.0.observer().metrics.checkpoint(r.bytes);
         info!(
             step = point.step,
             epoch = point.epoch,
@@ -400,6 +494,37 @@ impl Coordinator for Service {
             "commit point recorded"
         );
         Ok(Response::new(Ack {}))
+    }
+
+    async fn report_step(
+        &self,
+        req: Request<StepReport>,
+    ) -> std::result::Result<Response<Ack>, Status> {
+        let r = req.into_inner();
+        {
+            let mut st = self.0.lock();
+            st.alive(r.rank, r.generation).map_err(status)?;
+            if r.rank != 0 {
+                return Err(Status::invalid_argument("only rank 0 reports step scalars"));
+            }
+        }
+        let scalars = r.scalars.into_iter().collect();
+        let mut o = self.0.observer();
+        // The timing gathered at this step is exact for every rank; heartbeats lag behind it.
+        for (rank, t) in r.ranks.into_iter().enumerate() {
+            o.timing_at_step(rank as u32, t);
+        }
+        o.step_report(r.step, r.epoch, r.generation, scalars);
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> std::result::Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(StatusResponse {
+            json: self.0.status_json().to_string(),
+        }))
     }
 
     async fn next_stage(
@@ -449,14 +574,23 @@ impl Coordinator for Service {
             )
             .map_err(status)?;
         if let Some(kept) = st.take_regrouped() {
+            let (generation, world, restarts) = (st.generation, st.world_size, st.restarts);
             drop(st);
+            let mut o = self.0.observer();
+            o.event(
+                "regroup",
+                format!("generation {generation} with {world} ranks (restart {restarts})"),
+            );
+            o.new_generation(generation);
+            drop(o);
             write_metrics(&self.0.run_dir, &kept);
             self.0.rendezvous.notify_waiters();
             return Ok(Response::new(Ack {}));
         }
         if all_ok {
-            let summary = st.summary();
+            let mut summary = st.summary();
             drop(st);
+            summary.late_ranks = self.0.observer().late_history.clone();
             let path = self.0.run_dir.join("summary.json");
             let json = serde_json::to_vec_pretty(&summary).expect("Summary serialises");
             match fsutil::write_atomic(&path, &json) {
@@ -519,6 +653,32 @@ fn write_metrics(run_dir: &std::path::Path, kept: &[crate::EpochRecord]) {
     if let Err(e) = fsutil::write_atomic(&path, metrics_lines(kept).as_bytes()) {
         warn!(path = %path.display(), error = %e, "cannot rewrite metrics after a regroup");
     }
+}
+
+/// `butler status`: asks a running coordinator at `url` (token required) for its status document.
+pub async fn status_rpc(url: &str, token: &str) -> std::result::Result<serde_json::Value, String> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad coordinator URL {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the coordinator at {url}: {e}"))?;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the token holds characters a header cannot carry".to_string())?;
+    let mut client = butler_proto::coordinator_client::CoordinatorClient::with_interceptor(
+        channel,
+        move |mut req: Request<()>| {
+            req.metadata_mut().insert(AUTH_METADATA_KEY, bearer.clone());
+            Ok(req)
+        },
+    );
+    let r = client
+        .status(StatusRequest {})
+        .await
+        .map_err(|s| format!("status RPC to {url}: {}", s.message()))?;
+    serde_json::from_str(&r.into_inner().json).map_err(|e| format!("bad status document: {e}"))
 }
 
 /// Compares in time independent of where the strings differ.
@@ -602,8 +762,29 @@ pub async fn serve(
     })?;
     let cluster = opts.config.cluster.clone();
     let (done_tx, mut done_rx) = watch::channel(None);
+    // The resolved config next to the results (the run report shows it).
+    let job_toml = opts.config.to_toml();
+    fsutil::write_atomic(&opts.run_dir.join("job.toml"), job_toml.as_bytes())?;
+    let mut observer = crate::observe::Observer::new(
+        &opts.config.metrics,
+        &opts.run_dir,
+        crate::metrics::Metrics::new(),
+    );
+    if !opts.resume {
+        // A fresh job's curves start empty; a resumed one appends (its events mark the restart).
+        for stale in ["steps.jsonl", "events.jsonl"] {
+            let p = opts.run_dir.join(stale);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| butler_common::Error::io(&p, e))?;
+            }
+        }
+    }
     let shared = Arc::new(Shared {
-        job_toml: opts.config.to_toml(),
+        observer: Mutex::new({
+            observer.generation = 1;
+            observer
+        }),
+        job_toml,
         state: Mutex::new({
             let mut st = JobState::new(opts.config, opts.world_size, train_len);
             st.unlabeled_len = unlabeled_len;
@@ -624,6 +805,38 @@ pub async fn serve(
         done: done_tx,
         run_dir: opts.run_dir.clone(),
     });
+    {
+        let generation = shared.lock().generation;
+        let mut o = shared.observer();
+        o.generation = generation;
+        if opts.resume {
+            o.event(
+                "resume",
+                format!("the coordinator resumed the job (generation {generation})"),
+            );
+        }
+    }
+    let metrics_server = match opts.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let at = l.local_addr().map_err(|source| Error::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+            info!(%at, "serving Prometheus metrics at /metrics");
+            let s = shared.clone();
+            Some(tokio::spawn(crate::metrics::serve(
+                l,
+                Arc::new(move || s.scrape()),
+            )))
+        }
+        None => None,
+    };
     info!(%bound, world_size = opts.world_size, "coordinator listening");
     on_bound(bound);
 
@@ -667,10 +880,37 @@ pub async fn serve(
                                 st.fail(why);
                             }
                         } else if let Some(why) = st.stalled(stall) {
+                            let mut o = shared.observer();
+                            let behind = o.behind_in_collectives();
+                            let detail = if behind.is_empty() {
+                                why.clone()
+                            } else {
+                                let names: Vec<String> = behind
+                                    .iter()
+                                    .map(|(r, n, max)| format!("rank {r} entered {n} of {max}"))
+                                    .collect();
+                                format!(
+                                    "{why}; collectives entered: {} (the others wait in collective {})",
+                                    names.join(", "),
+                                    behind[0].2
+                                )
+                            };
+                            o.event("stall", detail);
+                            drop(o);
                             st.fail(why);
                         }
                     }
                     if let Some(kept) = st.take_regrouped() {
+                        let mut o = shared.observer();
+                        o.event(
+                            "regroup",
+                            format!(
+                                "generation {} with {} ranks (restart {})",
+                                st.generation, st.world_size, st.restarts
+                            ),
+                        );
+                        o.new_generation(st.generation);
+                        drop(o);
                         write_metrics(&shared.run_dir, &kept);
                         shared.rendezvous.notify_waiters();
                     }
@@ -704,10 +944,15 @@ pub async fn serve(
         )
         .await?;
     watchdog.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let ok = done_rx.borrow_and_update().unwrap_or(false);
     let st = shared.lock();
     Ok(if ok {
-        Outcome::Succeeded(st.summary())
+        let mut summary = st.summary();
+        summary.late_ranks = shared.observer().late_history.clone();
+        Outcome::Succeeded(summary)
     } else {
         Outcome::Failed(
             st.failure()

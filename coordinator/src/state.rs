@@ -17,6 +17,16 @@ struct Member {
     progress_at: Instant,
 }
 
+/// One rank as `butler status` and `/metrics` show it.
+#[derive(Clone, Debug)]
+pub struct MemberView {
+    pub rank: u32,
+    pub worker: Option<String>,
+    pub finished: bool,
+    pub heartbeat_age: Option<f64>,
+    pub progress_age: Option<f64>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct EpochAgg {
     loss_weighted: f64,
@@ -164,6 +174,37 @@ impl JobState {
 
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
+    }
+
+    /// Each rank of the current world: its worker, whether it finished, seconds since its last sign of
+    /// life and since its progress count last changed (`None`: no worker holds the rank).
+    pub fn members_view(&self) -> Vec<MemberView> {
+        let now = Instant::now();
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(rank, m)| MemberView {
+                rank: rank as u32,
+                worker: m.as_ref().map(|m| m.worker_id.clone()),
+                finished: m.as_ref().is_some_and(|m| m.finished),
+                heartbeat_age: m
+                    .as_ref()
+                    .map(|m| now.duration_since(m.last_seen).as_secs_f64()),
+                progress_age: m
+                    .as_ref()
+                    .map(|m| now.duration_since(m.progress_at).as_secs_f64()),
+            })
+            .collect()
+    }
+
+    /// Seconds since the coordinator started.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// The epochs recorded so far (the resumed part first; only epochs every rank has reported).
+    pub fn history(&self) -> Vec<EpochRecord> {
+        self.summary().history
     }
 
     /// Marks the job failed (first reason wins: later ones are consequences).
@@ -755,6 +796,7 @@ impl JobState {
             checkpoint: ckpt,
             history,
             stages: self.stages.records(self.world_size),
+            late_ranks: Vec::new(),
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct Summary {
     /// stage's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageRecord>,
+    /// Ranks the coordinator found persistently late (stragglers), each time one was flagged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late_ranks: Vec<crate::observe::LateRank>,
 }
 
 /// One stage of a staged job (pretrain, probe, finetune).

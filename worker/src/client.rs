@@ -77,6 +77,8 @@ pub struct Progress {
     pub regroup: AtomicBool,
     /// A worker waits to join: regroup at the next step boundary every rank agrees on, after a commit.
     pub regroup_at_boundary: AtomicBool,
+    /// Where the training time goes (sent with every heartbeat).
+    pub timing: Arc<crate::timing::StepClock>,
 }
 
 impl Progress {
@@ -128,6 +130,9 @@ pub async fn heartbeat_loop(
             epoch: progress.epoch.load(Ordering::Relaxed),
             step: progress.step.load(Ordering::Relaxed),
             progress: progress.work.load(Ordering::Relaxed),
+            timing: Some(progress.timing.snapshot()),
+            phase: progress.timing.phase().as_str().to_string(),
+            collectives: progress.timing.collectives(),
         };
         let answer = match tokio::time::timeout(
             period.max(Duration::from_secs(1)) * 5,

@@ -7,6 +7,7 @@ use crate::collective::Collective;
 use crate::data::InMemorySplit;
 use crate::error::rpc;
 use crate::session::Ctx;
+use crate::timing::Phase;
 use crate::trainer::{self, Trainer};
 use crate::{augment, loader, rounds, streams, Error, Result};
 use butler_common::config::CheckpointConfig;
@@ -215,6 +216,12 @@ pub(crate) fn run_epochs(
                     return Err(stopped_at(ctx, step));
                 }
             }
+            let timing = &ctx.progress.timing;
+            let t_data = Instant::now();
+            timing.enter(Phase::Data);
+            if let Some(d) = crate::timing::slow_data_delay(ctx.rank, ctx.world) {
+                std::thread::sleep(d);
+            }
             let (x, y) = match &job.labeled_aug {
                 Some(a) => {
                     job.train_set
@@ -254,7 +261,19 @@ pub(crate) fn run_epochs(
                 ids,
                 pool_len,
             });
+            let data_time = t_data.elapsed();
+            timing.enter(Phase::Compute);
+            let (comm_before, t_step) = (timing.comm_total(), Instant::now());
             let loss = trainer.step_with(&x, &y, global, u_batch, pseudo_batch.as_ref(), ring)?;
+            let (wall, optimizer) = (t_step.elapsed(), trainer.last_optimizer_time());
+            let comm = timing.comm_total().saturating_sub(comm_before);
+            timing.step_done(
+                data_time,
+                wall.saturating_sub(comm).saturating_sub(optimizer),
+                optimizer,
+                batch.len() as u64,
+            );
+            report_step_if_due(ctx, cfg, trainer, ring, epoch)?;
             if !loss.is_finite() {
                 return Err(Error::Setup(format!(
                     "training diverged: loss is {loss} at epoch {epoch} step {}",
@@ -289,6 +308,7 @@ pub(crate) fn run_epochs(
         let due = last || (epoch - first_epoch + 1).is_multiple_of(cfg.train.eval_every);
         // With a validation split the periodic evaluations use it, and the test split is evaluated
         // once, after the last epoch; without one the test split is the periodic curve.
+        ctx.progress.timing.enter(Phase::Eval);
         let val = match &job.val_set {
             Some(v) if due => Some(trainer.evaluate(&v.x, &v.y, ring, 1000)?),
             _ => None,
@@ -303,6 +323,7 @@ pub(crate) fn run_epochs(
         if due {
             ctx.progress.advanced();
         }
+        ctx.progress.timing.enter(Phase::Idle);
         let report = MetricsReport {
             rank: ctx.rank,
             generation: ctx.generation,
@@ -351,6 +372,56 @@ pub(crate) fn run_epochs(
         losses,
         samples,
     })
+}
+
+/// Every `metrics.every_steps` optimizer steps (the count every rank shares): the step's scalars averaged
+/// over the ranks, sent by rank 0. A coordinator that cannot take them fails the step like any RPC.
+pub(crate) fn report_step_if_due(
+    ctx: &Ctx,
+    cfg: &JobConfig,
+    trainer: &Trainer,
+    ring: &mut dyn Collective,
+    epoch: u64,
+) -> Result<()> {
+    let every = cfg.metrics.every_steps;
+    let step = trainer.steps_taken();
+    if every == 0 || step == 0 || !step.is_multiple_of(every) {
+        return Ok(());
+    }
+    let t = ctx.progress.timing.snapshot();
+    let mine = [
+        t.steps as f64,
+        t.samples as f64,
+        t.data_seconds,
+        t.compute_seconds,
+        t.comm_seconds,
+        t.optimizer_seconds,
+    ];
+    let (scalars, per_rank) = trainer.step_scalars(ring, &mine)?;
+    if ctx.rank == 0 {
+        let ranks = per_rank
+            .iter()
+            .map(|v| butler_proto::StepTiming {
+                steps: v[0] as u64,
+                samples: v[1] as u64,
+                data_seconds: v[2],
+                compute_seconds: v[3],
+                comm_seconds: v[4],
+                optimizer_seconds: v[5],
+            })
+            .collect();
+        ctx.rt
+            .block_on(ctx.client.clone().report_step(butler_proto::StepReport {
+                rank: ctx.rank,
+                generation: ctx.generation,
+                epoch,
+                step,
+                scalars: scalars.into_iter().collect(),
+                ranks,
+            }))
+            .map_err(rpc("report_step"))?;
+    }
+    Ok(())
 }
 
 /// Test switch `BUTLER_TRACE_SAMPLES=DIR`: every rank appends the labeled samples (positions in the
@@ -484,6 +555,20 @@ pub(crate) fn agree_to_stop(ctx: &Ctx, ring: &mut dyn Collective) -> Result<bool
 /// Every rank: share the epoch's running losses; rank 0: write the resumable checkpoint, then have
 /// the coordinator record it as the commit point (it checks the file's hash and size).
 pub(crate) fn commit(
+    job: &Job,
+    ring: &mut dyn Collective,
+    at: &Boundary,
+    step: u64,
+    state: impl FnOnce() -> trainer::TrainingState,
+) -> Result<()> {
+    let ctx = job.ctx;
+    let before = ctx.progress.timing.enter(Phase::Checkpoint);
+    let out = commit_inner(job, ring, at, step, state);
+    ctx.progress.timing.enter(before);
+    out
+}
+
+fn commit_inner(
     job: &Job,
     ring: &mut dyn Collective,
     at: &Boundary,

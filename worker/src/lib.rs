@@ -27,6 +27,7 @@ pub mod rounds;
 pub mod selfcheck;
 mod session;
 mod stages;
+pub mod timing;
 pub mod trainer;
 
 pub use butler_data::{augment, loader, streams};

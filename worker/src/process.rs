@@ -375,6 +375,7 @@ fn train(ctx: &Ctx, cfg: &JobConfig, opts: &WorkerOptions) -> Result<(f64, f64, 
     let mut comm = collective::Observed::new(
         join_collective(ctx, cfg, &opts.advertise_host, device)?,
         Box::new(move || progress.advanced()),
+        ctx.progress.timing.clone(),
     );
     info!(
         train = job.train_set.len,

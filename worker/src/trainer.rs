@@ -28,6 +28,7 @@ pub struct Trainer {
     /// The weights' exponential moving average (`[train] ema`): one tensor per trainable variable, on
     /// the parameters' device.
     ema: Option<Ema>,
+    last: StepRecord,
 }
 
 struct Ema {
@@ -158,6 +159,14 @@ pub struct UnlabeledBatch<'a> {
     pub pool_len: u64,
 }
 
+/// What the last step left for the metrics: each part's contribution (detached) and the optimizer time.
+#[derive(Default)]
+struct StepRecord {
+    labeled: Option<Tensor>,
+    unlabeled: Option<Tensor>,
+    optimizer: std::time::Duration,
+}
+
 /// Result of evaluating on a split, summed over all ranks.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Evaluation {
@@ -221,6 +230,7 @@ impl Trainer {
             total_steps,
             device,
             ema,
+            last: StepRecord::default(),
         })
     }
 
@@ -378,7 +388,20 @@ impl Trainer {
         })?;
         let mut value = 0.0;
         let mut total: Option<Tensor> = None;
-        let mut add = |t: Tensor| {
+        // Each part's contribution to this rank's loss, detached: their mean over the ranks is the
+        // global loss of that part (read only when metrics are due).
+        let mut record = StepRecord::default();
+        let mut add = |t: Tensor, labeled: bool| {
+            let slot = if labeled {
+                &mut record.labeled
+            } else {
+                &mut record.unlabeled
+            };
+            let d = t.detach();
+            *slot = Some(match slot.take() {
+                Some(sum) => sum + d,
+                None => d,
+            });
             total = Some(match total.take() {
                 Some(sum) => sum + t,
                 None => t,
@@ -386,11 +409,11 @@ impl Trainer {
         };
         if let Some(l) = parts.labeled {
             value = l.double_value(&[]);
-            add(l * share(x.size()[0], global_len));
+            add(l * share(x.size()[0], global_len), true);
         }
         if let (Some(l), Some(u)) = (parts.unlabeled, &unlabeled) {
             let local = views.first().map_or(0, |v| v.size()[0]);
-            add(l * share(local, u.global_len));
+            add(l * share(local, u.global_len), false);
         }
         let expected = self.objective.counted_terms();
         assert_eq!(
@@ -411,7 +434,7 @@ impl Trainer {
                     if c.labeled && c.count > 0.0 {
                         value = sum.double_value(&[]) / c.count;
                     }
-                    add(sum * (world / (g as f64).max(1.0)));
+                    add(sum * (world / (g as f64).max(1.0)), c.labeled);
                 }
             }
         }
@@ -419,12 +442,70 @@ impl Trainer {
             t.backward();
         }
         self.sync.all_reduce_gradients(comm)?;
+        let t_opt = std::time::Instant::now();
         self.opt.step();
         if let Some(e) = &mut self.ema {
             e.update();
         }
+        record.optimizer = t_opt.elapsed();
+        self.last = record;
         self.step += 1;
         Ok(value)
+    }
+
+    /// How long the last step's optimizer update (and EMA) took.
+    pub fn last_optimizer_time(&self) -> std::time::Duration {
+        self.last.optimizer
+    }
+
+    /// The last step's scalars, averaged over the ranks (one small all-reduce; every rank must call it
+    /// at the same step): `train/loss` and its `train/loss_labeled` / `train/loss_unlabeled` parts (the
+    /// global objective, exactly), `train/lr`, and the method's signals ([`Objective::signals`]).
+    ///
+    /// `mine` is this rank's own vector of per-rank values (every rank the same length); the result's
+    /// second part holds every rank's, gathered through the same all-reduce.
+    pub fn step_scalars(
+        &self,
+        comm: &mut dyn Collective,
+        mine: &[f64],
+    ) -> Result<(Vec<(String, f64)>, Vec<Vec<f64>>)> {
+        let value = |t: &Option<Tensor>| t.as_ref().map_or(0.0, |t| t.double_value(&[]));
+        let (l, u) = (value(&self.last.labeled), value(&self.last.unlabeled));
+        let mut names = vec![
+            "train/loss".to_string(),
+            "train/loss_labeled".to_string(),
+            "train/loss_unlabeled".to_string(),
+        ];
+        let mut values = vec![l + u, l, u];
+        for (name, v) in self.objective.signals() {
+            names.push(name);
+            values.push(v);
+        }
+        // Scalars first, then one slot of `mine.len()` values per rank (the others add zeros).
+        let (n, k, rank) = (values.len(), mine.len(), comm.rank());
+        let mut local = values;
+        local.resize(n + k * comm.world_size(), 0.0);
+        local[n + k * rank..n + k * (rank + 1)].copy_from_slice(mine);
+        let mut t = Tensor::from_slice(&local);
+        comm.all_reduce_sum(&mut t)?;
+        let world = comm.world_size() as f64;
+        let mut sums = Vec::<f64>::try_from(&t).expect("a 1-D f64 tensor");
+        let per_rank: Vec<Vec<f64>> = if k == 0 {
+            Vec::new()
+        } else {
+            sums[n..].chunks(k).map(<[f64]>::to_vec).collect()
+        };
+        sums.truncate(n);
+        let mut out: Vec<(String, f64)> = names
+            .into_iter()
+            .zip(sums)
+            .map(|(n, s)| (n, s / world))
+            .collect();
+        if self.cfg.ssl.is_none() {
+            out.retain(|(n, _)| n != "train/loss_unlabeled");
+        }
+        out.push(("train/lr".to_string(), self.learning_rate()));
+        Ok((out, per_rank))
     }
 
     /// Accuracy and mean cross-entropy (without smoothing) of the evaluated weights (the EMA when set) on

@@ -54,15 +54,34 @@ impl Collective for SingleProcess {
 
 /// A collective that reports every operation it enters (before it may block) to `on_enter`: the worker
 /// counts them into its heartbeat's progress, so when a job stalls the coordinator can tell the ranks
-/// blocked inside the latest collective from those that never entered it.
+/// blocked inside the latest collective from those that never entered it. It also times each operation
+/// into `clock` (the step's communication share, the `comm` phase, the collective sequence number).
 pub struct Observed {
     inner: Box<dyn Collective>,
     on_enter: Box<dyn Fn() + Send>,
+    clock: std::sync::Arc<crate::timing::StepClock>,
 }
 
 impl Observed {
-    pub fn new(inner: Box<dyn Collective>, on_enter: Box<dyn Fn() + Send>) -> Observed {
-        Observed { inner, on_enter }
+    pub fn new(
+        inner: Box<dyn Collective>,
+        on_enter: Box<dyn Fn() + Send>,
+        clock: std::sync::Arc<crate::timing::StepClock>,
+    ) -> Observed {
+        Observed {
+            inner,
+            on_enter,
+            clock,
+        }
+    }
+
+    fn timed<T>(&mut self, op: impl FnOnce(&mut dyn Collective) -> T) -> T {
+        (self.on_enter)();
+        let before = self.clock.collective_entered();
+        let t0 = std::time::Instant::now();
+        let out = op(self.inner.as_mut());
+        self.clock.collective_left(t0.elapsed(), before);
+        out
     }
 }
 
@@ -76,22 +95,18 @@ impl Collective for Observed {
     }
 
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
-        (self.on_enter)();
-        self.inner.all_reduce_sum(t)
+        self.timed(|c| c.all_reduce_sum(t))
     }
 
     fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
-        (self.on_enter)();
-        self.inner.all_gather(t)
+        self.timed(|c| c.all_gather(t))
     }
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
-        (self.on_enter)();
-        self.inner.broadcast(t, root)
+        self.timed(|c| c.broadcast(t, root))
     }
 
     fn barrier(&mut self) -> Result<()> {
-        (self.on_enter)();
-        self.inner.barrier()
+        self.timed(|c| c.barrier())
     }
 }

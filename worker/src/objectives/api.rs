@@ -100,6 +100,12 @@ pub trait Objective: Send {
     fn counted_terms(&self) -> usize {
         0
     }
+    /// The method's signals after the last step, on this rank (host values, read only when metrics are
+    /// due): e.g. `ssl/mask_ratio`, the fraction of unlabeled samples above the threshold, and the
+    /// per-class thresholds of the curriculum methods. The trainer averages them over the ranks.
+    fn signals(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
     /// The method's own training state (running statistics, per-sample records) as named host tensors,
     /// identical on every rank; empty for stateless methods.
     fn state(&self) -> Vec<(String, Tensor)> {

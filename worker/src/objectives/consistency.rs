@@ -38,6 +38,10 @@ pub struct Consistency {
     total_steps: u64,
     align: Option<DistAlign>,
     selection: Selection,
+    /// The last step's mask (or weights) on this rank's unlabeled samples, and the pool size it saw:
+    /// read only when metrics are due ([`Objective::signals`]).
+    last_mask: Option<Tensor>,
+    last_pool: u64,
 }
 
 impl Consistency {
@@ -59,6 +63,8 @@ impl Consistency {
                 .distribution_alignment
                 .then(|| DistAlign::new(classes, cfg.da_momentum)),
             selection,
+            last_mask: None,
+            last_pool: 0,
         }
     }
 
@@ -176,6 +182,25 @@ impl Objective for Consistency {
         self.tsa() as usize + self.masked_norm() as usize
     }
 
+    fn signals(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        // The same names on every rank (the trainer all-reduces them): an empty share reports 0.
+        let ratio = match self.last_mask.as_ref().filter(|m| m.numel() > 0) {
+            Some(m) => m.mean(Kind::Double).double_value(&[]),
+            None => 0.0,
+        };
+        out.push(("ssl/mask_ratio".to_string(), ratio));
+        let thresholds = match &self.selection {
+            Selection::Flex(f) => f.class_thresholds(self.last_pool),
+            Selection::Free(f) => f.class_thresholds(),
+            _ => Vec::new(),
+        };
+        for (c, t) in thresholds.into_iter().enumerate() {
+            out.push((format!("ssl/threshold/class_{c}"), t as f64));
+        }
+        out
+    }
+
     fn loss(&mut self, ctx: StepCtx) -> Result<LossParts> {
         let nl = ctx.x.size()[0];
         let views = match ctx.unlabeled {
@@ -256,6 +281,8 @@ impl Objective for Consistency {
         let (loss, mask) =
             self.unsupervised(&target, &student, ids, ctx.unlabeled_pool, ctx.comm)?;
         let weight = self.cfg.unsupervised_weight(ctx.step);
+        self.last_mask = views.map(|_| mask.detach());
+        self.last_pool = ctx.unlabeled_pool;
         let unsup = views.map(|_| {
             let count = mask.sum(Kind::Double).double_value(&[]);
             ((loss * mask) * weight, count)

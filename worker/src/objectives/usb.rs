@@ -401,6 +401,13 @@ impl FreeMatch {
             .to_kind(Kind::Float))
     }
 
+    /// The current per-class thresholds `τ_t(c) = MaxNorm(p̃_t)(c) · τ_t` (the next step's, before its
+    /// update).
+    pub fn class_thresholds(&self) -> Vec<f32> {
+        let t = (&self.p_model / self.p_model.max()) * &self.time_p;
+        Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1])).unwrap_or_default()
+    }
+
     fn state(&self, out: &mut Vec<(String, Tensor)>) {
         out.push(("freematch.time_p".into(), self.time_p.copy()));
         out.push(("freematch.p_model".into(), self.p_model.copy()));
