@@ -111,12 +111,12 @@ fn a_slow_rank_is_named_late_with_its_data_phase_and_every_sink_is_written() {
 }
 
 #[test]
-fn even_ranks_are_not_named_late() {
+fn even_ranks_are_not_named_late_and_json_logs_carry_rank_and_generation() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write(dir.path(), "job.toml", &config(""));
     let out = dir.path().join("run");
     let o = butler()
-        .args(["run"])
+        .args(["run", "--log-format", "json"])
         .arg(&cfg)
         .args(["--workers", "2", "--out"])
         .arg(&out)
@@ -125,6 +125,20 @@ fn even_ranks_are_not_named_late() {
     assert!(o.status.success(), "{}", stderr(&o));
     let summary = std::fs::read_to_string(out.join("summary.json")).unwrap();
     assert!(!summary.contains("late_ranks"), "{summary}");
+    for (f, rank) in [("worker-0.log", 0), ("worker-1.log", 1)] {
+        let text = std::fs::read_to_string(out.join("logs").join(f)).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{f}: {e}: {l}")))
+            .collect();
+        assert!(lines.len() > 2, "{text}");
+        for l in &lines {
+            assert_eq!(l["span"]["rank"], rank, "{l}");
+            assert_eq!(l["span"]["generation"], 1, "{l}");
+        }
+    }
+    let c = std::fs::read_to_string(out.join("logs/coordinator.log")).unwrap();
+    assert!(c.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{c}");
 }
 
 #[test]
