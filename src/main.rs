@@ -146,7 +146,11 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Text => fmt.with_ansi(ansi).init(),
         // The worker's span (rank, generation) rides on every line as `span`.
-        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
 }
 
@@ -267,7 +271,10 @@ fn status(args: StatusArgs) -> Result<()> {
         .context("starting the async runtime")?;
     loop {
         let doc = rt
-            .block_on(butler_coordinator::status_rpc(&args.coordinator, &args.token))
+            .block_on(butler_coordinator::status_rpc(
+                &args.coordinator,
+                &args.token,
+            ))
             .map_err(anyhow::Error::msg)?;
         if args.json {
             println!("{doc}");
@@ -328,7 +335,16 @@ fn render_status(d: &serde_json::Value) -> String {
     let _ = writeln!(
         out,
         "{:>4}  {:<9} {:<10} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  host",
-        "rank", "state", "phase", "beat s", "data ms", "comp ms", "comm ms", "opt ms", "late ms", "samp/s"
+        "rank",
+        "state",
+        "phase",
+        "beat s",
+        "data ms",
+        "comp ms",
+        "comm ms",
+        "opt ms",
+        "late ms",
+        "samp/s"
     );
     for r in d["ranks"].as_array().into_iter().flatten() {
         let t = &r["timing"];
@@ -348,7 +364,11 @@ fn render_status(d: &serde_json::Value) -> String {
             ms("lateness_seconds"),
             fmt_opt(num(&w["samples_per_second"]), 0),
             t["host"].as_str().unwrap_or(""),
-            if t["late"].as_bool() == Some(true) { "  LATE" } else { "" },
+            if t["late"].as_bool() == Some(true) {
+                "  LATE"
+            } else {
+                ""
+            },
         );
     }
     out

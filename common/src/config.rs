@@ -522,7 +522,10 @@ impl JobConfig {
         if !(self.metrics.late_fraction > 0.0 && self.metrics.late_fraction.is_finite()) {
             return Err(bad(
                 "metrics.late_fraction",
-                format!("must be a positive number, got {}", self.metrics.late_fraction),
+                format!(
+                    "must be a positive number, got {}",
+                    self.metrics.late_fraction
+                ),
             ));
         }
         if self.metrics.late_windows == 0 {

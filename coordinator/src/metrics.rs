@@ -119,15 +119,43 @@ impl Metrics {
             checkpoint_bytes: G::default(),
             restarts: Family::default(),
         };
-        r.register("generation", "Membership generation of the job", m.generation.clone());
-        r.register("world_size", "Ranks in the current generation", m.world_size.clone());
-        r.register("ranks", "Ranks by state (running, finished, missing)", m.ranks.clone());
+        r.register(
+            "generation",
+            "Membership generation of the job",
+            m.generation.clone(),
+        );
+        r.register(
+            "world_size",
+            "Ranks in the current generation",
+            m.world_size.clone(),
+        );
+        r.register(
+            "ranks",
+            "Ranks by state (running, finished, missing)",
+            m.ranks.clone(),
+        );
         r.register("epoch", "Latest finished epoch", m.epoch.clone());
-        r.register("global_step", "Optimizer steps taken", m.global_step.clone());
-        r.register("train_samples", "Training samples processed by all ranks", m.samples.clone());
-        r.register("train_loss", "Latest training loss (global mean)", m.loss.clone());
+        r.register(
+            "global_step",
+            "Optimizer steps taken",
+            m.global_step.clone(),
+        );
+        r.register(
+            "train_samples",
+            "Training samples processed by all ranks",
+            m.samples.clone(),
+        );
+        r.register(
+            "train_loss",
+            "Latest training loss (global mean)",
+            m.loss.clone(),
+        );
         r.register("learning_rate", "Current learning rate", m.lr.clone());
-        r.register("eval_accuracy", "Latest evaluation accuracy by split", m.accuracy.clone());
+        r.register(
+            "eval_accuracy",
+            "Latest evaluation accuracy by split",
+            m.accuracy.clone(),
+        );
         r.register(
             "last_progress_timestamp_seconds",
             "Unix time of the latest step or epoch report",
@@ -148,7 +176,11 @@ impl Metrics {
             "Per rank, arrival at the gradient all-reduce minus the median rank's, per step",
             m.lateness.clone(),
         );
-        r.register("late_rank", "The rank named late (-1: none)", m.late_rank.clone());
+        r.register(
+            "late_rank",
+            "The rank named late (-1: none)",
+            m.late_rank.clone(),
+        );
         r.register(
             "heartbeat_age_seconds",
             "Per rank, seconds since its last heartbeat",
@@ -159,14 +191,26 @@ impl Metrics {
             "Where each rank runs (join with GPU exporters)",
             m.rank_info.clone(),
         );
-        r.register("checkpoints", "Commit points recorded", m.checkpoints.clone());
+        r.register(
+            "checkpoints",
+            "Commit points recorded",
+            m.checkpoints.clone(),
+        );
         r.register(
             "checkpoint_last_success_timestamp_seconds",
             "Unix time of the latest commit point",
             m.checkpoint_last.clone(),
         );
-        r.register("checkpoint_bytes", "Size of the latest checkpoint", m.checkpoint_bytes.clone());
-        r.register("restarts", "Regroups and resumes by reason", m.restarts.clone());
+        r.register(
+            "checkpoint_bytes",
+            "Size of the latest checkpoint",
+            m.checkpoint_bytes.clone(),
+        );
+        r.register(
+            "restarts",
+            "Regroups and resumes by reason",
+            m.restarts.clone(),
+        );
         m.late_rank.set(-1.0);
         Metrics {
             registry: Arc::new(r),
@@ -342,7 +386,8 @@ pub async fn serve(
             }
             let line = String::from_utf8_lossy(&buf);
             let path = line.split_whitespace().nth(1).unwrap_or("");
-            let ok = line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?"));
+            let ok =
+                line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?"));
             let (status, ctype, body) = if ok {
                 (
                     "200 OK",

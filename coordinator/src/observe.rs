@@ -135,6 +135,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// One phase's seconds of a window.
+type PhaseOf = fn(&RankWindow) -> f64;
+
 /// Per-rank TensorBoard tags only for worlds up to this size (beyond it: median and max).
 const PER_RANK_TAGS: usize = 16;
 
@@ -254,7 +257,7 @@ impl Observer {
             };
             self.metrics
                 .samples(b.samples.saturating_sub(a.samples) as f64);
-            r.at_window = b.clone();
+            r.at_window = *b;
             windows.push(w);
         }
         let med_data = median(windows.iter().map(|w| w.data_seconds).collect());
@@ -340,7 +343,7 @@ impl Observer {
         if let Some(tb) = self.tb.as_mut() {
             let mut tags: Vec<(String, f64)> =
                 scalars.iter().map(|(k, v)| (k.clone(), *v)).collect();
-            let per_phase: [(&str, fn(&RankWindow) -> f64); 5] = [
+            let per_phase: [(&str, PhaseOf); 5] = [
                 ("data", |w| w.data_seconds),
                 ("compute", |w| w.compute_seconds),
                 ("comm", |w| w.comm_seconds),
@@ -454,7 +457,12 @@ impl Observer {
 
     /// The ranks that have entered fewer collectives than the furthest one (a stall's suspects).
     pub fn behind_in_collectives(&self) -> Vec<(u32, u64, u64)> {
-        let max = self.ranks.values().map(|r| r.collectives).max().unwrap_or(0);
+        let max = self
+            .ranks
+            .values()
+            .map(|r| r.collectives)
+            .max()
+            .unwrap_or(0);
         self.ranks
             .iter()
             .filter(|(_, r)| r.collectives < max)

@@ -67,7 +67,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
 /// TFRecord's masked CRC: rotate right by 15 and add a constant.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let c = crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One TFRecord frame around `data`.
@@ -134,7 +134,8 @@ impl EventWriter {
     }
 
     fn write(&mut self, e: &Event) -> std::io::Result<()> {
-        self.out.write_all(&frame(&prost::Message::encode_to_vec(e)))
+        self.out
+            .write_all(&frame(&prost::Message::encode_to_vec(e)))
     }
 
     /// One event at `step` holding every `(tag, value)` as a scalar.
@@ -262,8 +263,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path()).unwrap();
         for step in 1..=5u64 {
-            w.scalars(step * 10, [("train/loss", 1.0 / step as f64), ("train/lr", 0.1)])
-                .unwrap();
+            w.scalars(
+                step * 10,
+                [("train/loss", 1.0 / step as f64), ("train/lr", 0.1)],
+            )
+            .unwrap();
         }
         w.flush().unwrap();
         let s = read_scalars(dir.path()).unwrap();

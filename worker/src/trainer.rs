@@ -159,6 +159,9 @@ pub struct UnlabeledBatch<'a> {
     pub pool_len: u64,
 }
 
+/// Named scalars of a step, e.g. `("train/loss", 0.52)`.
+pub type Scalars = Vec<(String, f64)>;
+
 /// What the last step left for the metrics: each part's contribution (detached) and the optimizer time.
 #[derive(Default)]
 struct StepRecord {
@@ -468,7 +471,7 @@ impl Trainer {
         &self,
         comm: &mut dyn Collective,
         mine: &[f64],
-    ) -> Result<(Vec<(String, f64)>, Vec<Vec<f64>>)> {
+    ) -> Result<(Scalars, Vec<Vec<f64>>)> {
         let value = |t: &Option<Tensor>| t.as_ref().map_or(0.0, |t| t.double_value(&[]));
         let (l, u) = (value(&self.last.labeled), value(&self.last.unlabeled));
         let mut names = vec![
