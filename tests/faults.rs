@@ -276,14 +276,6 @@ fn spawn(args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Child {
     c.spawn().unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn commit_count(out: &Path) -> usize {
     std::fs::read_to_string(out.join("state.json"))
         .ok()

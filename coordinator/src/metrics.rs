@@ -81,7 +81,8 @@ pub struct Metrics {
     restarts: Family<ReasonLabel, Counter>,
 }
 
-fn unix_now() -> f64 {
+/// Seconds since the Unix epoch (Prometheus timestamps, TensorBoard wall times).
+pub(crate) fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

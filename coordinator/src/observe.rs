@@ -111,7 +111,9 @@ pub struct Observer {
     pub metrics: Metrics,
 }
 
-fn append(path: &Path, line: &str) {
+/// Appends `line` to a JSON-lines file (`metrics.jsonl`, `steps.jsonl`, `events.jsonl`); a failure only
+/// warns — the job's result is `summary.json`.
+pub(crate) fn append_line(path: &Path, line: &str) {
     let r = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -377,7 +379,7 @@ impl Observer {
             scalars,
             ranks: windows,
         };
-        append(
+        append_line(
             &self.run_dir.join("steps.jsonl"),
             &(serde_json::to_string(&line).expect("a step line serialises") + "\n"),
         );
@@ -433,7 +435,7 @@ impl Observer {
         if kind == "regroup" || kind == "resume" {
             self.metrics.restart(kind);
         }
-        append(
+        append_line(
             &self.run_dir.join("events.jsonl"),
             &(serde_json::to_string(&line).expect("an event serialises") + "\n"),
         );

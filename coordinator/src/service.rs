@@ -467,10 +467,7 @@ impl Coordinator for Service {
                 "epoch done"
             );
             let line = serde_json::to_string(&rec).expect("EpochRecord serialises") + "\n";
-            let path = self.0.run_dir.join("metrics.jsonl");
-            if let Err(e) = append(&path, line.as_bytes()) {
-                warn!(path = %path.display(), error = %e, "cannot append metrics");
-            }
+            crate::observe::append_line(&self.0.run_dir.join("metrics.jsonl"), &line);
         }
         Ok(Response::new(Ack {}))
     }
@@ -608,15 +605,6 @@ impl Coordinator for Service {
         }
         Ok(Response::new(Ack {}))
     }
-}
-
-fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    f.write_all(bytes)
 }
 
 /// A resumed job keeps the epochs recorded before its commit point and drops the later ones (they are

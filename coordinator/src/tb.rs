@@ -4,6 +4,7 @@
 //! `SummaryWriter.add_scalar` writes. A wrong CRC makes TensorBoard drop the rest of a file silently, so
 //! the reader checks both CRCs of every record and the tests count tags and points.
 
+use crate::metrics::unix_now;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -87,12 +88,6 @@ pub struct EventWriter {
     path: PathBuf,
 }
 
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 impl EventWriter {
     /// A new event file in `dir` (created if missing), named the way TensorBoard discovers it.
     pub fn create(dir: &Path) -> std::io::Result<EventWriter> {
@@ -107,7 +102,7 @@ impl EventWriter {
         let path = loop {
             let p = dir.join(format!(
                 "events.out.tfevents.{}.{host}.{}.{n}",
-                now() as u64,
+                unix_now() as u64,
                 std::process::id()
             ));
             if !p.exists() {
@@ -120,7 +115,7 @@ impl EventWriter {
             path,
         };
         w.write(&Event {
-            wall_time: now(),
+            wall_time: unix_now(),
             step: 0,
             file_version: Some("brain.Event:2".into()),
             summary: None,
@@ -156,7 +151,7 @@ impl EventWriter {
             return Ok(());
         }
         self.write(&Event {
-            wall_time: now(),
+            wall_time: unix_now(),
             step: step as i64,
             file_version: None,
             summary: Some(Summary { value }),

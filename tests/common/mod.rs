@@ -108,3 +108,12 @@ pub fn start_coordinator(
     let addr = wait_for_file(&addr_file, Duration::from_secs(30));
     (child, addr)
 }
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
