@@ -34,6 +34,9 @@ pub struct RunArgs {
     /// Serve the coordinator's Prometheus metrics (/metrics) on this address, e.g. 127.0.0.1:9400.
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Mutual TLS on every RPC, with a CA and certificates made for this run in OUT/tls/.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 struct Proc {
@@ -82,6 +85,7 @@ fn spawn(
     let child = cmd
         .args(args)
         .env("BUTLER_TOKEN", token)
+        .env_remove("BUTLER_TOKEN_FILE")
         .env("BUTLER_THREADS", threads.to_string())
         .env("OMP_NUM_THREADS", threads.to_string())
         .stdin(Stdio::null())
@@ -125,7 +129,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     let logs = out.join("logs");
+    butler_common::fsutil::create_private_dir(&out)?;
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let tls = if args.tls {
+        Some(crate::tls::generate(
+            &out.join("tls"),
+            &["127.0.0.1".to_string(), "localhost".to_string()],
+            7,
+        )?)
+    } else {
+        None
+    };
     // The run directory records the exact config the job ran with (overrides applied).
     let job_file = out.join("job.toml");
     butler_common::fsutil::write_atomic(&job_file, cfg.to_toml().as_bytes())?;
@@ -165,13 +179,31 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .iter()
                 .flat_map(|a| ["--metrics-listen".to_string(), a.to_string()]),
         )
+        .chain(tls.iter().flat_map(|t| {
+            [
+                "--tls-cert".to_string(),
+                t.coordinator_cert.display().to_string(),
+                "--tls-key".to_string(),
+                t.coordinator_key.display().to_string(),
+                "--tls-client-ca".to_string(),
+                t.ca.display().to_string(),
+            ]
+        }))
         .collect::<Vec<_>>(),
         logs.join("coordinator.log"),
         &token,
         1,
     )?];
     let result = supervise(
-        &args, &cfg, &exe, &token, threads, &out, &addr_file, &mut procs,
+        &args,
+        &cfg,
+        &exe,
+        &token,
+        threads,
+        &out,
+        &addr_file,
+        tls.as_ref(),
+        &mut procs,
     );
     for p in &mut procs {
         let _ = p.child.kill();
@@ -218,6 +250,7 @@ fn supervise(
     threads: usize,
     out: &Path,
     addr_file: &Path,
+    tls: Option<&crate::tls::TlsFiles>,
     procs: &mut Vec<Proc>,
 ) -> Result<()> {
     let start = Instant::now();
@@ -239,10 +272,25 @@ fn supervise(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let addr = addr.trim();
+    let (url, client_tls) = match tls {
+        Some(t) => (
+            format!("https://{addr}"),
+            vec![
+                "--tls-ca".to_string(),
+                t.ca.display().to_string(),
+                "--tls-cert".to_string(),
+                t.client_cert.display().to_string(),
+                "--tls-key".to_string(),
+                t.client_key.display().to_string(),
+            ],
+        ),
+        None => (format!("http://{addr}"), Vec::new()),
+    };
     eprintln!(
-        "coordinator at http://{} (with BUTLER_TOKEN set: butler status --coordinator http://{})",
-        addr.trim(),
-        addr.trim()
+        "coordinator at {url} (with BUTLER_TOKEN set: butler status --coordinator {url}{}{})",
+        if client_tls.is_empty() { "" } else { " " },
+        client_tls.join(" ")
     );
     for rank in 0..args.workers {
         procs.push(spawn(
@@ -251,7 +299,7 @@ fn supervise(
             &[
                 "worker".into(),
                 "--coordinator".into(),
-                format!("http://{addr}"),
+                url.clone(),
                 "--rank".into(),
                 rank.to_string(),
                 "--advertise-host".into(),
@@ -263,7 +311,10 @@ fn supervise(
                 // One host: rank r takes GPU r mod GPUs.
                 "--local-rank".into(),
                 rank.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(client_tls.iter().cloned())
+            .collect::<Vec<_>>(),
             out.join("logs").join(format!("worker-{rank}.log")),
             token,
             threads,

@@ -10,6 +10,7 @@ mod data_cmd;
 mod doctor;
 mod launcher;
 mod report;
+mod tls;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -57,15 +58,90 @@ enum Command {
     Report(report::ReportArgs),
     /// What a running job is doing: membership, progress, throughput, per-rank timing and lateness.
     Status(StatusArgs),
+    /// TLS certificates for a job's control plane.
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
+}
+
+/// The shared job token: from the environment or a file (a Kubernetes Secret), not the command line.
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The job token. Prefer BUTLER_TOKEN or --token-file: a command line is visible to every user of
+    /// the machine (`ps`).
+    #[arg(long, env = "BUTLER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the job token from this file (its first line, surrounding whitespace ignored).
+    #[arg(long, env = "BUTLER_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn resolve(&self) -> Result<String> {
+        if std::env::args_os().any(|a| a == "--token" || a.to_string_lossy().starts_with("--token=")) {
+            eprintln!(
+                "warning: --token on the command line is visible to every user of this machine (ps); \
+                 use BUTLER_TOKEN or --token-file"
+            );
+        }
+        let token = match (&self.token, &self.token_file) {
+            (_, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading the job token from {}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+            (Some(t), None) => t.clone(),
+            (None, None) => anyhow::bail!(
+                "no job token: set BUTLER_TOKEN or pass --token-file (every RPC must carry the job's token)"
+            ),
+        };
+        if token.is_empty() {
+            anyhow::bail!("the job token is empty");
+        }
+        Ok(token)
+    }
+}
+
+/// TLS to the coordinator, for workers and `butler status`.
+#[derive(clap::Args)]
+struct ClientTlsArgs {
+    /// CA certificate (PEM) that signed the coordinator's certificate; turns TLS on (https:// URL).
+    #[arg(long, env = "BUTLER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long, env = "BUTLER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "BUTLER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Check the coordinator's certificate against this name instead of the URL's host.
+    #[arg(long, env = "BUTLER_TLS_DOMAIN")]
+    tls_domain: Option<String>,
+}
+
+impl ClientTlsArgs {
+    fn load(&self) -> Result<Option<butler_proto::transport::ClientTls>> {
+        butler_proto::transport::ClientTlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            domain: self.tls_domain.clone(),
+        }
+        .load()
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(clap::Args)]
 struct StatusArgs {
-    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    /// Coordinator URL, e.g. http://127.0.0.1:50051 (https:// with TLS).
     #[arg(long, env = "BUTLER_COORDINATOR")]
     coordinator: String,
-    #[arg(long, env = "BUTLER_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    token: TokenArgs,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Print the status document as JSON.
     #[arg(long)]
     json: bool,
@@ -90,9 +166,17 @@ struct CoordinatorArgs {
     /// Where metrics.jsonl and summary.json go (shared storage on a cluster).
     #[arg(long)]
     run_dir: PathBuf,
-    /// The shared job token; prefer the environment variable over the command line.
-    #[arg(long, env = "BUTLER_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// Serve TLS with this certificate chain (PEM); clients then need an https:// URL and --tls-ca.
+    #[arg(long, env = "BUTLER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "BUTLER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
+    #[arg(long, env = "BUTLER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Write the bound address here once listening (for launchers that pass port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -109,11 +193,13 @@ struct CoordinatorArgs {
 
 #[derive(clap::Args)]
 struct WorkerArgs {
-    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    /// Coordinator URL, e.g. http://127.0.0.1:50051 (https:// with TLS).
     #[arg(long)]
     coordinator: String,
-    #[arg(long, env = "BUTLER_TOKEN", hide_env_values = true)]
-    token: String,
+    #[command(flatten)]
+    token: TokenArgs,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Rank to ask for (e.g. a Kubernetes job completion index); the coordinator chooses if absent.
     #[arg(long, env = "BUTLER_RANK")]
     rank: Option<u32>,
@@ -184,6 +270,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Doctor(args) => doctor::run(args),
         Command::Report(args) => report::run(args),
+        Command::Tls(cmd) => tls::run(cmd),
     }
 }
 
@@ -199,14 +286,22 @@ fn coordinator(args: CoordinatorArgs) -> Result<()> {
         );
         return Ok(());
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            butler_proto::transport::ServerTls::load(cert, key, args.tls_client_ca.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
     let opts = butler_coordinator::CoordinatorOptions {
         config,
         world_size: args.world_size,
         listen: args.listen,
         run_dir: args.run_dir.clone(),
-        token: args.token,
+        token: args.token.resolve()?,
         resume: args.resume,
         metrics_listen: args.metrics_listen,
+        tls,
     };
     // A stale summary from an earlier run in this directory must not pass for this run's result.
     // A resumed job keeps the metrics of its earlier part.
@@ -253,7 +348,8 @@ fn worker(args: WorkerArgs) -> Result<()> {
     // The worker logs its end inside its span (rank, generation).
     butler_worker::run(butler_worker::WorkerOptions {
         coordinator: args.coordinator,
-        token: args.token,
+        token: args.token.resolve()?,
+        tls: args.tls.load()?,
         worker_id,
         requested_rank: args.rank,
         advertise_host: args.advertise_host,
@@ -269,11 +365,14 @@ fn status(args: StatusArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let token = args.token.resolve()?;
+    let tls = args.tls.load()?;
     loop {
         let doc = rt
             .block_on(butler_coordinator::status_rpc(
                 &args.coordinator,
-                &args.token,
+                &token,
+                tls.as_ref(),
             ))
             .map_err(anyhow::Error::msg)?;
         if args.json {

@@ -134,6 +134,7 @@ fn rank_zeros_nccl_id_travels_through_the_coordinator_unchanged() {
         token: "secret".into(),
         resume: false,
         metrics_listen: None,
+        tls: None,
     };
     rt.spawn(butler_coordinator::serve(opts, move |addr| {
         let _ = tx.send(addr);

@@ -32,6 +32,34 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) ->
     result
 }
 
+/// Writes a secret (a key, a token) atomically with mode 0600 from the start: the file is never
+/// readable by others, not even for a moment.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(tmp).map_err(|e| Error::io(tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(tmp, e))?;
+        Ok(())
+    })
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only (0700): a job's run directory
+/// holds checkpoints, logs and, with `butler run --tls`, private keys. A directory that exists
+/// already keeps its permissions (shared storage may need its own).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir).map_err(|e| Error::io(dir, e))
+}
+
 /// A hidden name next to `path`, unique per process, so concurrent writers never share a temp file. It
 /// ends with the target's own name, so libraries that pick a format by extension still see it.
 pub fn temp_sibling(path: &Path) -> PathBuf {
@@ -79,6 +107,22 @@ pub fn sync_parent(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn private_files_and_directories_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("runs/job");
+        create_private_dir(&run).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&run), 0o700);
+        let key = run.join("client.key");
+        write_private(&key, b"secret").unwrap();
+        write_private(&key, b"secret 2").unwrap();
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(fs::read(&key).unwrap(), b"secret 2");
+    }
 
     #[test]
     fn atomic_write_replaces_whole_file_and_leaves_no_temp() {

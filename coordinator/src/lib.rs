@@ -9,6 +9,7 @@ pub mod commits;
 pub mod metrics;
 pub mod observe;
 pub mod rounds;
+pub mod security;
 mod service;
 mod stages;
 mod state;
@@ -33,6 +34,8 @@ pub enum Error {
     },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
     #[error("job failed: {0}")]
     JobFailed(String),
 }

@@ -28,8 +28,10 @@ pub struct CoordinatorOptions {
     pub token: String,
     /// Continue a job stopped mid-way (pseudo-label rounds: from `rounds/state.json`).
     pub resume: bool,
-    /// Serve Prometheus `/metrics` here (plain HTTP, no token).
+    /// Serve Prometheus `/metrics` here (plain HTTP, no token; it holds no secret).
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS (and mTLS when it holds a client CA) on every RPC; plaintext when `None`.
+    pub tls: Option<butler_proto::transport::ServerTls>,
 }
 
 /// How a job ended.
@@ -49,6 +51,8 @@ struct Shared {
     run_dir: PathBuf,
     /// Timing, late ranks, per-step scalars and their sinks. Locked after `state` when both are held.
     observer: Mutex<crate::observe::Observer>,
+    /// The per-generation secrets of the TCP ring's handshake.
+    ring_keys: crate::security::RingKeys,
 }
 
 impl Shared {
@@ -246,6 +250,7 @@ impl Coordinator for Service {
                         nccl: all.iter().map(|e| e.nccl).collect(),
                         endpoints: all.into_iter().map(|e| e.endpoint).collect(),
                         nccl_id,
+                        ring_secret: self.0.ring_keys.for_generation(st.generation),
                     }));
                 }
             }
@@ -644,14 +649,20 @@ fn write_metrics(run_dir: &std::path::Path, kept: &[crate::EpochRecord]) {
 }
 
 /// `butler status`: asks a running coordinator at `url` (token required) for its status document.
-pub async fn status_rpc(url: &str, token: &str) -> std::result::Result<serde_json::Value, String> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("bad coordinator URL {url:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
+pub async fn status_rpc(
+    url: &str,
+    token: &str,
+    tls: Option<&butler_proto::transport::ClientTls>,
+) -> std::result::Result<serde_json::Value, String> {
+    use butler_proto::transport;
+    let channel = transport::endpoint(url, tls)?
         .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| format!("cannot reach the coordinator at {url}: {e}"))?;
+        .map_err(|e| {
+            let why = transport::explain(&e, tls.is_some()).unwrap_or_else(|| transport::chain(&e));
+            format!("cannot reach the coordinator at {url}: {why}")
+        })?;
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .map_err(|_| "the token holds characters a header cannot carry".to_string())?;
@@ -665,13 +676,13 @@ pub async fn status_rpc(url: &str, token: &str) -> std::result::Result<serde_jso
     let r = client
         .status(StatusRequest {})
         .await
-        .map_err(|s| format!("status RPC to {url}: {}", s.message()))?;
+        .map_err(|s| {
+            format!(
+                "status RPC to {url}: {}",
+                transport::explain_status(&s, tls.is_some())
+            )
+        })?;
     serde_json::from_str(&r.into_inner().json).map_err(|e| format!("bad status document: {e}"))
-}
-
-/// Compares in time independent of where the strings differ.
-fn token_matches(got: &[u8], want: &[u8]) -> bool {
-    got.len() == want.len() && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// Runs the coordinator until the job ends. `on_bound` receives the bound address (port 0 allowed).
@@ -688,8 +699,8 @@ pub async fn serve(
         Some(u) => Some(manifest.split(u, &manifest_file)?.num_samples),
         None => None,
     };
-    std::fs::create_dir_all(&opts.run_dir)
-        .map_err(|e| butler_common::Error::io(&opts.run_dir, e))?;
+    // Owner-only: checkpoints, logs and job state are the job's, not every local user's.
+    fsutil::create_private_dir(&opts.run_dir)?;
     let rounds = match &opts.config.pseudo_label {
         Some(p) => Some(
             crate::rounds::Rounds::open(&opts.run_dir, p, opts.world_size, opts.resume)
@@ -792,6 +803,7 @@ pub async fn serve(
         rendezvous: Notify::new(),
         done: done_tx,
         run_dir: opts.run_dir.clone(),
+        ring_keys: crate::security::RingKeys::random(),
     });
     {
         let generation = shared.lock().generation;
@@ -825,20 +837,28 @@ pub async fn serve(
         }
         None => None,
     };
-    info!(%bound, world_size = opts.world_size, "coordinator listening");
+    match &opts.tls {
+        Some(t) => info!(%bound, world_size = opts.world_size, mutual_tls = t.mutual(), "coordinator listening (TLS)"),
+        None => info!(%bound, world_size = opts.world_size, "coordinator listening (plaintext)"),
+    }
     on_bound(bound);
 
     let token = format!("Bearer {}", opts.token);
+    let refusals = Arc::new(crate::security::RefusalLog::default());
     let auth = move |req: Request<()>| -> std::result::Result<Request<()>, Status> {
         let got = req
             .metadata()
             .get(AUTH_METADATA_KEY)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if token_matches(got, token.as_bytes()) {
+        if crate::security::token_matches(got, token.as_bytes()) {
             Ok(req)
         } else {
-            warn!(peer = ?req.remote_addr(), "rejected RPC: missing or wrong job token");
+            let peer = req.remote_addr();
+            if let Some(n) = refusals.record(peer.map(|a| a.ip()), std::time::Instant::now()) {
+                let peer = peer.map_or_else(|| "unknown".to_string(), |a| a.to_string());
+                warn!(%peer, refused = n, "rejected RPC: missing or wrong job token (logged at most once per {}s per address)", crate::security::REFUSAL_LOG_WINDOW.as_secs());
+            }
             Err(Status::unauthenticated("missing or wrong job token"))
         }
     };
@@ -921,7 +941,13 @@ pub async fn serve(
             let _ = rx.wait_for(Option::is_some).await;
         }
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = &opts.tls {
+        server = server
+            .tls_config(t.config())
+            .map_err(|e| Error::Tls(butler_proto::transport::chain(&e)))?;
+    }
+    server
         .add_service(CoordinatorServer::with_interceptor(
             Service(shared.clone()),
             auth,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 #[derive(Clone)]
@@ -27,14 +27,20 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
-/// Connects, retrying until `wait` has passed (a coordinator may start after its workers on a cluster).
-pub async fn connect(url: &str, token: &str, wait: Duration) -> Result<Client, String> {
+/// Connects, retrying until `wait` has passed (a coordinator may start after its workers on a
+/// cluster). A failure that retrying cannot fix — a TLS problem: wrong CA, expired certificate, a
+/// plaintext client against a TLS coordinator — ends it at once, with the cause named.
+pub async fn connect(
+    url: &str,
+    token: &str,
+    tls: Option<&butler_proto::transport::ClientTls>,
+    wait: Duration,
+) -> Result<Client, String> {
+    use butler_proto::transport;
     let value: MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .map_err(|_| "the job token contains characters not allowed in a header".to_string())?;
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("bad coordinator address {url:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
+    let endpoint = transport::endpoint(url, tls)?
         .tcp_nodelay(true)
         // A coordinator that vanishes without closing the connection (a killed node, a partition) is
         // noticed by HTTP/2 pings rather than by a call that waits forever; the overall request timeout
@@ -47,15 +53,19 @@ pub async fn connect(url: &str, token: &str, wait: Duration) -> Result<Client, S
     loop {
         match endpoint.connect().await {
             Ok(ch) => return Ok(CoordinatorClient::with_interceptor(ch, Auth(value))),
-            Err(e) if start.elapsed() < wait => {
+            Err(e) => {
+                if let Some(why) = transport::explain(&e, tls.is_some()) {
+                    return Err(format!("cannot connect to the coordinator at {url}: {why}"));
+                }
+                if start.elapsed() >= wait {
+                    return Err(format!(
+                        "cannot reach the coordinator at {url} within {:.0}s: {}",
+                        wait.as_secs_f64(),
+                        transport::chain(&e)
+                    ));
+                }
                 tracing::debug!(error = %e, "coordinator not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                return Err(format!(
-                    "cannot reach the coordinator at {url} within {:.0}s: {e}",
-                    wait.as_secs_f64()
-                ))
             }
         }
     }

@@ -36,6 +36,8 @@ pub struct WorkerOptions {
     pub connect_wait: Duration,
     /// This worker's index among the workers of its host; picks its GPU (`local_rank mod GPUs`).
     pub local_rank: usize,
+    /// TLS to the coordinator (an `https://` URL); plaintext when `None`.
+    pub tls: Option<butler_proto::transport::ClientTls>,
 }
 
 /// What a finished worker knows.
@@ -113,6 +115,7 @@ fn session(
         .block_on(client::connect(
             &opts.coordinator,
             &opts.token,
+            opts.tls.as_ref(),
             connect_wait,
         ))
         .map_err(|e| lost(Error::Setup(e)))?;
@@ -121,7 +124,14 @@ fn session(
             worker_id: opts.worker_id.clone(),
             requested_rank: requested_rank.map_or(-1, |r| r as i32),
         }))
-        .map_err(|s| lost(rpc("register")(s)))?
+        // Under mutual TLS a refused client certificate shows first here, as a transport error.
+        .map_err(|s| {
+            lost(Error::Rpc {
+                op: "register",
+                code: s.code(),
+                message: butler_proto::transport::explain_status(&s, opts.tls.is_some()),
+            })
+        })?
         .into_inner();
     let cfg = JobConfig::from_toml(&reg.job_toml, Path::new("<job spec from the coordinator>"))
         .map_err(|e| lost(e.into()))?;
@@ -301,9 +311,18 @@ pub(crate) fn join_collective(
                 })
         })
         .collect::<Result<Vec<_>>>()?;
+    let secret = collective::RingSecret::from_slice(&resp.ring_secret).ok_or_else(|| {
+        Error::Setup(format!(
+            "rendezvous: the coordinator sent a {}-byte ring secret, not {} (a coordinator of \
+             another butler version?)",
+            resp.ring_secret.len(),
+            collective::RingSecret::LEN
+        ))
+    })?;
     let ring_cfg = RingConfig {
         timeout,
         generation: ctx.generation,
+        secret,
         ..Default::default()
     };
     let ring = listener.connect(ctx.rank as usize, &peers, ring_cfg)?;

@@ -15,4 +15,4 @@ pub mod ring;
 pub use api::{Collective, Observed, SingleProcess};
 pub use error::{CollectiveError, Result};
 pub use nccl::NcclCollective;
-pub use ring::{RingConfig, RingListener, TcpRing};
+pub use ring::{RingConfig, RingListener, RingSecret, TcpRing};

@@ -24,6 +24,14 @@
 //! can, then closes both connections: neighbours see the abort frame or EOF instead of hanging,
 //! and every error names the peer rank it concerns. Every blocking call honours
 //! [`RingConfig::timeout`].
+//!
+//! The rendezvous is authenticated: both ends of every link prove, by a challenge–response with
+//! HMAC-SHA256 under the generation's [`RingSecret`] (handed out by the coordinator over the
+//! authenticated control plane), that they belong to this job and this generation. A connection
+//! that fails the proof is logged with its address and dropped, and accepting goes on, so a
+//! stranger that reaches a ring port can neither join nor disturb the ring. Bulk data is not
+//! encrypted or authenticated per frame (as with NCCL): the handshake keeps off-path peers out,
+//! the cluster network is trusted with the traffic itself.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -45,6 +53,29 @@ pub struct RingConfig {
     pub segment_bytes: usize,
     /// Membership generation; both neighbours must agree.
     pub generation: u64,
+    /// The generation's shared secret; the handshake proves both ends hold it.
+    pub secret: RingSecret,
+}
+
+/// The 32-byte key of a ring's handshake. The coordinator derives one per generation and hands it
+/// to that generation's ranks only; [`RingSecret::default`] (all zeros) is for tests and
+/// single-process benchmarks, where every rank is this process.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RingSecret([u8; 32]);
+
+impl RingSecret {
+    pub const LEN: usize = 32;
+
+    /// From the coordinator's bytes; `None` unless exactly [`RingSecret::LEN`] of them.
+    pub fn from_slice(b: &[u8]) -> Option<RingSecret> {
+        Some(RingSecret(b.try_into().ok()?))
+    }
+}
+
+impl std::fmt::Debug for RingSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingSecret(..)")
+    }
 }
 
 /// Default pipelining segment (measured on loopback, 2 processes on 2 cores: 1 MiB was best,
@@ -57,6 +88,7 @@ impl Default for RingConfig {
             timeout: Duration::from_secs(30),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             generation: 0,
+            secret: RingSecret::default(),
         }
     }
 }
@@ -77,10 +109,24 @@ pub fn bus_bandwidth_gbps(bytes: usize, world: usize, seconds: f64) -> f64 {
 // ---------------------------------------------------------------------------------------------
 
 const MAGIC: [u8; 8] = *b"BTLRRING";
-const PROTOCOL_VERSION: u32 = 1;
+/// 2: the challenge–response handshake (see [`RingListener::connect`]).
+const PROTOCOL_VERSION: u32 = 2;
 /// Written in native byte order; a peer reading it back as little-endian learns our byte order.
 const ENDIAN_MARKER: u32 = 0x0102_0304;
 const HELLO_LEN: usize = 40;
+const NONCE_LEN: usize = 32;
+const MAC_LEN: usize = 32;
+/// Connector → acceptor: hello ‖ nonce.
+const CHALLENGE_LEN: usize = HELLO_LEN + NONCE_LEN;
+/// Acceptor → connector: hello ‖ nonce ‖ acceptor's MAC.
+const RESPONSE_LEN: usize = HELLO_LEN + NONCE_LEN + MAC_LEN;
+/// The MAC labels: each side's proof covers the whole transcript under its own label, so neither
+/// proof can be replayed as the other.
+const MAC_LABEL_ACCEPTOR: &[u8] = b"butler ring v2: acceptor";
+const MAC_LABEL_CONNECTOR: &[u8] = b"butler ring v2: connector";
+/// How long one incoming connection may take to finish its part of the handshake: a stranger
+/// that connects and stays silent delays the ring by at most this, it cannot stall it.
+const HANDSHAKE_STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 const FRAME_HEADER_LEN: usize = 16;
 const FRAME_DATA: u8 = 0xD7;
@@ -330,9 +376,17 @@ impl RingListener {
     }
 
     /// `peers[i]` is rank i's listener address (`peers.len()` is the world size). Connects to
-    /// rank `(rank + 1) % n`, accepts from rank `(rank - 1) % n` and handshakes (magic, protocol
-    /// version, byte order, generation, rank, world size, segment size), all within
+    /// rank `(rank + 1) % n`, accepts from rank `(rank - 1) % n` and handshakes, all within
     /// `cfg.timeout`. World size 1 needs no sockets.
+    ///
+    /// The handshake on each link: the connector sends its hello (magic, protocol version, byte
+    /// order, generation, rank, world size, segment size) and a random nonce; the acceptor answers
+    /// with its own hello, nonce and `HMAC(secret, "acceptor" ‖ transcript)`; the connector checks
+    /// the hello and the MAC and answers `HMAC(secret, "connector" ‖ transcript)`; the acceptor
+    /// checks that before it trusts the connection. A fresh nonce on both sides makes every
+    /// transcript new, so a recorded handshake (of this generation or an earlier one, whose secret
+    /// differs) proves nothing. The acceptor refuses a failed proof and goes on accepting; the
+    /// connector, which chose its peer from the coordinator's list, fails with an error naming it.
     pub fn connect(self, rank: usize, peers: &[SocketAddr], cfg: RingConfig) -> Result<TcpRing> {
         let world = peers.len();
         let invalid = |detail: String| {
@@ -364,38 +418,75 @@ impl RingListener {
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let hello = encode_hello(rank, world, &cfg);
+        let handshake = |peer: usize| {
+            move |detail: String| CollectiveError::Handshake { rank: peer, detail }
+        };
 
+        // Four phases, each of which only waits for what a neighbour sent in an earlier phase, so
+        // the ring cannot deadlock however the ranks interleave: (1) challenge the successor;
+        // (2) answer the predecessor's challenge; (3) check the successor's answer and prove
+        // ourselves to it; (4) check the predecessor's proof.
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        challenge[..HELLO_LEN].copy_from_slice(&hello);
+        challenge[HELLO_LEN..].copy_from_slice(&nonce);
         let to_next = connect_with_retry(peers[next], next, deadline)?;
         configure_stream(&to_next, next)?;
         set_timeouts(&to_next, remaining(deadline), next)?;
         (&to_next)
-            .write_all(&hello)
-            .map_err(|e| CollectiveError::Handshake {
-                rank: next,
-                detail: format!("sending hello: {e}"),
-            })?;
+            .write_all(&challenge)
+            .map_err(|e| handshake(next)(format!("sending the challenge: {e}")))?;
 
-        let from_prev = self.accept_from(prev, world, &cfg, &hello, deadline)?;
+        let mut candidate = self.accept_candidate(prev, &cfg, &hello, deadline)?;
 
         set_timeouts(&to_next, remaining(deadline), next)?;
-        let mut reply = [0u8; HELLO_LEN];
-        (&to_next)
-            .read_exact(&mut reply)
-            .map_err(|e| CollectiveError::Handshake {
-                rank: next,
-                detail: match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                        format!("no reply within {:?}", cfg.timeout)
-                    }
-                    io::ErrorKind::UnexpectedEof => "peer closed the connection".into(),
-                    _ => format!("reading reply: {e}"),
-                },
-            })?;
-        let reply = decode_hello(&reply).ok_or_else(|| CollectiveError::Handshake {
-            rank: next,
-            detail: "reply is not a ring hello (bad magic)".into(),
+        let mut response = [0u8; RESPONSE_LEN];
+        (&to_next).read_exact(&mut response).map_err(|e| {
+            handshake(next)(match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    format!("no reply within {:?}", cfg.timeout)
+                }
+                io::ErrorKind::UnexpectedEof => "peer closed the connection".into(),
+                _ => format!("reading reply: {e}"),
+            })
         })?;
+        let reply_hello: &[u8; HELLO_LEN] = response[..HELLO_LEN].try_into().expect("length");
+        let reply = decode_hello(reply_hello)
+            .ok_or_else(|| handshake(next)("reply is not a ring hello (bad magic)".into()))?;
         check_hello(&reply, next, world, &cfg)?;
+        let transcript = Transcript {
+            challenge,
+            response_head: response[..HELLO_LEN + NONCE_LEN].try_into().expect("length"),
+        };
+        if !transcript.verify(&cfg.secret, MAC_LABEL_ACCEPTOR, &response[HELLO_LEN + NONCE_LEN..]) {
+            return Err(handshake(next)(format!(
+                "the peer at {} failed authentication: it does not hold this job's ring secret \
+                 for generation {}",
+                peers[next], cfg.generation
+            )));
+        }
+        (&to_next)
+            .write_all(&transcript.mac(&cfg.secret, MAC_LABEL_CONNECTOR))
+            .map_err(|e| handshake(next)(format!("sending the proof: {e}")))?;
+
+        let from_prev = loop {
+            match candidate.finish(&cfg.secret, deadline) {
+                Ok(h) => {
+                    check_hello(&h, prev, world, &cfg)?;
+                    break candidate.stream;
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        peer = %candidate.from,
+                        expected_rank = prev,
+                        generation = cfg.generation,
+                        "ring: refused a connection that failed authentication: {why}"
+                    );
+                    drop(candidate);
+                    candidate = self.accept_candidate(prev, &cfg, &hello, deadline)?;
+                }
+            }
+        };
 
         set_timeouts(&to_next, cfg.timeout, next)?;
         set_timeouts(&from_prev, cfg.timeout, prev)?;
@@ -415,16 +506,16 @@ impl RingListener {
         ))
     }
 
-    /// Accepts the predecessor's connection, reads its hello, replies with ours and validates.
-    /// Connections that do not start with a ring hello are dropped and accepting continues.
-    fn accept_from(
+    /// Accepts connections until one sends a ring challenge, and answers it (our hello, a fresh
+    /// nonce and our proof). Connections that do not start with a ring hello are dropped. Nothing
+    /// is trusted yet: [`Candidate::finish`] checks the peer's proof.
+    fn accept_candidate(
         &self,
         prev: usize,
-        world: usize,
         cfg: &RingConfig,
         hello: &[u8; HELLO_LEN],
         deadline: Instant,
-    ) -> Result<TcpStream> {
+    ) -> Result<Candidate> {
         let setup = |context: &'static str| {
             move |source: io::Error| CollectiveError::Setup {
                 rank: prev,
@@ -442,20 +533,35 @@ impl RingListener {
                         .set_nonblocking(false)
                         .map_err(setup("making the accepted socket blocking"))?;
                     configure_stream(&stream, prev)?;
-                    set_timeouts(&stream, remaining(deadline), prev)?;
-                    let mut buf = [0u8; HELLO_LEN];
-                    let got = (&stream).read_exact(&mut buf);
-                    match got.ok().and_then(|()| decode_hello(&buf)) {
-                        Some(h) => {
-                            // Reply before validating so that the peer can report the mismatch too.
-                            let _ = (&stream).write_all(hello);
-                            check_hello(&h, prev, world, cfg)?;
-                            return Ok(stream);
-                        }
-                        None => {
-                            tracing::debug!(%from, "ring: ignoring a connection without a ring hello");
+                    set_timeouts(&stream, remaining(deadline).min(HANDSHAKE_STEP_TIMEOUT), prev)?;
+                    let mut challenge = [0u8; CHALLENGE_LEN];
+                    let got = (&stream).read_exact(&mut challenge);
+                    let hello_c: &[u8; HELLO_LEN] =
+                        challenge[..HELLO_LEN].try_into().expect("length");
+                    if got.is_ok() && decode_hello(hello_c).is_some() {
+                        let nonce: [u8; NONCE_LEN] = rand::random();
+                        let mut head = [0u8; HELLO_LEN + NONCE_LEN];
+                        head[..HELLO_LEN].copy_from_slice(hello);
+                        head[HELLO_LEN..].copy_from_slice(&nonce);
+                        let transcript = Transcript {
+                            challenge,
+                            response_head: head,
+                        };
+                        let mut response = [0u8; RESPONSE_LEN];
+                        response[..HELLO_LEN + NONCE_LEN].copy_from_slice(&head);
+                        response[HELLO_LEN + NONCE_LEN..]
+                            .copy_from_slice(&transcript.mac(&cfg.secret, MAC_LABEL_ACCEPTOR));
+                        // Answer before judging, so that a peer whose configuration differs can
+                        // report the mismatch too.
+                        if (&stream).write_all(&response).is_ok() {
+                            return Ok(Candidate {
+                                stream,
+                                from,
+                                transcript,
+                            });
                         }
                     }
+                    tracing::debug!(%from, "ring: ignoring a connection without a ring hello");
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e)
@@ -475,6 +581,65 @@ impl RingListener {
             }
             std::thread::sleep(ACCEPT_POLL.min(left));
         }
+    }
+}
+
+/// What both ends of a link MAC: the connector's challenge and the head of the acceptor's response.
+struct Transcript {
+    challenge: [u8; CHALLENGE_LEN],
+    response_head: [u8; HELLO_LEN + NONCE_LEN],
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+impl Transcript {
+    fn hmac(&self, secret: &RingSecret, label: &[u8]) -> HmacSha256 {
+        use hmac::Mac;
+        let mut m = HmacSha256::new_from_slice(&secret.0).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(&self.challenge);
+        m.update(&self.response_head);
+        m
+    }
+
+    fn mac(&self, secret: &RingSecret, label: &[u8]) -> [u8; MAC_LEN] {
+        use hmac::Mac;
+        self.hmac(secret, label).finalize().into_bytes().into()
+    }
+
+    /// Constant-time comparison of a received MAC.
+    fn verify(&self, secret: &RingSecret, label: &[u8], got: &[u8]) -> bool {
+        use hmac::Mac;
+        self.hmac(secret, label).verify_slice(got).is_ok()
+    }
+}
+
+/// An accepted connection that has sent a ring challenge and got our answer, not yet proven.
+struct Candidate {
+    stream: TcpStream,
+    from: SocketAddr,
+    transcript: Transcript,
+}
+
+impl Candidate {
+    /// Reads the peer's proof and checks it; on success, the peer's (authenticated) hello.
+    fn finish(&self, secret: &RingSecret, deadline: Instant) -> std::result::Result<Hello, String> {
+        let t = remaining(deadline).min(HANDSHAKE_STEP_TIMEOUT);
+        let _ = self.stream.set_read_timeout(Some(t.max(Duration::from_millis(1))));
+        let mut proof = [0u8; MAC_LEN];
+        (&self.stream)
+            .read_exact(&mut proof)
+            .map_err(|e| format!("no proof of the ring secret ({e})"))?;
+        if !self
+            .transcript
+            .verify(secret, MAC_LABEL_CONNECTOR, &proof)
+        {
+            return Err("wrong proof: the peer does not hold this generation's ring secret".into());
+        }
+        let hello: &[u8; HELLO_LEN] = self.transcript.challenge[..HELLO_LEN]
+            .try_into()
+            .expect("length");
+        decode_hello(hello).ok_or_else(|| "not a ring hello".to_string())
     }
 }
 
