@@ -673,15 +673,13 @@ pub async fn status_rpc(
             Ok(req)
         },
     );
-    let r = client
-        .status(StatusRequest {})
-        .await
-        .map_err(|s| {
-            format!(
-                "status RPC to {url}: {}",
-                transport::explain_status(&s, tls.is_some())
-            )
-        })?;
+    let r = match client.status(StatusRequest {}).await {
+        Ok(r) => r,
+        Err(s) => {
+            let why = transport::explain_status(&s, url, tls).await;
+            return Err(format!("status RPC to {url}: {why}"));
+        }
+    };
     serde_json::from_str(&r.into_inner().json).map_err(|e| format!("bad status document: {e}"))
 }
 

@@ -229,16 +229,99 @@ pub fn explain(e: &(dyn StdError + 'static), tls: bool) -> Option<String> {
     Some(format!("{why} [{text}]"))
 }
 
-/// A tonic status from a call, explained like [`explain`] when it is a transport failure (under
-/// mTLS a refused client certificate shows only on the first call, as "transport error").
-pub fn explain_status(s: &tonic::Status, tls: bool) -> String {
-    match explain(s, tls) {
-        Some(why) => why,
-        None => match s.code() {
-            tonic::Code::Unauthenticated => format!("{} (check the job token)", s.message()),
-            _ => s.message().to_string(),
-        },
+/// A tonic status from a call, explained like [`explain`] when it is a transport failure. Under
+/// mutual TLS the coordinator refuses a client certificate only after the client has finished its
+/// side of the handshake, so the first call may see no more than "connection closed"; then a
+/// direct handshake ([`probe_tls`]) asks again, and reads the coordinator's alert.
+pub async fn explain_status(s: &tonic::Status, url: &str, tls: Option<&ClientTls>) -> String {
+    if let Some(why) = explain(s, tls.is_some()) {
+        return why;
     }
+    if s.code() == tonic::Code::Unauthenticated {
+        return format!("{} (check the job token)", s.message());
+    }
+    let transport = matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    ) && chain(s).contains("transport error");
+    if let (true, Some(t)) = (transport, tls) {
+        if let Some(why) = probe_tls(url, t).await.and_then(|e| explain(&Text(e), true)) {
+            return why;
+        }
+    }
+    format!("{} ({})", s.message(), chain(s))
+}
+
+#[derive(Debug)]
+struct Text(String);
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for Text {}
+
+/// Opens one TLS connection to the coordinator as `tls` configures it, sends the HTTP/2 preface and
+/// waits up to 3 s for an answer: `Some(error)` when the handshake fails or the coordinator answers
+/// with an alert, `None` when it accepts the connection (or cannot be reached at all).
+pub async fn probe_tls(url: &str, tls: &ClientTls) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{self, pki_types};
+    use pki_types::pem::PemObject;
+    let uri: tonic::codegen::http::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki_types::CertificateDer::pem_slice_iter(&tls.ca) {
+        roots.add(c.ok()?).ok()?;
+    }
+    // The ring provider, as tonic's `tls-ring` uses (deprecated in rustls 0.23.48 for lacking
+    // post-quantum key exchange, which a diagnostic handshake does not need).
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        Some((cert, key)) => {
+            let certs = pki_types::CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let key = pki_types::PrivateKeyDer::from_pem_slice(key).ok()?;
+            builder.with_client_auth_cert(certs, key).ok()?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = pki_types::ServerName::try_from(tls.domain.clone().unwrap_or(host.clone())).ok()?;
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut s = match connector.connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => return Some(chain(&e)),
+        };
+        // The HTTP/2 client preface and an empty SETTINGS frame: a server that accepted the
+        // certificate answers with its SETTINGS, one that refused it with an alert.
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        if let Err(e) = s.write_all(&hello).await {
+            return Some(chain(&e));
+        }
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf).await {
+            Ok(0) => Some("connection closed".into()),
+            Ok(_) => None,
+            Err(e) => Some(chain(&e)),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]

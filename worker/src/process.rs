@@ -129,7 +129,11 @@ fn session(
             lost(Error::Rpc {
                 op: "register",
                 code: s.code(),
-                message: butler_proto::transport::explain_status(&s, opts.tls.is_some()),
+                message: rt.block_on(butler_proto::transport::explain_status(
+                    &s,
+                    &opts.coordinator,
+                    opts.tls.as_ref(),
+                )),
             })
         })?
         .into_inner();
