@@ -193,11 +193,17 @@ fn simclr_then_distill_runs_on_two_workers_and_the_student_is_the_result() {
     assert!(d["test_accuracy"].as_f64().unwrap() > 0.15, "{s}");
     // The coordinator's epoch history: fine-tuning's 2 epochs, then distillation's 10.
     let history = s["history"].as_array().unwrap();
-    let epochs: Vec<u64> = history.iter().map(|h| h["epoch"].as_u64().unwrap()).collect();
+    let epochs: Vec<u64> = history
+        .iter()
+        .map(|h| h["epoch"].as_u64().unwrap())
+        .collect();
     assert_eq!(epochs, (0..12).collect::<Vec<u64>>());
     // The run directory's config holds the resolved epochs.
     let cfg = std::fs::read_to_string(out.join("job.toml")).unwrap();
-    let section = cfg.split("[pretrain.distill]").nth(1).expect("the distill section");
+    let section = cfg
+        .split("[pretrain.distill]")
+        .nth(1)
+        .expect("the distill section");
     let section = section.split("\n[").next().unwrap();
     assert!(section.contains("epochs = 10"), "{section}");
     assert!(!section.contains("steps ="), "{section}");
@@ -209,14 +215,15 @@ fn supervised_teacher_distills_with_a_clean_teacher_view_and_a_smaller_student()
     let text = staged("none", "")
         + DISTILL
         + "teacher_view = \"clean\"\n[pretrain.distill.model]\nkind = \"conv_base\"\nchannels = 8\n";
-    let text = text.replace("[model]\nkind = \"conv_base\"", "[model]\nkind = \"conv_base\"\nchannels = 16");
+    let text = text.replace(
+        "[model]\nkind = \"conv_base\"",
+        "[model]\nkind = \"conv_base\"\nchannels = 16",
+    );
     let (o, dir) = run(&text, 1);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = summary(&dir);
     assert_eq!(stage_names(&s), ["finetune", "distill"]);
-    let read = |rel: &str| {
-        tch::Tensor::read_safetensors(dir.path().join("run").join(rel)).unwrap()
-    };
+    let read = |rel: &str| tch::Tensor::read_safetensors(dir.path().join("run").join(rel)).unwrap();
     let width = |vars: Vec<(String, tch::Tensor)>| {
         vars.into_iter()
             .find(|(n, _)| n.ends_with("weight") && n.contains("conv"))
@@ -231,14 +238,38 @@ fn supervised_teacher_distills_with_a_clean_teacher_view_and_a_smaller_student()
 fn distill_config_errors_name_their_key() {
     let base = staged("simclr", "");
     for (section, key) in [
-        ("[pretrain.distill]\nalpha = 0.5\n", "pretrain.distill.epochs"),
-        ("[pretrain.distill]\nsteps = 2\nepochs = 2\n", "pretrain.distill.steps"),
-        ("[pretrain.distill]\nsteps = 2\nalpha = 1.5\n", "pretrain.distill.alpha"),
-        ("[pretrain.distill]\nsteps = 2\ntemperature = 0\n", "pretrain.distill.temperature"),
-        ("[pretrain.distill]\nsteps = 2\nunlabeled_ratio = 0\n", "pretrain.distill.unlabeled_ratio"),
-        ("[pretrain.distill]\nsteps = 2\nteacher_view = \"clean\"\n", "pretrain.distill.teacher_view"),
-        ("[pretrain.distill]\nsteps = 2\nteacher = \"x\"\n", "teacher"),
-        ("[pretrain.distill]\nsteps = 2\nteacher_view = \"noisy\"\n", "noisy"),
+        (
+            "[pretrain.distill]\nalpha = 0.5\n",
+            "pretrain.distill.epochs",
+        ),
+        (
+            "[pretrain.distill]\nsteps = 2\nepochs = 2\n",
+            "pretrain.distill.steps",
+        ),
+        (
+            "[pretrain.distill]\nsteps = 2\nalpha = 1.5\n",
+            "pretrain.distill.alpha",
+        ),
+        (
+            "[pretrain.distill]\nsteps = 2\ntemperature = 0\n",
+            "pretrain.distill.temperature",
+        ),
+        (
+            "[pretrain.distill]\nsteps = 2\nunlabeled_ratio = 0\n",
+            "pretrain.distill.unlabeled_ratio",
+        ),
+        (
+            "[pretrain.distill]\nsteps = 2\nteacher_view = \"clean\"\n",
+            "pretrain.distill.teacher_view",
+        ),
+        (
+            "[pretrain.distill]\nsteps = 2\nteacher = \"x\"\n",
+            "teacher",
+        ),
+        (
+            "[pretrain.distill]\nsteps = 2\nteacher_view = \"noisy\"\n",
+            "noisy",
+        ),
     ] {
         refused(&(base.clone() + section), 1, key);
     }

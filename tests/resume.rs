@@ -256,12 +256,18 @@ fn a_staged_job_killed_in_its_distill_stage_resumes_from_pretraining_exactly() {
     assert!(logs(&out).contains("resumed from the commit point"));
     for f in ["finetune.safetensors", "final.safetensors"] {
         let read = |d: &Path| std::fs::read(d.join("checkpoints").join(f)).unwrap();
-        assert!(read(&straight) == read(&out), "{f} differs after the resume");
+        assert!(
+            read(&straight) == read(&out),
+            "{f} differs after the resume"
+        );
     }
     let (a, b) = (summary(&straight), summary(&out));
     assert_eq!(a["test_accuracy"], b["test_accuracy"]);
     assert_eq!(a["stages"][3]["stage"], "distill");
-    assert_eq!(a["stages"][3]["loss_history"], b["stages"][3]["loss_history"]);
+    assert_eq!(
+        a["stages"][3]["loss_history"],
+        b["stages"][3]["loss_history"]
+    );
 }
 
 #[test]

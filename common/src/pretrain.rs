@@ -237,7 +237,10 @@ impl PretrainConfig {
             }
             match &d.model {
                 Some(ModelConfig::Mlp { hidden, .. }) if hidden.contains(&0) => {
-                    return Err(bad("distill.model.hidden", "widths must be positive".into()))
+                    return Err(bad(
+                        "distill.model.hidden",
+                        "widths must be positive".into(),
+                    ))
                 }
                 Some(ModelConfig::ConvBase { channels: 0, .. }) => {
                     return Err(bad("distill.model.channels", "must be positive".into()))

@@ -461,7 +461,10 @@ impl JobState {
         let distill = (self.cfg.pretrain.as_ref())
             .and_then(|p| p.distill.as_ref())
             .map_or(0, |d| {
-                d.epochs_for(self.train_len.div_ceil(self.cfg.train.batch_size.max(1) as u64))
+                d.epochs_for(
+                    self.train_len
+                        .div_ceil(self.cfg.train.batch_size.max(1) as u64),
+                )
             });
         if epoch >= self.cfg.train.epochs * rounds + distill {
             return Ok(None);

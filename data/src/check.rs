@@ -92,13 +92,9 @@ impl JobDataCheck for JobConfig {
         if let Some(u) = &self.data.unlabeled_split {
             m.split(u, &file)?;
             m.check_shards_exist(u, &file)?;
-            let pretrains = self
-                .pretrain
-                .as_ref()
-                .is_some_and(|p| {
-                    p.method != butler_common::pretrain::PretrainMethod::None
-                        || p.distill.is_some()
-                });
+            let pretrains = self.pretrain.as_ref().is_some_and(|p| {
+                p.method != butler_common::pretrain::PretrainMethod::None || p.distill.is_some()
+            });
             if self.regularize.distill.is_none()
                 && self.ssl.is_none()
                 && self.pseudo_label.is_none()

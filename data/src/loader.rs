@@ -398,7 +398,11 @@ mod one_view_tests {
         );
         assert_ne!(a[0], x, "the strong pipeline changes the sample");
         assert_eq!(v.views(&x, &[40], 3, 11), a, "reproducible");
-        assert_ne!(v.views(&x, &[40], 3, 12), a, "another sample id, another draw");
+        assert_ne!(
+            v.views(&x, &[40], 3, 12),
+            a,
+            "another sample id, another draw"
+        );
         assert_ne!(v.views(&x, &[40], 4, 11), a, "another epoch, another draw");
         let clean = OneView {
             seed: 7,
