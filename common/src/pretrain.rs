@@ -338,3 +338,32 @@ pub fn check_optim(o: &OptimConfig) -> std::result::Result<(), (&'static str, St
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn distill(text: &str) -> DistillStageConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn distill_steps_round_up_to_whole_labeled_epochs_and_defaults_hold() {
+        let d = distill("steps = 6000");
+        // 400 labels at batch 64: 7 steps an epoch; 6000 steps → 858 epochs (6006 steps).
+        assert_eq!(d.epochs_for(7), 858);
+        assert_eq!(distill("steps = 7").epochs_for(7), 1);
+        assert_eq!(distill("epochs = 3").epochs_for(7), 3);
+        assert_eq!(
+            (
+                d.temperature,
+                d.alpha,
+                d.unlabeled_weight,
+                d.unlabeled_ratio
+            ),
+            (1.0, 0.5, 1.0, 7)
+        );
+        assert!(!d.augment && d.teacher_view == TeacherView::Same && d.model.is_none());
+        assert!(toml::from_str::<DistillStageConfig>("steps = 1\nlambda = 2").is_err());
+    }
+}
