@@ -4,6 +4,13 @@
   contrastive.py configs OUTDIR   writes one job config per row from examples/mnist1d-{simclr,cpc}.toml
   contrastive.py table RUNDIR     prints the markdown table (mean ± std over the seeds found)
 
+SimCLRv2 rows (from examples/mnist1d-40-simclrv2.toml: the 3500 training inputs of data/mnist1d-val500
+as the unlabeled pool, the semi-supervised table's converged 6000-step fine-tuning recipe, then the
+distill stage): simclrv2 (SimCLR → probe → fine-tune → distill), supervised-distill (no pretraining: the
+augmented supervised baseline, then the same distillation from it), simclrv2-plain-kd (distillation on
+the labeled batches only: unlabeled_weight = 0), simclrv2-100ep (100 pretraining epochs instead of 30). Their table has validation and test accuracy of the
+fine-tune and distill stages.
+
 Rows: supervised-only with 40 labels per class (without and with the 1-D augmentation), and SimCLR / CPC
 pretraining on the 100k unlabeled pool at global batch 256 and 4096 (same pretraining epochs; LARS lr
 scaled linearly with the batch, 0.3 · B / 256), each followed by a linear probe and fine-tuning with 40
@@ -33,6 +40,16 @@ ROWS = [
     # batch 4096 with the lr scaled by sqrt(B / 256) instead of linearly (1.2 instead of 4.8).
     ("random-encoder", "simclr", "simclr", 256, True, {"epochs": 1, "pretrain_lr": 1e-12}),
     ("simclr-4096-sqrt-lr", "simclr", "simclr", 4096, True, {"pretrain_lr": 1.2}),
+]
+
+
+V2_ROWS = [
+    # name, method, {key: value} line replacements in [pretrain.distill] / [pretrain]
+    ("simclrv2", "simclr", {}),
+    ("supervised-distill", "none", {}),
+    ("simclrv2-plain-kd", "simclr", {"unlabeled_weight": "0.0", "unlabeled_ratio": "1"}),
+    # Longer pretraining: 100 passes over the 3500 inputs (1400 steps) instead of 30 (420).
+    ("simclrv2-100ep", "simclr", {"epochs": "100"}),
 ]
 
 
@@ -74,6 +91,21 @@ def configs(outdir):
                 sys.exit(f"unknown override {key}")
         (outdir / f"{name}.toml").write_text(text)
         print(outdir / f"{name}.toml")
+    for name, method, extra in V2_ROWS:
+        text = Path("examples/mnist1d-40-simclrv2.toml").read_text()
+        text = sub(text, "name", f'"{name}"')
+        text = sub(text, "method", f'"{method}"')
+        for key, value in extra.items():
+            text = sub(text, key, value)
+        (outdir / f"{name}.toml").write_text(text)
+        print(outdir / f"{name}.toml")
+
+
+def ms(v):
+    if not v:
+        return "—"
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.1f} ± {sd:.1f}"
 
 
 def table(rundir):
@@ -92,15 +124,34 @@ def table(rundir):
                 if st["stage"] == "probe":
                     probe.append(100 * st["test_accuracy"])
 
-        def ms(v):
-            if not v:
-                return "—"
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            return f"{statistics.mean(v):.1f} ± {sd:.1f}"
-
         what = "none" if method == "none" else f"{method} ({batch})"
         label = name + (" (augmented)" if aug and method == "none" else "")
         print(f"| {label} | {what} | {ms(probe)} | {ms(final)} | {len(runs)} |")
+    print()
+    print("| row | linear probe (test) | fine-tune: val | fine-tune: test | distill: val | distill: test | seeds (test, distill) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, method, _ in V2_ROWS:
+        runs = sorted(rundir.glob(f"{name}/seed-*/summary.json"))
+        if not runs:
+            continue
+        cols = {k: [] for k in ("probe", "ft_val", "ft_test", "d_val", "d_test")}
+        for r in runs:
+            s = json.loads(r.read_text())
+            for st in s.get("stages", []):
+                acc, val = st.get("test_accuracy"), st.get("val_accuracy")
+                if st["stage"] == "probe":
+                    cols["probe"].append(100 * acc)
+                if st["stage"] == "finetune":
+                    cols["ft_test"].append(100 * acc)
+                    cols["ft_val"].append(100 * val)
+                if st["stage"] == "distill":
+                    cols["d_test"].append(100 * acc)
+                    cols["d_val"].append(100 * val)
+        per_seed = " ".join(f"{v:.1f}" for v in cols["d_test"])
+        print(
+            f"| {name} | {ms(cols['probe'])} | {ms(cols['ft_val'])} | {ms(cols['ft_test'])} "
+            f"| {ms(cols['d_val'])} | {ms(cols['d_test'])} | {per_seed} |"
+        )
 
 
 if __name__ == "__main__":

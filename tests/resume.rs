@@ -222,6 +222,55 @@ fn simclr_pretraining_killed_mid_pretrain_resumes_exactly() {
 }
 
 #[test]
+fn a_staged_job_killed_in_its_distill_stage_resumes_from_pretraining_exactly() {
+    // SimCLR 2 epochs × 20 steps (committed at its end), fine-tuning 2 steps, distillation 4 steps on
+    // the unlabeled stream; killed after 44 steps in all (the second distillation step). The resumed
+    // job reloads pretraining's last commit and runs the probe, fine-tuning and distillation again; the
+    // distillation stream must start at its beginning (not at pretraining's committed cursor) for the
+    // weights to match the uninterrupted run.
+    let text = format!(
+        "[job]\nname = \"staged-distill\"\nseed = 2\n[data]\nmanifest = \"{}\"\nlabels_per_class = 10\n\
+         unlabeled_split = \"train\"\n[model]\nkind = \"conv_base\"\nchannels = 16\n\
+         [optim]\nkind = \"adam\"\nlr = 0.01\n[train]\nepochs = 2\nbatch_size = 100\n\
+         [pretrain]\nmethod = \"simclr\"\nepochs = 2\nbatch_size = 200\nprobe_epochs = 10\n\
+         [pretrain.optim]\nkind = \"lars\"\nlr = 0.3\nmomentum = 0.9\n\
+         [pretrain.distill]\nsteps = 4\nunlabeled_ratio = 2\naugment = true\n\
+         [checkpoint]\nevery_steps = 0\nevery_epochs = 1\n\
+         [cluster]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 5000\n",
+        mnist1d().display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "job.toml", &text);
+    let straight = tmp.path().join("straight");
+    assert_ok(&run(&cfg, &straight, false, None), "the uninterrupted run");
+    let out = tmp.path().join("stopped");
+    let o = run(&cfg, &out, false, Some("worker-kill-after-steps:44"));
+    assert!(!o.status.success(), "the job should have failed");
+    assert!(
+        logs(&out).contains("distillation"),
+        "the kill should land in the distill stage"
+    );
+    assert!(!out.join("checkpoints/final.safetensors").exists());
+    let o = run(&cfg, &out, true, None);
+    assert_ok(&o, "the resumed run");
+    assert!(logs(&out).contains("resumed from the commit point"));
+    for f in ["finetune.safetensors", "final.safetensors"] {
+        let read = |d: &Path| std::fs::read(d.join("checkpoints").join(f)).unwrap();
+        assert!(
+            read(&straight) == read(&out),
+            "{f} differs after the resume"
+        );
+    }
+    let (a, b) = (summary(&straight), summary(&out));
+    assert_eq!(a["test_accuracy"], b["test_accuracy"]);
+    assert_eq!(a["stages"][3]["stage"], "distill");
+    assert_eq!(
+        a["stages"][3]["loss_history"],
+        b["stages"][3]["loss_history"]
+    );
+}
+
+#[test]
 fn pseudo_label_rounds_killed_mid_train_resume_exactly() {
     // 2 rounds of 4 epochs × 5 steps; killed after 27 steps in all: round 1's TRAIN (on the
     // pseudo-labeled stream), after its commit of step 5. The resumed job reloads that commit.

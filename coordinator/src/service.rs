@@ -282,7 +282,7 @@ impl Coordinator for Service {
                         )
                     })?;
                 let (lo, hi) = butler_data::assign::part_bounds(len, st.world_size, r.rank);
-                let (epoch, start) = st.unlabeled_cursor();
+                let (epoch, start) = st.unlabeled_cursor(r.rank);
                 return Ok(Response::new(AssignmentResponse {
                     generation: st.generation,
                     epoch,

@@ -1,5 +1,5 @@
 //! The stage plan of a staged job (`[pretrain]`): pretrain → linear probe → fine-tune, or fine-tune
-//! alone for `method = "none"`. Each rank walks the plan through `NextStage`; a stage is recorded once
+//! alone for `method = "none"`, either followed by distill when `[pretrain.distill]` is set. Each rank walks the plan through `NextStage`; a stage is recorded once
 //! every rank has reported it, with rank 0's metrics and checkpoint (the losses are global means, the
 //! same on every rank) and the slowest rank's time.
 
@@ -19,11 +19,14 @@ pub struct StagePlan {
 
 impl StagePlan {
     pub fn new(cfg: &JobConfig, world_size: u32) -> StagePlan {
-        let plan = match cfg.pretrain.as_ref().map(|p| p.method) {
+        let mut plan = match cfg.pretrain.as_ref().map(|p| p.method) {
             None => Vec::new(),
             Some(PretrainMethod::None) => vec![Stage::Finetune],
             Some(_) => vec![Stage::Pretrain, Stage::Probe, Stage::Finetune],
         };
+        if cfg.pretrain.as_ref().is_some_and(|p| p.distill.is_some()) {
+            plan.push(Stage::Distill);
+        }
         StagePlan {
             reports: vec![(0, 0.0, 0, None); plan.len()],
             progress: vec![0; world_size as usize],
@@ -61,6 +64,12 @@ impl StagePlan {
             .unwrap_or(Stage::Done))
     }
 
+    /// The stage `rank` runs now (`Done` once it has finished the plan, or for unstaged jobs).
+    pub fn current(&self, rank: u32) -> Stage {
+        let done = self.progress.get(rank as usize).copied().unwrap_or(0);
+        self.plan.get(done).copied().unwrap_or(Stage::Done)
+    }
+
     /// Stages every rank has finished, in plan order.
     pub fn records(&self, world_size: u32) -> Vec<StageRecord> {
         self.plan
@@ -77,6 +86,7 @@ impl StagePlan {
                     samples: *samples,
                     seconds: *seconds,
                     test_accuracy: r0.test_accuracy,
+                    val_accuracy: r0.val_accuracy,
                     checkpoint: r0.checkpoint,
                 }
             })
@@ -90,6 +100,7 @@ pub fn stage_name(s: Stage) -> &'static str {
         Stage::Pretrain => "pretrain",
         Stage::Probe => "probe",
         Stage::Finetune => "finetune",
+        Stage::Distill => "distill",
     }
 }
 
@@ -99,11 +110,15 @@ mod tests {
     use std::path::Path;
 
     fn cfg(method: &str) -> JobConfig {
+        cfg_with(method, "")
+    }
+
+    fn cfg_with(method: &str, extra: &str) -> JobConfig {
         let text = format!(
             "[job]\nname='s'\nseed=1\n[data]\nmanifest='m'\nlabels_per_class=4\nunlabeled_split='u'\n\
              [model]\nkind='conv_base'\nchannels=4\n[optim]\nkind='adam'\nlr=0.01\n\
              [train]\nepochs=1\nbatch_size=8\n[pretrain]\nmethod='{method}'\n\
-             [pretrain.optim]\nkind='lars'\nlr=0.1\n"
+             [pretrain.optim]\nkind='lars'\nlr=0.1\n{extra}"
         );
         JobConfig::from_toml(&text, Path::new("s.toml")).unwrap()
     }
@@ -166,5 +181,30 @@ mod tests {
             Stage::Done
         );
         assert!(none.next(0, Some(result(Stage::Finetune, 0))).is_err());
+    }
+
+    #[test]
+    fn a_distill_section_appends_the_distill_stage() {
+        let d = "[pretrain.distill]\nsteps=10\n";
+        for (method, expected) in [
+            ("simclr", &["pretrain", "probe", "finetune", "distill"][..]),
+            ("none", &["finetune", "distill"][..]),
+        ] {
+            let mut p = StagePlan::new(&cfg_with(method, d), 1);
+            let mut next = p.next(0, None).unwrap();
+            let mut walked = Vec::new();
+            while next != Stage::Done {
+                walked.push(stage_name(next));
+                assert_eq!(p.current(0), next);
+                let mut r = result(next, 0);
+                r.val_accuracy = Some(0.25);
+                next = p.next(0, Some(r)).unwrap();
+            }
+            assert_eq!(walked, expected);
+            assert_eq!(p.current(0), Stage::Done);
+            let records = p.records(1);
+            assert_eq!(records.len(), expected.len());
+            assert_eq!(records.last().unwrap().val_accuracy, Some(0.25));
+        }
     }
 }

@@ -457,7 +457,16 @@ impl JobState {
             .pseudo_label
             .as_ref()
             .map_or(1, |p| p.rounds as u64);
-        if epoch >= self.cfg.train.epochs * rounds {
+        // A staged job's distillation stage trains the labeled epochs after fine-tuning's.
+        let distill = (self.cfg.pretrain.as_ref())
+            .and_then(|p| p.distill.as_ref())
+            .map_or(0, |d| {
+                d.epochs_for(
+                    self.train_len
+                        .div_ceil(self.cfg.train.batch_size.max(1) as u64),
+                )
+            });
+        if epoch >= self.cfg.train.epochs * rounds + distill {
             return Ok(None);
         }
         Ok(Some(DistributedSampler {
@@ -482,7 +491,7 @@ impl JobState {
 
     /// Where the unlabeled stream starts: (epoch, steps taken in it) — the resumed commit's cursor, or
     /// the beginning.
-    pub fn unlabeled_cursor(&self) -> (u64, u64) {
+    pub fn unlabeled_cursor(&self, rank: u32) -> (u64, u64) {
         // With pseudo-label rounds each TRAIN phase opens its stream afresh; the commit's cursor
         // belongs to its own round's TRAIN only.
         let current_train = self.rounds.as_ref().map(|r| r.current());
@@ -491,6 +500,9 @@ impl JobState {
                 Some((round, phase)) => phase == crate::rounds::Phase::Train && c.round == round,
                 None => true,
             })
+            // A staged job's commits belong to pretraining: the distillation stage, which opens the
+            // stream afresh after it, starts at the stream's beginning.
+            .filter(|c| c.stage == 0 || c.stage == self.stages.current(rank) as u32)
             .and_then(|c| c.unlabeled)
             .map_or((0, 0), |[e, s]| (e, s))
     }

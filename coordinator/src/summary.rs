@@ -43,8 +43,8 @@ pub struct Summary {
     /// Pseudo-label rounds: each round's accuracy and the pseudo-labels it trained on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rounds: Option<Vec<crate::rounds::RoundRecord>>,
-    /// Staged jobs only: each stage's metrics and checkpoint, in order (`history` is the fine-tuning
-    /// stage's).
+    /// Staged jobs only: each stage's metrics and checkpoint, in order (`history` holds the fine-tuning
+    /// stage's epochs, then the distillation stage's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageRecord>,
     /// Ranks the coordinator found persistently late (stragglers), each time one was flagged.
@@ -52,7 +52,7 @@ pub struct Summary {
     pub late_ranks: Vec<crate::observe::LateRank>,
 }
 
-/// One stage of a staged job (pretrain, probe, finetune).
+/// One stage of a staged job (pretrain, probe, finetune, distill).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StageRecord {
     pub stage: String,
@@ -66,6 +66,9 @@ pub struct StageRecord {
     /// The slowest rank's time for the stage.
     pub seconds: f64,
     pub test_accuracy: Option<f64>,
+    /// The validation split's accuracy at the stage's end (fine-tune, distill; with `data.val_split`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
     /// Rank 0's checkpoint of the stage, relative to the run directory.
     pub checkpoint: String,
 }

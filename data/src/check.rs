@@ -44,10 +44,21 @@ impl JobDataCheck for JobConfig {
     }
 
     fn resolve_steps(&mut self) -> Result<()> {
-        if self.train.steps.is_some() {
+        let distill_steps = (self.pretrain.as_ref())
+            .and_then(|p| p.distill.as_ref())
+            .is_some_and(|d| d.steps.is_some());
+        if self.train.steps.is_some() || distill_steps {
             let (m, file) = Manifest::load(&self.data.manifest)?;
             let len = self.train_len(&m, &file)?;
             self.train.resolve_steps(len);
+            // `[pretrain.distill] steps` likewise, with the same labeled batches.
+            let per_epoch = len.div_ceil(self.train.batch_size.max(1) as u64).max(1);
+            if let Some(d) = self.pretrain.as_mut().and_then(|p| p.distill.as_mut()) {
+                if d.steps.is_some() {
+                    d.epochs = Some(d.epochs_for(per_epoch));
+                    d.steps = None;
+                }
+            }
         }
         Ok(())
     }
@@ -81,10 +92,9 @@ impl JobDataCheck for JobConfig {
         if let Some(u) = &self.data.unlabeled_split {
             m.split(u, &file)?;
             m.check_shards_exist(u, &file)?;
-            let pretrains = self
-                .pretrain
-                .as_ref()
-                .is_some_and(|p| p.method != butler_common::pretrain::PretrainMethod::None);
+            let pretrains = self.pretrain.as_ref().is_some_and(|p| {
+                p.method != butler_common::pretrain::PretrainMethod::None || p.distill.is_some()
+            });
             if self.regularize.distill.is_none()
                 && self.ssl.is_none()
                 && self.pseudo_label.is_none()

@@ -332,6 +332,28 @@ impl ViewMaker for WeakStrongViews {
     }
 }
 
+/// One augmented view per sample (the distillation stage's student input), view `view` of the sample's
+/// generator seeded per (job seed, epoch, id).
+pub struct OneView {
+    pub seed: u64,
+    pub pipeline: crate::augment::Pipeline,
+    pub view: u64,
+}
+
+impl ViewMaker for OneView {
+    fn num_views(&self) -> usize {
+        1
+    }
+    fn views(&self, x: &[f32], shape: &[usize], epoch: u64, id: u64) -> Vec<Vec<f32>> {
+        vec![self.pipeline.apply_seeded(
+            x,
+            shape,
+            crate::augment::SampleKey::new(self.seed, epoch, id),
+            self.view,
+        )]
+    }
+}
+
 /// Two independently augmented views (contrastive methods: SimCLR), seeded per (job seed, epoch, id).
 pub struct ContrastiveViews {
     pub seed: u64,
@@ -349,5 +371,44 @@ impl ViewMaker for ContrastiveViews {
             crate::augment::SampleKey::new(self.seed, epoch, id),
         );
         vec![a, b]
+    }
+}
+
+#[cfg(test)]
+mod one_view_tests {
+    use super::*;
+    use crate::augment::{Pipeline, SampleKey, WeakStrong};
+
+    #[test]
+    fn one_view_is_the_seeded_pipeline_view_and_varies_with_the_sample() {
+        let x: Vec<f32> = (0..40).map(|i| (i as f32 * 0.3).sin()).collect();
+        let aug = WeakStrong::default_1d(40);
+        let v = OneView {
+            seed: 7,
+            pipeline: aug.strong,
+            view: 2,
+        };
+        assert_eq!(v.num_views(), 1);
+        let a = v.views(&x, &[40], 3, 11);
+        assert_eq!(a.len(), 1);
+        assert_eq!(
+            a[0],
+            v.pipeline
+                .apply_seeded(&x, &[40], SampleKey::new(7, 3, 11), 2)
+        );
+        assert_ne!(a[0], x, "the strong pipeline changes the sample");
+        assert_eq!(v.views(&x, &[40], 3, 11), a, "reproducible");
+        assert_ne!(
+            v.views(&x, &[40], 3, 12),
+            a,
+            "another sample id, another draw"
+        );
+        assert_ne!(v.views(&x, &[40], 4, 11), a, "another epoch, another draw");
+        let clean = OneView {
+            seed: 7,
+            pipeline: Pipeline::new(),
+            view: 2,
+        };
+        assert_eq!(clean.views(&x, &[40], 3, 11), vec![x.clone()]);
     }
 }

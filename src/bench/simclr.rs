@@ -97,6 +97,7 @@ fn config(batch: usize) -> PretrainConfig {
         probe_lr: 0.01,
         finetune_augment: false,
         finetune_from_probe: false,
+        distill: None,
     }
 }
 

@@ -102,6 +102,8 @@ impl<'a> Job<'a> {
 pub(crate) struct EpochsRun {
     /// The last evaluation.
     pub(crate) eval: trainer::Evaluation,
+    /// The last evaluation of the validation split (`data.val_split`).
+    pub(crate) val: Option<trainer::Evaluation>,
     /// This rank's mean labeled loss per epoch.
     pub(crate) losses: Vec<f64>,
     /// Labeled samples this rank trained on.
@@ -122,7 +124,7 @@ pub(crate) fn run_epochs(
 ) -> Result<EpochsRun> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let shape = &job.manifest.sample_shape;
-    let mut last_eval = None;
+    let (mut last_eval, mut last_val) = (None, None);
     let mut skipped_total = 0usize;
     let (mut losses, mut samples) = (Vec::new(), 0u64);
     let last_epoch = epochs.end.saturating_sub(1);
@@ -313,6 +315,9 @@ pub(crate) fn run_epochs(
             Some(v) if due => Some(trainer.evaluate(&v.x, &v.y, ring, 1000)?),
             _ => None,
         };
+        if val.is_some() {
+            last_val = val;
+        }
         let eval = if last || (due && job.val_set.is_none()) {
             let e = trainer.evaluate(&job.test_set.x, &job.test_set.y, ring, 1000)?;
             last_eval = Some(e);
@@ -369,6 +374,7 @@ pub(crate) fn run_epochs(
     let eval = last_eval.ok_or_else(|| Error::Setup("the job ran no epoch".into()))?;
     Ok(EpochsRun {
         eval,
+        val: last_val,
         losses,
         samples,
     })

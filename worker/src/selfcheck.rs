@@ -281,6 +281,7 @@ pub fn train_simclr(device: Device) -> std::result::Result<Vec<f32>, String> {
         probe_lr: 0.01,
         finetune_augment: false,
         finetune_from_probe: true,
+        distill: None,
     };
     tch::manual_seed(77);
     let data: Vec<[Tensor; 2]> = (0..STEPS)

@@ -15,6 +15,14 @@
 //!   assignments and per-epoch metrics), each labeled sample optionally replaced by one view of the
 //!   pretraining augmentation (`finetune_augment`). With `method = "none"` this is the only stage: the
 //!   supervised baseline through the same code.
+//! - **distill** (`[pretrain.distill]`, SimCLRv2's third step): the fine-tuned model, frozen, teaches a
+//!   fresh student (the job's `[model]` or `distill.model`) through the KD objective
+//!   (`objectives::kd`): α·CE + (1 − α)·T²·KL on the labeled batches (the fine-tuning stage's
+//!   augmentation), λ·T²·KL on `unlabeled_ratio`× as many unlabeled samples, raw or strongly augmented
+//!   (`augment`; `OneView`), the teacher seeing the same input or the clean sample (`teacher_view`).
+//!   Its labeled epochs follow fine-tuning's in the coordinator's numbering; its evaluation is the
+//!   job's result. Neither fine-tuning nor distillation commits mid-stage: a resumed job restarts them
+//!   from the pretraining commit.
 
 use crate::augment::TwoViews;
 use crate::checkpoint::save_checkpoint;
@@ -23,10 +31,10 @@ use crate::contrastive::encoder::copy_encoder_into;
 use crate::contrastive::pretrain::Pretrainer;
 use crate::error::rpc;
 use crate::job::{Job, LabeledAug};
-use crate::loader::{self, ContrastiveViews, ViewMaker};
+use crate::loader::{self, ContrastiveViews, OneView, ViewMaker, WeakStrongViews};
 use crate::{Error, Result};
 use butler_common::config::{JobConfig, ModelConfig};
-use butler_common::pretrain::{PretrainConfig, PretrainMethod};
+use butler_common::pretrain::{DistillStageConfig, PretrainConfig, PretrainMethod, TeacherView};
 use butler_data::manifest::Manifest;
 use butler_proto::{Stage, StageRequest, StageResult};
 use std::path::Path;
@@ -37,7 +45,8 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Reduction, Tensor};
 use tracing::{info, warn};
 
-/// The staged job; returns (test accuracy, test loss, final checkpoint) of the fine-tuned model.
+/// The staged job; returns (test accuracy, test loss, final checkpoint) of the fine-tuned model, or of
+/// the distilled student when the plan ends with distillation.
 pub(crate) fn train(job: &mut Job, ring: &mut dyn Collective) -> Result<(f64, f64, String)> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let p = cfg
@@ -48,6 +57,7 @@ pub(crate) fn train(job: &mut Job, ring: &mut dyn Collective) -> Result<(f64, f6
 
     let mut pretrained: Option<Pretrainer> = None;
     let mut probe_head: Option<(Tensor, Tensor)> = None;
+    let mut finetuned: Option<crate::trainer::Trainer> = None;
     let mut finished: Option<StageResult> = None;
     let mut outcome = None;
     loop {
@@ -83,13 +93,24 @@ pub(crate) fn train(job: &mut Job, ring: &mut dyn Collective) -> Result<(f64, f6
                 r
             }
             Stage::Finetune => {
-                let (r, result) = finetune(
+                let (r, result, trainer) = finetune(
                     job,
                     p,
                     pretrained.as_ref(),
                     probe_head.as_ref().filter(|_| p.finetune_from_probe),
                     ring,
                 )?;
+                outcome = Some(result);
+                finetuned = Some(trainer);
+                r
+            }
+            Stage::Distill => {
+                let (teacher, d) = finetuned.as_ref().zip(p.distill.as_ref()).ok_or_else(|| {
+                    Error::Setup(
+                        "the coordinator asked for distillation before fine-tuning, or the job has no [pretrain.distill]".into(),
+                    )
+                })?;
+                let (r, result) = distill(job, d, teacher, ring)?;
                 outcome = Some(result);
                 r
             }
@@ -294,6 +315,7 @@ fn pretrain(
             samples,
             seconds: t0.elapsed().as_secs_f64(),
             test_accuracy: None,
+            val_accuracy: None,
             checkpoint,
         },
         model,
@@ -387,6 +409,7 @@ fn probe(
             samples: train_set.len * p.probe_epochs,
             seconds: t0.elapsed().as_secs_f64(),
             test_accuracy: (ctx.rank == 0).then_some(accuracy),
+            val_accuracy: None,
             checkpoint,
         },
         folded,
@@ -401,7 +424,7 @@ fn finetune(
     pretrained: Option<&Pretrainer>,
     probe_head: Option<&(Tensor, Tensor)>,
     ring: &mut dyn Collective,
-) -> Result<(StageResult, (f64, f64, String))> {
+) -> Result<(StageResult, (f64, f64, String), crate::trainer::Trainer)> {
     let (ctx, cfg) = (job.ctx, job.cfg);
     let t0 = Instant::now();
     let len = sample_len(&job.manifest)?;
@@ -453,10 +476,15 @@ fn finetune(
         None,
     )?;
     let eval = run.eval;
-    let checkpoint = if ctx.rank == 0 {
-        save_checkpoint(&trainer, &ctx.run_dir)?
-    } else {
-        String::new()
+    // With a distillation stage to come, `final.safetensors` is the student's.
+    let checkpoint = match (ctx.rank, &p.distill) {
+        (0, None) => save_checkpoint(&trainer, &ctx.run_dir)?,
+        (0, Some(_)) => {
+            let rel = "checkpoints/finetune.safetensors";
+            crate::checkpoint::save_model(&trainer, &ctx.run_dir.join(rel))?;
+            rel.to_string()
+        }
+        _ => String::new(),
     };
     ring.barrier()?;
     info!(test_accuracy = eval.accuracy, "fine-tuning finished");
@@ -469,6 +497,116 @@ fn finetune(
             samples: run.samples,
             seconds: t0.elapsed().as_secs_f64(),
             test_accuracy: (ctx.rank == 0).then_some(eval.accuracy),
+            val_accuracy: run.val.filter(|_| ctx.rank == 0).map(|v| v.accuracy),
+            checkpoint: checkpoint.clone(),
+        },
+        (eval.accuracy, eval.loss, checkpoint),
+        trainer,
+    ))
+}
+
+/// The distillation stage: a fresh student learns from `teacher` (the fine-tuned model, frozen) on the
+/// labeled batches and the unlabeled stream; see the module doc.
+fn distill(
+    job: &mut Job,
+    d: &DistillStageConfig,
+    teacher: &crate::trainer::Trainer,
+    ring: &mut dyn Collective,
+) -> Result<(StageResult, (f64, f64, String))> {
+    let (ctx, cfg) = (job.ctx, job.cfg);
+    let t0 = Instant::now();
+    let shape = job.manifest.sample_shape.clone();
+    let classes = job.manifest.num_classes();
+    let epochs = d.epochs_for(job.steps_per_epoch);
+    let mut student_cfg = cfg.clone();
+    if let Some(m) = &d.model {
+        student_cfg.model = m.clone();
+    }
+    student_cfg.train.epochs = epochs;
+    // Another seed than the fine-tuned model's initialisation.
+    let mut student = crate::trainer::Trainer::new_on(
+        &student_cfg,
+        &shape,
+        classes,
+        cfg.job.seed.wrapping_add(1),
+        job.steps_per_epoch * epochs,
+        job.device,
+    )?;
+    student.distill_from(
+        teacher.frozen_teacher(&shape, classes)?,
+        crate::losses::KdConfig {
+            alpha: d.alpha,
+            temperature: d.temperature,
+        },
+        d.unlabeled_weight,
+        &shape,
+        classes,
+    )?;
+    student.broadcast_parameters(ring)?;
+    let views: Arc<dyn ViewMaker> = if d.augment {
+        let strong = crate::augment::WeakStrong::for_sample_shape(&shape, cfg.augment.flip)
+            .map_err(|e| Error::Setup(format!("pretrain.distill.augment: {e}")))?
+            .strong;
+        match d.teacher_view {
+            TeacherView::Same => Arc::new(OneView {
+                seed: cfg.job.seed,
+                pipeline: strong,
+                view: 1,
+            }),
+            // (clean, strong): UDA's pair, the teacher on the first view, the student on the second.
+            TeacherView::Clean => Arc::new(WeakStrongViews {
+                seed: cfg.job.seed,
+                aug: crate::augment::WeakStrong {
+                    weak: crate::augment::Pipeline::new(),
+                    strong,
+                },
+            }),
+        }
+    } else {
+        Arc::new(loader::Identity)
+    };
+    let mut stream = crate::job::open_unlabeled_stream(
+        job,
+        views,
+        Some(job.per_rank_batch * d.unlabeled_ratio),
+        None,
+    )?
+    .ok_or_else(|| Error::Setup("distillation needs data.unlabeled_split".into()))?;
+    info!(
+        epochs,
+        steps = job.steps_per_epoch * epochs,
+        unlabeled_per_rank = job.per_rank_batch * d.unlabeled_ratio,
+        "distillation"
+    );
+    // The labeled epochs after fine-tuning's, in the coordinator's numbering.
+    let first = cfg.train.epochs;
+    let run = crate::job::run_epochs(
+        job,
+        &mut student,
+        ring,
+        Some(&mut stream),
+        None,
+        first..first + epochs,
+        None,
+    )?;
+    let eval = run.eval;
+    let checkpoint = if ctx.rank == 0 {
+        save_checkpoint(&student, &ctx.run_dir)?
+    } else {
+        String::new()
+    };
+    ring.barrier()?;
+    info!(test_accuracy = eval.accuracy, "distillation finished");
+    Ok((
+        StageResult {
+            stage: Stage::Distill as i32,
+            train_loss: run.losses.last().copied().unwrap_or(0.0),
+            loss_history: run.losses,
+            steps: student.steps_taken(),
+            samples: run.samples,
+            seconds: t0.elapsed().as_secs_f64(),
+            test_accuracy: (ctx.rank == 0).then_some(eval.accuracy),
+            val_accuracy: run.val.filter(|_| ctx.rank == 0).map(|v| v.accuracy),
             checkpoint: checkpoint.clone(),
         },
         (eval.accuracy, eval.loss, checkpoint),

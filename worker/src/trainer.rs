@@ -242,6 +242,48 @@ impl Trainer {
         self.device
     }
 
+    /// A frozen copy of the evaluated weights (the EMA's with `[train] ema`) as a distillation teacher
+    /// on this replica's device: the staged job's fine-tuned model teaching the distillation stage.
+    pub fn frozen_teacher(
+        &self,
+        sample_shape: &[usize],
+        classes: usize,
+    ) -> Result<objectives::kd::Teacher> {
+        let mut vs = nn::VarStore::new(self.device);
+        let model = models::build(&vs.root(), &self.cfg.model, sample_shape, classes);
+        self.with_eval_weights(|| vs.copy(&self.vs))
+            .map_err(|e| crate::Error::Setup(format!("cannot copy the teacher's weights: {e}")))?;
+        vs.freeze();
+        Ok(objectives::kd::Teacher::Native { _vs: vs, model })
+    }
+
+    /// Trains with knowledge distillation from `teacher` instead of the config's objective (the
+    /// staged job's distillation stage), with the job's input regularizers on labeled batches.
+    pub fn distill_from(
+        &mut self,
+        teacher: objectives::kd::Teacher,
+        kd: crate::losses::KdConfig,
+        unlabeled_weight: f64,
+        sample_shape: &[usize],
+        classes: usize,
+    ) -> Result<()> {
+        let aug = objectives::BatchAug::new(
+            &self.cfg.regularize,
+            sample_shape,
+            classes,
+            self.model.mix_points(),
+        )?;
+        self.objective = Box::new(objectives::kd::Distill::with_teacher(
+            teacher,
+            aug,
+            kd,
+            self.cfg.train.label_smoothing,
+            classes,
+            unlabeled_weight,
+        ));
+        Ok(())
+    }
+
     pub fn steps_taken(&self) -> u64 {
         self.step
     }

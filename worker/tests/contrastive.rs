@@ -244,6 +244,7 @@ fn pretrain_config(method: PretrainMethod, optim: OptimKind) -> PretrainConfig {
         probe_lr: 0.01,
         finetune_augment: false,
         finetune_from_probe: true,
+        distill: None,
     }
 }
 

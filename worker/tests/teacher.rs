@@ -191,3 +191,79 @@ fn distillation_on_unlabeled_data_is_the_kd_term_alone() {
         .unwrap();
     assert!(parts.unlabeled.is_none());
 }
+
+/// The staged job's `teacher_view = "clean"`: with two unlabeled views the teacher sees the first (the
+/// clean sample) and the student the second (its augmented view); an in-memory teacher
+/// (`Distill::with_teacher`) computes what the loaded one does.
+#[test]
+fn with_two_unlabeled_views_the_teacher_sees_the_first_and_the_student_the_second() {
+    use butler_worker::losses::{kd_loss, KdConfig};
+    use butler_worker::mixing::MixRng;
+    use butler_worker::objectives::{kd::Distill, BatchAug, Objective, StepCtx};
+
+    let cfg = ModelConfig::Mlp {
+        input_dim: None,
+        hidden: vec![8],
+    };
+    tch::manual_seed(9);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let student = models::build(&vs.root(), &cfg, &[40], 10);
+    let kd = KdConfig {
+        alpha: 0.5,
+        temperature: 1.5,
+    };
+    let teacher = || Teacher::load(&fixtures().join("teacher.pt"), &cfg, &[40], 10).unwrap();
+    let regularize = butler_common::config::RegularizeConfig::default();
+    let aug = BatchAug::new(&regularize, &[40], 10, student.mix_points()).unwrap();
+    let mut objective = Distill::with_teacher(teacher(), aug, kd, 0.0, 10, 0.4);
+    let (clean, strong) = (
+        Tensor::randn([5, 40], (Kind::Float, Device::Cpu)),
+        Tensor::randn([5, 40], (Kind::Float, Device::Cpu)),
+    );
+    let x = Tensor::zeros([0, 40], (Kind::Float, Device::Cpu));
+    let y = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
+    let mut rng = MixRng::new(0);
+    let mut unlabeled = |views: &[Tensor]| {
+        objective
+            .loss(StepCtx {
+                model: student.as_ref(),
+                x: &x,
+                y: &y,
+                rng: &mut rng,
+                step: 0,
+                unlabeled: views,
+                unlabeled_ids: &[],
+                unlabeled_pool: 0,
+                pseudo: None,
+                comm: &mut butler_worker::collective::SingleProcess,
+                teacher: None,
+            })
+            .unwrap()
+            .unlabeled
+            .expect("an unlabeled part")
+            .double_value(&[])
+    };
+    let got = unlabeled(&[clean.shallow_clone(), strong.shallow_clone()]);
+    let same = unlabeled(std::slice::from_ref(&strong));
+    let t = teacher();
+    let want = |t_in: &Tensor| {
+        (kd_loss(
+            &student.forward_t(&strong, true),
+            &t.logits(t_in).unwrap(),
+            None,
+            &kd,
+            0.0,
+        ) * 0.4)
+            .double_value(&[])
+    };
+    assert!(
+        (got - want(&clean)).abs() < 1e-6,
+        "{got} vs {}",
+        want(&clean)
+    );
+    assert!((same - want(&strong)).abs() < 1e-6);
+    assert!(
+        (got - same).abs() > 1e-4,
+        "the two inputs give different targets"
+    );
+}

@@ -117,17 +117,36 @@ impl Distill {
     ) -> Result<Distill> {
         let teacher_cfg = d.teacher_model.as_ref().unwrap_or(&cfg.model);
         let teacher = Teacher::load_on(&d.teacher, teacher_cfg, sample_shape, classes, device)?;
-        Ok(Distill {
-            aug,
+        Ok(Distill::with_teacher(
             teacher,
-            kd: KdConfig {
+            aug,
+            KdConfig {
                 alpha: d.alpha,
                 temperature: d.temperature,
             },
-            label_smoothing: cfg.train.label_smoothing,
+            cfg.train.label_smoothing,
+            classes,
+            d.unlabeled_weight,
+        ))
+    }
+
+    /// Distillation from a teacher already in memory (the staged job's fine-tuned model).
+    pub fn with_teacher(
+        teacher: Teacher,
+        aug: BatchAug,
+        kd: KdConfig,
+        label_smoothing: f64,
+        classes: usize,
+        unlabeled_weight: f64,
+    ) -> Distill {
+        Distill {
+            aug,
+            teacher,
+            kd,
+            label_smoothing,
             classes: classes as i64,
-            unlabeled_weight: d.unlabeled_weight,
-        })
+            unlabeled_weight,
+        }
     }
 }
 
@@ -155,12 +174,15 @@ impl Objective for Distill {
                 self.label_smoothing,
             )
         });
-        // On unlabeled data there is no CE term: λ·T²·KL(teacher ‖ student) alone.
-        let unlabeled = ctx.unlabeled.first().filter(|u| non_empty(u)).map(|u| {
-            let student = ctx.model.forward_t(u, true);
+        // On unlabeled data there is no CE term: λ·T²·KL(teacher ‖ student) alone. With one view both
+        // models see it; with two (the staged job's `teacher_view = "clean"`) the teacher sees the
+        // first (clean) and the student the last (augmented).
+        let views = ctx.unlabeled.first().zip(ctx.unlabeled.last());
+        let unlabeled = views.filter(|(u, _)| non_empty(u)).map(|(t, s)| {
+            let student = ctx.model.forward_t(s, true);
             let teacher = self
                 .teacher
-                .logits(u)
+                .logits(t)
                 .expect("the teacher was probed on this sample shape at load");
             kd_loss(&student, &teacher, None, &self.kd, 0.0) * self.unlabeled_weight
         });
