@@ -198,6 +198,21 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
         "does not name the host",
     );
     refused(&status(&format!("http://{addr}"), token, &["--tls-ca", &ca_pem]), "not https://");
+    // A worker fails at once with the cause, instead of retrying for its connect wait.
+    let t0 = std::time::Instant::now();
+    let o = butler()
+        .args(["worker", "--coordinator", &url, "--tls-ca", &other_pem, "--connect-wait-s", "60"])
+        .env("BUTLER_TOKEN", token)
+        .output()
+        .unwrap();
+    refused(&o, "wrong CA");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let o = butler()
+        .args(["worker", "--coordinator", &url, "--tls-ca", &ca_pem])
+        .env("BUTLER_TOKEN", token)
+        .output()
+        .unwrap();
+    refused(&o, "requires a client certificate");
     // The right channel with the wrong token, three times: refused each time, logged once.
     for _ in 0..3 {
         refused(
