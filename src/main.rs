@@ -77,7 +77,9 @@ struct TokenArgs {
 
 impl TokenArgs {
     fn resolve(&self) -> Result<String> {
-        if std::env::args_os().any(|a| a == "--token" || a.to_string_lossy().starts_with("--token=")) {
+        if std::env::args_os()
+            .any(|a| a == "--token" || a.to_string_lossy().starts_with("--token="))
+        {
             eprintln!(
                 "warning: --token on the command line is visible to every user of this machine (ps); \
                  use BUTLER_TOKEN or --token-file"

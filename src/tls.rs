@@ -80,14 +80,19 @@ pub fn generate(dir: &Path, hosts: &[String], days: u32) -> Result<TlsFiles> {
     let ca_cert = ca.self_signed(&ca_key).context("signing the CA")?;
     let issuer = Issuer::new(ca, ca_key);
 
-    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| -> Result<(String, String)> {
+    let leaf = |names: Vec<String>,
+                cn: &str,
+                usage: ExtendedKeyUsagePurpose|
+     -> Result<(String, String)> {
         let key = KeyPair::generate().context("generating a key")?;
         let mut p = CertificateParams::new(names).context("certificate parameters")?;
         p.distinguished_name.push(DnType::CommonName, cn);
         p.extended_key_usages = vec![usage];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut p);
-        let cert = p.signed_by(&key, &issuer).context("signing a certificate")?;
+        let cert = p
+            .signed_by(&key, &issuer)
+            .context("signing a certificate")?;
         Ok((cert.pem(), key.serialize_pem()))
     };
     let (server_pem, server_key) = leaf(

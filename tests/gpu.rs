@@ -144,10 +144,14 @@ fn rank_zeros_nccl_id_travels_through_the_coordinator_unchanged() {
     let answers: Vec<_> = rt.block_on(async {
         let mut clients = Vec::new();
         for rank in 0..2u32 {
-            let mut c =
-                butler_worker::client::connect(&url, "secret", std::time::Duration::from_secs(10))
-                    .await
-                    .unwrap();
+            let mut c = butler_worker::client::connect(
+                &url,
+                "secret",
+                None,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
             let reg = c
                 .register(butler_proto::RegisterRequest {
                     worker_id: format!("w{rank}"),

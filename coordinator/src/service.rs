@@ -836,7 +836,9 @@ pub async fn serve(
         None => None,
     };
     match &opts.tls {
-        Some(t) => info!(%bound, world_size = opts.world_size, mutual_tls = t.mutual(), "coordinator listening (TLS)"),
+        Some(t) => {
+            info!(%bound, world_size = opts.world_size, mutual_tls = t.mutual(), "coordinator listening (TLS)")
+        }
         None => info!(%bound, world_size = opts.world_size, "coordinator listening (plaintext)"),
     }
     on_bound(bound);

@@ -82,10 +82,8 @@ impl ClientTlsFiles {
     /// `None` when no TLS flag is set (plaintext); an error when the flags do not make sense
     /// together (a key without a certificate, a certificate without a CA).
     pub fn load(&self) -> Result<Option<ClientTls>, String> {
-        let any = self.ca.is_some()
-            || self.cert.is_some()
-            || self.key.is_some()
-            || self.domain.is_some();
+        let any =
+            self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.domain.is_some();
         if !any {
             return Ok(None);
         }
@@ -98,8 +96,12 @@ impl ClientTlsFiles {
                 read_pem(k, "this client's private key (--tls-key)")?,
             )),
             (None, None) => None,
-            (Some(_), None) => return Err("--tls-cert needs --tls-key (the certificate's private key)".into()),
-            (None, Some(_)) => return Err("--tls-key needs --tls-cert (the client certificate)".into()),
+            (Some(_), None) => {
+                return Err("--tls-cert needs --tls-key (the certificate's private key)".into())
+            }
+            (None, Some(_)) => {
+                return Err("--tls-key needs --tls-cert (the client certificate)".into())
+            }
         };
         Ok(Some(ClientTls {
             ca: read_pem(ca, "the coordinator's CA certificate (--tls-ca)")?,
@@ -110,8 +112,8 @@ impl ClientTlsFiles {
 }
 
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read {what} at {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read {what} at {}: {e}", path.display()))?;
     if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
         return Err(format!(
             "{what} at {} is not PEM (no \"-----BEGIN\" line)",
@@ -245,7 +247,10 @@ pub async fn explain_status(s: &tonic::Status, url: &str, tls: Option<&ClientTls
         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
     ) && chain(s).contains("transport error");
     if let (true, Some(t)) = (transport, tls) {
-        if let Some(why) = probe_tls(url, t).await.and_then(|e| explain(&Text(e), true)) {
+        if let Some(why) = probe_tls(url, t)
+            .await
+            .and_then(|e| explain(&Text(e), true))
+        {
             return why;
         }
     }
@@ -267,11 +272,15 @@ impl StdError for Text {}
 /// waits up to 3 s for an answer: `Some(error)` when the handshake fails or the coordinator answers
 /// with an alert, `None` when it accepts the connection (or cannot be reached at all).
 pub async fn probe_tls(url: &str, tls: &ClientTls) -> Option<String> {
+    use pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::rustls::{self, pki_types};
-    use pki_types::pem::PemObject;
     let uri: tonic::codegen::http::Uri = url.parse().ok()?;
-    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = uri
+        .host()?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = uri.port_u16().unwrap_or(443);
     let mut roots = rustls::RootCertStore::empty();
     for c in pki_types::CertificateDer::pem_slice_iter(&tls.ca) {
@@ -298,7 +307,9 @@ pub async fn probe_tls(url: &str, tls: &ClientTls) -> Option<String> {
     config.alpn_protocols = vec![b"h2".to_vec()];
     let name = pki_types::ServerName::try_from(tls.domain.clone().unwrap_or(host.clone())).ok()?;
     let attempt = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .ok()?;
         let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
         let mut s = match connector.connect(name, tcp).await {
             Ok(s) => s,
@@ -348,7 +359,10 @@ mod tests {
     #[test]
     fn chains_join_sources_once() {
         let e = err("transport error", "invalid peer certificate: UnknownIssuer");
-        assert_eq!(chain(&e), "transport error: invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            chain(&e),
+            "transport error: invalid peer certificate: UnknownIssuer"
+        );
     }
 
     #[test]
@@ -360,11 +374,31 @@ mod tests {
                 true,
                 "coordinator's TLS certificate has expired",
             ),
-            ("received fatal alert: CertificateRequired", true, "requires a client certificate"),
-            ("received fatal alert: CertificateExpired", true, "client's certificate: it has expired"),
-            ("received fatal alert: UnknownCA", true, "not signed by the coordinator's client CA"),
-            ("received corrupt message of type InvalidContentType", true, "does not speak TLS"),
-            ("connection closed before message completed", false, "probably requires TLS"),
+            (
+                "received fatal alert: CertificateRequired",
+                true,
+                "requires a client certificate",
+            ),
+            (
+                "received fatal alert: CertificateExpired",
+                true,
+                "client's certificate: it has expired",
+            ),
+            (
+                "received fatal alert: UnknownCA",
+                true,
+                "not signed by the coordinator's client CA",
+            ),
+            (
+                "received corrupt message of type InvalidContentType",
+                true,
+                "does not speak TLS",
+            ),
+            (
+                "connection closed before message completed",
+                false,
+                "probably requires TLS",
+            ),
         ];
         for (inner, tls, want) in cases {
             let got = explain(&err("transport error", inner), tls).expect(inner);
@@ -406,7 +440,10 @@ mod tests {
             key: Some(ca.clone()),
             ..Default::default()
         };
-        assert!(key_only.load().unwrap_err().contains("--tls-key needs --tls-cert"));
+        assert!(key_only
+            .load()
+            .unwrap_err()
+            .contains("--tls-key needs --tls-cert"));
         let not_pem = dir.join("x.der");
         std::fs::write(&not_pem, [0x30, 0x82]).unwrap();
         let e = ClientTlsFiles {
@@ -422,7 +459,10 @@ mod tests {
         }
         .load()
         .unwrap_err();
-        assert!(e.contains("cannot read the coordinator's CA certificate"), "{e}");
+        assert!(
+            e.contains("cannot read the coordinator's CA certificate"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -55,7 +55,11 @@ fn reduce_ok(ring: &mut TcpRing) {
     let n = ring.world_size() as f32;
     let mut buf = vec![ring.rank() as f32 + 1.0; 1000];
     ring.all_reduce_sum_f32(&mut buf).unwrap();
-    assert!(buf.iter().all(|&x| x == n * (n + 1.0) / 2.0), "{:?}", &buf[..3]);
+    assert!(
+        buf.iter().all(|&x| x == n * (n + 1.0) / 2.0),
+        "{:?}",
+        &buf[..3]
+    );
 }
 
 /// Runs rank `r` of a ring on `listeners[r]` with `peers_of(r)` in its own thread.
@@ -71,7 +75,9 @@ fn run_ring(
             .map(|(r, l)| {
                 let (peers_of, cfg_of) = (&peers_of, &cfg_of);
                 s.spawn(move || {
-                    let mut ring = l.connect(r, &peers_of(r), cfg_of(r)).map_err(|e| e.to_string())?;
+                    let mut ring = l
+                        .connect(r, &peers_of(r), cfg_of(r))
+                        .map_err(|e| e.to_string())?;
                     reduce_ok(&mut ring);
                     Ok(())
                 })
@@ -115,8 +121,9 @@ fn stranger(
 #[test]
 fn strangers_without_the_secret_are_refused_and_the_ring_forms() {
     let secret = [0x5au8; 32];
-    let listeners: Vec<RingListener> =
-        (0..3).map(|_| RingListener::bind(localhost()).unwrap()).collect();
+    let listeners: Vec<RingListener> = (0..3)
+        .map(|_| RingListener::bind(localhost()).unwrap())
+        .collect();
     let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
     // Rank 1's predecessor is rank 0: two strangers claim to be it and reach rank 1 first, one
     // with a proof under a wrong secret, one with no proof at all (it hangs up).
@@ -131,7 +138,11 @@ fn strangers_without_the_secret_are_refused_and_the_ring_forms() {
     }
     assert_eq!(wrong.join().unwrap(), Ok(()));
     assert_eq!(silent.join().unwrap(), Ok(()));
-    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -140,8 +151,9 @@ fn an_earlier_generations_secret_and_a_replayed_handshake_are_refused() {
 
     // Generation 1 through a recording proxy between rank 0 and rank 1: it keeps what rank 0 sent
     // (its challenge and its proof), as an eavesdropper on the cluster network would.
-    let listeners: Vec<RingListener> =
-        (0..2).map(|_| RingListener::bind(localhost()).unwrap()).collect();
+    let listeners: Vec<RingListener> = (0..2)
+        .map(|_| RingListener::bind(localhost()).unwrap())
+        .collect();
     let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
     let proxy = TcpListener::bind(localhost()).unwrap();
     let proxy_addr = proxy.local_addr().unwrap();
@@ -190,8 +202,9 @@ fn an_earlier_generations_secret_and_a_replayed_handshake_are_refused() {
 
     // Generation 2: a replay of rank 0's recorded bytes, and a stranger who holds generation 1's
     // secret and proves it correctly for a generation-2 hello, both reach rank 1 first.
-    let listeners: Vec<RingListener> =
-        (0..2).map(|_| RingListener::bind(localhost()).unwrap()).collect();
+    let listeners: Vec<RingListener> = (0..2)
+        .map(|_| RingListener::bind(localhost()).unwrap())
+        .collect();
     let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
     let replay = {
         let mut s = TcpStream::connect(peers[1]).unwrap();
@@ -210,7 +223,10 @@ fn an_earlier_generations_secret_and_a_replayed_handshake_are_refused() {
     });
     let results = run_ring(listeners, |_| peers.clone(), |_| cfg(2, &new));
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert!(replay.join().unwrap(), "the replayed handshake was not closed");
+    assert!(
+        replay.join().unwrap(),
+        "the replayed handshake was not closed"
+    );
     assert_eq!(stale.join().unwrap(), Ok(()));
 }
 
@@ -234,14 +250,21 @@ fn a_connector_refuses_an_acceptor_without_the_secret() {
         from_rank0.read_exact(&mut challenge).unwrap();
         let mut head = hello(6, 1, 2);
         head.extend([4u8; 32]);
-        let m = mac(&[0u8; 32], b"butler ring v2: acceptor", &[&challenge, &head]);
+        let m = mac(
+            &[0u8; 32],
+            b"butler ring v2: acceptor",
+            &[&challenge, &head],
+        );
         from_rank0.write_all(&head).unwrap();
         from_rank0.write_all(&m).unwrap();
         let mut b = [0u8; 1];
         let _ = from_rank0.read(&mut b);
         drop(to_rank0);
     });
-    let err = listener.connect(0, &peers, cfg(6, &secret)).err().expect("must fail");
+    let err = listener
+        .connect(0, &peers, cfg(6, &secret))
+        .err()
+        .expect("must fail");
     let text = err.to_string();
     assert!(
         text.contains("handshake with rank 1") && text.contains("failed authentication"),

@@ -418,9 +418,8 @@ impl RingListener {
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let hello = encode_hello(rank, world, &cfg);
-        let handshake = |peer: usize| {
-            move |detail: String| CollectiveError::Handshake { rank: peer, detail }
-        };
+        let handshake =
+            |peer: usize| move |detail: String| CollectiveError::Handshake { rank: peer, detail };
 
         // Four phases, each of which only waits for what a neighbour sent in an earlier phase, so
         // the ring cannot deadlock however the ranks interleave: (1) challenge the successor;
@@ -456,9 +455,15 @@ impl RingListener {
         check_hello(&reply, next, world, &cfg)?;
         let transcript = Transcript {
             challenge,
-            response_head: response[..HELLO_LEN + NONCE_LEN].try_into().expect("length"),
+            response_head: response[..HELLO_LEN + NONCE_LEN]
+                .try_into()
+                .expect("length"),
         };
-        if !transcript.verify(&cfg.secret, MAC_LABEL_ACCEPTOR, &response[HELLO_LEN + NONCE_LEN..]) {
+        if !transcript.verify(
+            &cfg.secret,
+            MAC_LABEL_ACCEPTOR,
+            &response[HELLO_LEN + NONCE_LEN..],
+        ) {
             return Err(handshake(next)(format!(
                 "the peer at {} failed authentication: it does not hold this job's ring secret \
                  for generation {}",
@@ -533,7 +538,11 @@ impl RingListener {
                         .set_nonblocking(false)
                         .map_err(setup("making the accepted socket blocking"))?;
                     configure_stream(&stream, prev)?;
-                    set_timeouts(&stream, remaining(deadline).min(HANDSHAKE_STEP_TIMEOUT), prev)?;
+                    set_timeouts(
+                        &stream,
+                        remaining(deadline).min(HANDSHAKE_STEP_TIMEOUT),
+                        prev,
+                    )?;
                     let mut challenge = [0u8; CHALLENGE_LEN];
                     let got = (&stream).read_exact(&mut challenge);
                     let hello_c: &[u8; HELLO_LEN] =
@@ -625,15 +634,14 @@ impl Candidate {
     /// Reads the peer's proof and checks it; on success, the peer's (authenticated) hello.
     fn finish(&self, secret: &RingSecret, deadline: Instant) -> std::result::Result<Hello, String> {
         let t = remaining(deadline).min(HANDSHAKE_STEP_TIMEOUT);
-        let _ = self.stream.set_read_timeout(Some(t.max(Duration::from_millis(1))));
+        let _ = self
+            .stream
+            .set_read_timeout(Some(t.max(Duration::from_millis(1))));
         let mut proof = [0u8; MAC_LEN];
         (&self.stream)
             .read_exact(&mut proof)
             .map_err(|e| format!("no proof of the ring secret ({e})"))?;
-        if !self
-            .transcript
-            .verify(secret, MAC_LABEL_CONNECTOR, &proof)
-        {
+        if !self.transcript.verify(secret, MAC_LABEL_CONNECTOR, &proof) {
             return Err("wrong proof: the peer does not hold this generation's ring secret".into());
         }
         let hello: &[u8; HELLO_LEN] = self.transcript.challenge[..HELLO_LEN]
