@@ -46,7 +46,10 @@ fn leaf(ca: &Ca, names: &[&str], server: bool, expired: bool) -> (String, String
         p.not_before = date_time_ymd(2020, 1, 1);
         p.not_after = date_time_ymd(2021, 1, 1);
     }
-    (p.signed_by(&key, &ca.issuer).unwrap().pem(), key.serialize_pem())
+    (
+        p.signed_by(&key, &ca.issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
 }
 
 fn put(dir: &Path, name: &str, text: &str) -> String {
@@ -62,19 +65,25 @@ fn coordinator(dir: &Path, name: &str, extra: &[String], metrics: bool) -> (Guar
     let token_file = write(dir, "token", "s3cret-token\n");
     let mport = free_port();
     let mut c = butler();
-    c.args(["coordinator", "--world-size", "1", "--listen", "127.0.0.1:0"])
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--run-dir")
-        .arg(&run)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .arg("--token-file")
-        .arg(&token_file)
-        .args(extra)
-        .env_remove("BUTLER_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    c.args([
+        "coordinator",
+        "--world-size",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--config")
+    .arg(&cfg)
+    .arg("--run-dir")
+    .arg(&run)
+    .arg("--addr-file")
+    .arg(&addr_file)
+    .arg("--token-file")
+    .arg(&token_file)
+    .args(extra)
+    .env_remove("BUTLER_TOKEN")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     if metrics {
         c.args(["--metrics-listen", &format!("127.0.0.1:{mport}")]);
     }
@@ -167,7 +176,18 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
     );
     let url = format!("https://{addr}");
     let token = "s3cret-token";
-    let o = status(&url, token, &["--tls-ca", &ca_pem, "--tls-cert", &client, "--tls-key", &client_key]);
+    let o = status(
+        &url,
+        token,
+        &[
+            "--tls-ca",
+            &ca_pem,
+            "--tls-cert",
+            &client,
+            "--tls-key",
+            &client_key,
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(doc["world_size"], 1);
@@ -175,33 +195,105 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
     let o = status(
         &url,
         token,
-        &["--tls-ca", &ca_pem, "--tls-cert", &client, "--tls-key", &client_key, "--tls-domain", "localhost"],
+        &[
+            "--tls-ca",
+            &ca_pem,
+            "--tls-cert",
+            &client,
+            "--tls-key",
+            &client_key,
+            "--tls-domain",
+            "localhost",
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
 
-    refused(&status(&format!("http://{addr}"), token, &[]), "probably requires TLS");
-    refused(&status(&url, token, &["--tls-ca", &ca_pem]), "requires a client certificate");
     refused(
-        &status(&url, token, &["--tls-ca", &other_pem, "--tls-cert", &client, "--tls-key", &client_key]),
+        &status(&format!("http://{addr}"), token, &[]),
+        "probably requires TLS",
+    );
+    refused(
+        &status(&url, token, &["--tls-ca", &ca_pem]),
+        "requires a client certificate",
+    );
+    refused(
+        &status(
+            &url,
+            token,
+            &[
+                "--tls-ca",
+                &other_pem,
+                "--tls-cert",
+                &client,
+                "--tls-key",
+                &client_key,
+            ],
+        ),
         "not signed by the CA given with --tls-ca (wrong CA)",
     );
     refused(
-        &status(&url, token, &["--tls-ca", &ca_pem, "--tls-cert", &alien, "--tls-key", &alien_key]),
+        &status(
+            &url,
+            token,
+            &[
+                "--tls-ca",
+                &ca_pem,
+                "--tls-cert",
+                &alien,
+                "--tls-key",
+                &alien_key,
+            ],
+        ),
         "not signed by the coordinator's client CA",
     );
     refused(
-        &status(&url, token, &["--tls-ca", &ca_pem, "--tls-cert", &old_client, "--tls-key", &old_client_key]),
+        &status(
+            &url,
+            token,
+            &[
+                "--tls-ca",
+                &ca_pem,
+                "--tls-cert",
+                &old_client,
+                "--tls-key",
+                &old_client_key,
+            ],
+        ),
         "client's certificate: it has expired",
     );
     refused(
-        &status(&url, token, &["--tls-ca", &ca_pem, "--tls-cert", &client, "--tls-key", &client_key, "--tls-domain", "elsewhere.example"]),
+        &status(
+            &url,
+            token,
+            &[
+                "--tls-ca",
+                &ca_pem,
+                "--tls-cert",
+                &client,
+                "--tls-key",
+                &client_key,
+                "--tls-domain",
+                "elsewhere.example",
+            ],
+        ),
         "does not name the host",
     );
-    refused(&status(&format!("http://{addr}"), token, &["--tls-ca", &ca_pem]), "not https://");
+    refused(
+        &status(&format!("http://{addr}"), token, &["--tls-ca", &ca_pem]),
+        "not https://",
+    );
     // A worker fails at once with the cause, instead of retrying for its connect wait.
     let t0 = std::time::Instant::now();
     let o = butler()
-        .args(["worker", "--coordinator", &url, "--tls-ca", &other_pem, "--connect-wait-s", "60"])
+        .args([
+            "worker",
+            "--coordinator",
+            &url,
+            "--tls-ca",
+            &other_pem,
+            "--connect-wait-s",
+            "60",
+        ])
         .env("BUTLER_TOKEN", token)
         .output()
         .unwrap();
@@ -216,13 +308,25 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
     // The right channel with the wrong token, three times: refused each time, logged once.
     for _ in 0..3 {
         refused(
-            &status(&url, "wrong", &["--tls-ca", &ca_pem, "--tls-cert", &client, "--tls-key", &client_key]),
+            &status(
+                &url,
+                "wrong",
+                &[
+                    "--tls-ca",
+                    &ca_pem,
+                    "--tls-cert",
+                    &client,
+                    "--tls-key",
+                    &client_key,
+                ],
+            ),
             "missing or wrong job token",
         );
     }
     // The metrics endpoint (plain HTTP, no token) holds no secret.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut page = String::new();
     s.read_to_string(&mut page).unwrap();
     assert!(page.contains("butler_"), "{page}");
@@ -235,14 +339,22 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
         1,
         "refusals from one address are logged once per window:\n{log}"
     );
-    assert!(log.contains("peer=127.0.0.1:"), "the refusal names the peer:\n{log}");
+    assert!(
+        log.contains("peer=127.0.0.1:"),
+        "the refusal names the peer:\n{log}"
+    );
     assert!(!log.contains(token), "the token is never logged:\n{log}");
 
     // TLS with an expired server certificate, and a plaintext coordinator.
     let (expired, addr, _) = coordinator(
         d,
         "expired",
-        &["--tls-cert".into(), old_server, "--tls-key".into(), old_server_key],
+        &[
+            "--tls-cert".into(),
+            old_server,
+            "--tls-key".into(),
+            old_server_key,
+        ],
         false,
     );
     refused(
@@ -261,12 +373,23 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
 
     // Bad TLS files are refused before the coordinator listens, naming the file.
     let o = butler()
-        .args(["coordinator", "--world-size", "1", "--listen", "127.0.0.1:0"])
+        .args([
+            "coordinator",
+            "--world-size",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .arg("--config")
         .arg(write(d, "bad.toml", &small_config(&mnist1d(), "")))
         .arg("--run-dir")
         .arg(d.join("bad"))
-        .args(["--tls-cert", &ca_pem, "--tls-key", &d.join("missing.key").display().to_string()])
+        .args([
+            "--tls-cert",
+            &ca_pem,
+            "--tls-key",
+            &d.join("missing.key").display().to_string(),
+        ])
         .env("BUTLER_TOKEN", token)
         .output()
         .unwrap();
@@ -279,7 +402,11 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
 fn butler_run_with_tls_trains_over_mutual_tls_with_owner_only_files() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(dir.path(), "job.toml", &small_config(&mnist1d(), "").replace("epochs = 2", "epochs = 1"));
+    let cfg = write(
+        dir.path(),
+        "job.toml",
+        &small_config(&mnist1d(), "").replace("epochs = 2", "epochs = 1"),
+    );
     let out: PathBuf = dir.path().join("runs/tls-job");
     let o = butler()
         .args(["run", "--workers", "2", "--threads", "1", "--tls"])
@@ -296,10 +423,19 @@ fn butler_run_with_tls_trains_over_mutual_tls_with_owner_only_files() {
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&out), 0o700);
     assert_eq!(mode(&out.join("tls")), 0o700);
-    for f in ["ca.pem", "coordinator.pem", "coordinator.key", "client.pem", "client.key"] {
+    for f in [
+        "ca.pem",
+        "coordinator.pem",
+        "coordinator.key",
+        "client.pem",
+        "client.key",
+    ] {
         assert_eq!(mode(&out.join("tls").join(f)), 0o600, "{f}");
     }
     let log = std::fs::read_to_string(out.join("logs/coordinator.log")).unwrap();
-    assert!(log.contains("coordinator listening (TLS)") && log.contains("mutual_tls=true"), "{log}");
+    assert!(
+        log.contains("coordinator listening (TLS)") && log.contains("mutual_tls=true"),
+        "{log}"
+    );
     assert!(!log.contains("rejected RPC"), "{log}");
 }
