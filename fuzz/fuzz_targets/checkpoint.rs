@@ -1,7 +1,7 @@
 #![no_main]
 //! See docs/fuzzing.md: run with `scripts/fuzz.sh` (bounded) or `cargo +nightly fuzz run TARGET`.
-use libfuzzer_sys::fuzz_target;
 use butler_common::resume::{parse_meta, parse_resumable, RESUME_FORMAT};
+use libfuzzer_sys::fuzz_target;
 
 // A resumable checkpoint's bytes (tensor layout + `meta` JSON), and the first byte's worth of
 // them as bare metadata JSON.

@@ -1,16 +1,21 @@
 #![no_main]
 //! See docs/fuzzing.md: run with `scripts/fuzz.sh` (bounded) or `cargo +nightly fuzz run TARGET`.
-use libfuzzer_sys::fuzz_target;
 use butler_coordinator::commits::{check_checkpoint_name, parse_state};
+use libfuzzer_sys::fuzz_target;
 
 // Any text as `state.json`: an error, or a state whose checkpoints stay inside the run directory.
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(st) = parse_state(text) {
         for c in &st.commits {
             check_checkpoint_name(&c.checkpoint).unwrap();
             let p = std::path::Path::new("/run").join(&c.checkpoint);
-            assert!(p.starts_with("/run/") && !c.checkpoint.contains(".."), "{p:?}");
+            assert!(
+                p.starts_with("/run/") && !c.checkpoint.contains(".."),
+                "{p:?}"
+            );
             let _ = c.first_epoch_redone();
             let _ = c.point();
         }

@@ -1,7 +1,7 @@
 #![no_main]
 //! See docs/fuzzing.md: run with `scripts/fuzz.sh` (bounded) or `cargo +nightly fuzz run TARGET`.
-use libfuzzer_sys::fuzz_target;
 use butler_proto::v1;
+use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
 fn roundtrip<M: Message + Default + PartialEq>(bytes: &[u8]) {
@@ -13,7 +13,9 @@ fn roundtrip<M: Message + Default + PartialEq>(bytes: &[u8]) {
 
 // The first byte picks the message of butler.proto; the rest is its encoding.
 fuzz_target!(|data: &[u8]| {
-    let Some((&which, bytes)) = data.split_first() else { return };
+    let Some((&which, bytes)) = data.split_first() else {
+        return;
+    };
     match which as usize % 23 {
         0 => roundtrip::<v1::PhaseDone>(bytes),
         1 => roundtrip::<v1::PhaseRequest>(bytes),

@@ -1,12 +1,14 @@
 #![no_main]
 //! See docs/fuzzing.md: run with `scripts/fuzz.sh` (bounded) or `cargo +nightly fuzz run TARGET`.
-use libfuzzer_sys::fuzz_target;
 use butler_common::pseudo::{SelectRule, Selection};
 use butler_coordinator::rounds::parse_state;
+use libfuzzer_sys::fuzz_target;
 
 // Any text as `rounds/state.json`: an error, or a state whose histograms merge and select.
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(st) = parse_state(text) {
         let mut merged = None;
         for h in st.histograms.values() {
@@ -18,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         if let Some(m) = merged {
-            let rule = SelectRule { threshold: 0.5, top_k_per_class: None, balance: true };
+            let rule = SelectRule {
+                threshold: 0.5,
+                top_k_per_class: None,
+                balance: true,
+            };
             let s = Selection::choose(st.round + 1, &m, &rule);
             let _ = (s.total_selected(), m.total());
         }
