@@ -150,6 +150,23 @@ fn a_map_field_round_trips_whatever_its_order() {
     }
 }
 
+// The campaign's commits_state crash (crash-9958…): the harness took any `..` in a checkpoint
+// name for a parent directory; dots inside a file name are a name inside the run directory.
+#[test]
+fn dots_inside_a_name_are_not_a_parent_directory() {
+    for ok in [
+        "checkpoints/step-1.safeten```...```sors",
+        "checkpoints/..x",
+        "a/...",
+        "x..",
+    ] {
+        assert!(check_checkpoint_name(ok).is_ok(), "{ok}");
+    }
+    for bad in ["..", "checkpoints/../../x", "/etc/passwd", "./x", ""] {
+        assert!(check_checkpoint_name(bad).is_err(), "{bad}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
