@@ -10,10 +10,13 @@
 pub mod config;
 pub mod error;
 pub mod fsutil;
+#[cfg(any(test, feature = "proptest"))]
+pub mod hostile;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
 pub mod pseudo;
+pub mod resume;
 pub mod sampler;
 pub mod semi;
 

@@ -23,6 +23,10 @@ use std::path::Path;
 /// Confidence bins of the histograms.
 pub const BINS: usize = 1000;
 
+/// The most classes a sidecar, histogram or selection may have: a histogram holds `classes × BINS`
+/// counters, so an unbounded class count read from a file or a message would size an allocation.
+pub const MAX_CLASSES: usize = 100_000;
+
 /// The bin of a margin `m = −ln(1 − p)`: `⌊B · (log10 m + 3) / 6⌋`, clamped to the bins; monotone in m.
 pub fn bin_of(margin: f32) -> usize {
     let u = (margin as f64).max(1e-3).log10();
@@ -128,13 +132,14 @@ impl Sidecar {
     /// Reads and checks a sidecar; every error names the file.
     pub fn read(path: &Path) -> Result<Sidecar> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::decode(&bytes).map_err(|m| Error::Shard {
+        Self::parse(&bytes).map_err(|m| Error::Shard {
             path: path.into(),
             message: format!("corrupt pseudo-label sidecar: {m}"),
         })
     }
 
-    fn decode(bytes: &[u8]) -> std::result::Result<Sidecar, String> {
+    /// Parses and checks a sidecar's bytes (what [`Sidecar::read`] does after reading the file).
+    pub fn parse(bytes: &[u8]) -> std::result::Result<Sidecar, String> {
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
         let classes: usize = meta
             .metadata()
@@ -142,6 +147,11 @@ impl Sidecar {
             .and_then(|m| m.get("classes"))
             .and_then(|c| c.parse().ok())
             .ok_or("no `classes` in its metadata")?;
+        if classes == 0 || classes > MAX_CLASSES {
+            return Err(format!(
+                "{classes} classes (a sidecar has 1 to {MAX_CLASSES})"
+            ));
+        }
         let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
         let get = |name: &str, dtype: Dtype| -> std::result::Result<TensorView<'_>, String> {
             let t = st.tensor(name).map_err(|_| format!("no `{name}` tensor"))?;
@@ -252,26 +262,54 @@ impl Histogram {
             ));
         }
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
         for (a, b) in self.below.iter_mut().zip(&other.below) {
-            *a += b;
+            *a = a.saturating_add(*b);
+        }
+        Ok(())
+    }
+
+    /// Checks a histogram that came from outside (a worker's report, a persisted state): at most
+    /// [`MAX_CLASSES`] classes, `classes × BINS` counts and `classes` below-threshold counts. Every
+    /// method indexes by these lengths.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.classes == 0 || self.classes > MAX_CLASSES {
+            return Err(format!(
+                "{} classes (a histogram has 1 to {MAX_CLASSES})",
+                self.classes
+            ));
+        }
+        if self.counts.len() != self.classes * BINS || self.below.len() != self.classes {
+            return Err(format!(
+                "{} counts and {} below-threshold counts for {} classes (expected {} and {})",
+                self.counts.len(),
+                self.below.len(),
+                self.classes,
+                self.classes * BINS,
+                self.classes
+            ));
         }
         Ok(())
     }
 
     /// Samples of class `c` in bins `from..`.
     pub fn at_or_above(&self, c: usize, from: usize) -> u64 {
-        self.counts[c * BINS + from.min(BINS)..(c + 1) * BINS]
-            .iter()
-            .sum()
+        saturating_sum(&self.counts[c * BINS + from.min(BINS)..(c + 1) * BINS])
     }
 
-    /// Every sample counted, above and below the threshold.
+    /// Every sample counted, above and below the threshold (saturating: counts from a hostile
+    /// report may sum past `u64::MAX`).
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum::<u64>() + self.below.iter().sum::<u64>()
+        saturating_sum(&self.counts).saturating_add(saturating_sum(&self.below))
     }
 }
+
+fn saturating_sum(v: &[u64]) -> u64 {
+    v.iter().fold(0u64, |acc, &x| acc.saturating_add(x))
+}
+
+impl Histogram {}
 
 /// How to choose (see `PseudoLabelConfig`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -312,7 +350,7 @@ impl Selection {
             // Walk down from the most confident bin while the total stays within the cap.
             let (mut b, mut n) = (BINS, 0u64);
             while b > 0 {
-                let next = n + h.counts[c * BINS + b - 1];
+                let next = n.saturating_add(h.counts[c * BINS + b - 1]);
                 if next > cap {
                     break;
                 }
@@ -329,7 +367,7 @@ impl Selection {
             min_bin,
             selected,
             predicted: (0..h.classes)
-                .map(|c| h.at_or_above(c, 0) + h.below[c])
+                .map(|c| h.at_or_above(c, 0).saturating_add(h.below[c]))
                 .collect(),
         }
     }
@@ -344,7 +382,32 @@ impl Selection {
     }
 
     pub fn total_selected(&self) -> u64 {
-        self.selected.iter().sum()
+        saturating_sum(&self.selected)
+    }
+
+    /// Checks a selection read from outside (a persisted state): `BINS` bins, one `min_bin` (at most
+    /// `BINS`), `selected` and `predicted` per class, at most [`MAX_CLASSES`] classes, a threshold
+    /// in [0, 1].
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let k = self.min_bin.len();
+        if self.bins != BINS {
+            return Err(format!("{} bins, this butler uses {BINS}", self.bins));
+        }
+        if k == 0 || k > MAX_CLASSES || self.selected.len() != k || self.predicted.len() != k {
+            return Err(format!(
+                "min_bin, selected and predicted have {k}, {} and {} classes (1 to {MAX_CLASSES}, \
+                 all equal)",
+                self.selected.len(),
+                self.predicted.len()
+            ));
+        }
+        if let Some(b) = self.min_bin.iter().find(|&&b| b > BINS) {
+            return Err(format!("min_bin {b} is past the {BINS} bins"));
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(format!("threshold {} is outside [0, 1]", self.threshold));
+        }
+        Ok(())
     }
 }
 
@@ -506,5 +569,83 @@ mod tests {
         bad.write(&path).unwrap();
         let e = Sidecar::read(&path).unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
+    }
+
+    fn sidecar_bytes(classes: &str) -> Vec<u8> {
+        let ids = 7u64.to_le_bytes();
+        let class = 0u32.to_le_bytes();
+        let p = 0.9f32.to_le_bytes();
+        let tensors = vec![
+            ("id", TensorView::new(Dtype::U64, vec![1], &ids).unwrap()),
+            (
+                "class",
+                TensorView::new(Dtype::U32, vec![1], &class).unwrap(),
+            ),
+            (
+                "confidence",
+                TensorView::new(Dtype::F32, vec![1], &p).unwrap(),
+            ),
+            ("margin", TensorView::new(Dtype::F32, vec![1], &p).unwrap()),
+        ];
+        let meta = [("classes".to_string(), classes.to_string())]
+            .into_iter()
+            .collect();
+        safetensors::serialize(tensors, Some(meta)).unwrap()
+    }
+
+    // Regression (hostile-input property tests): a sidecar's `classes` was unbounded, and
+    // `Sidecar::histogram` allocates `classes × BINS` counters from it.
+    #[test]
+    fn a_sidecar_with_a_huge_class_count_is_an_error() {
+        assert_eq!(Sidecar::parse(&sidecar_bytes("3")).unwrap().classes, 3);
+        let e = Sidecar::parse(&sidecar_bytes("1000000000000")).unwrap_err();
+        assert!(e.contains("1000000000000 classes"), "{e}");
+        assert!(Sidecar::parse(&sidecar_bytes("0")).is_err());
+    }
+
+    // Regression: counts summing past u64::MAX panicked in `total`, `merge` and `choose` (debug).
+    #[test]
+    fn histogram_sums_saturate() {
+        let mut h = Histogram::new(2);
+        h.counts[5] = u64::MAX;
+        h.counts[BINS + 5] = u64::MAX;
+        h.below[0] = 3;
+        assert_eq!(h.total(), u64::MAX);
+        let other = h.clone();
+        h.merge(&other).unwrap();
+        assert_eq!(h.counts[5], u64::MAX);
+        let s = Selection::choose(1, &h, &rule(0.0, None, false));
+        assert_eq!(s.total_selected(), u64::MAX);
+        assert_eq!(s.predicted[0], u64::MAX);
+    }
+
+    // Regression: a histogram or selection from outside was used without checking its lengths
+    // (`at_or_above` indexes `counts` by `classes × BINS`).
+    #[test]
+    fn malformed_histograms_and_selections_are_refused() {
+        assert!(Histogram::new(3).check().is_ok());
+        let mut h = Histogram::new(3);
+        h.counts.pop();
+        assert!(h.check().unwrap_err().contains("counts"));
+        let huge = Histogram {
+            classes: MAX_CLASSES + 1,
+            counts: Vec::new(),
+            below: Vec::new(),
+        };
+        assert!(huge.check().is_err());
+        let s = Selection::choose(1, &hist_at(&[(0, 0.9)], 0.5), &rule(0.5, None, false));
+        assert!(s.check().is_ok());
+        let bad = |f: fn(&mut Selection)| {
+            let mut t = s.clone();
+            f(&mut t);
+            t.check().is_err()
+        };
+        assert!(bad(|t| t.bins = 10));
+        assert!(bad(|t| t.min_bin[0] = BINS + 1));
+        assert!(bad(|t| {
+            t.selected.pop();
+        }));
+        assert!(bad(|t| t.threshold = f64::NAN));
+        assert!(bad(|t| t.min_bin.clear()));
     }
 }

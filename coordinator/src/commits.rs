@@ -89,18 +89,53 @@ impl Commit {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct StateFile {
-    format: u32,
-    job: String,
+/// What `state.json` holds.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub format: u32,
+    pub job: String,
     /// `JobConfig::trajectory_fingerprint` of the config that wrote the commits.
-    config: String,
+    pub config: String,
     /// The newest generation the job reached (a restarted coordinator continues above it, so that
     /// messages of the workers it lost are refused).
     #[serde(default)]
-    generation: u64,
-    world_size: u32,
-    commits: Vec<Commit>,
+    pub generation: u64,
+    pub world_size: u32,
+    pub commits: Vec<Commit>,
+}
+
+/// Parses and checks `state.json`'s text: the format, and every commit's checkpoint name (see
+/// [`check_checkpoint_name`]). [`Commits::open`] reads the file and calls this.
+pub fn parse_state(text: &str) -> Result<StateFile, String> {
+    let state: StateFile =
+        serde_json::from_str(text).map_err(|e| format!("is not a butler job state: {e}"))?;
+    if state.format != FORMAT {
+        return Err(format!(
+            "has format {}, this butler reads format {FORMAT}",
+            state.format
+        ));
+    }
+    for c in &state.commits {
+        check_checkpoint_name(&c.checkpoint)?;
+    }
+    Ok(state)
+}
+
+/// A commit's checkpoint is a relative path inside the run directory: the coordinator hashes it at
+/// resume and deletes it when it falls out of the newest `keep`, so a name with `..`, a root or a
+/// prefix (from a hostile `state.json` or commit request) would reach files outside the run.
+pub fn check_checkpoint_name(name: &str) -> Result<(), String> {
+    use std::path::Component;
+    let p = Path::new(name);
+    if name.is_empty()
+        || name.contains('\0')
+        || !p.components().all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(format!(
+            "checkpoint {name:?} is not a relative path inside the run directory"
+        ));
+    }
+    Ok(())
 }
 
 /// The commit log of one run directory.
@@ -164,19 +199,7 @@ impl Commits {
             }
             Err(e) => return Err(format!("--resume: cannot read {}: {e}", file.display())),
         };
-        let state: StateFile = serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "--resume: {} is not a butler job state: {e}",
-                file.display()
-            )
-        })?;
-        if state.format != FORMAT {
-            return Err(format!(
-                "--resume: {} has format {}, this butler reads format {FORMAT}",
-                file.display(),
-                state.format
-            ));
-        }
+        let state = parse_state(&text).map_err(|e| format!("--resume: {} {e}", file.display()))?;
         if state.job != job {
             return Err(format!(
                 "--resume: {} belongs to job {:?}, not {job:?}",
@@ -269,6 +292,7 @@ impl Commits {
     /// large file), persists the log, then deletes the checkpoints of commits older than the newest
     /// `keep`.
     pub fn record(&mut self, c: Commit) -> Result<(), String> {
+        check_checkpoint_name(&c.checkpoint)?;
         if let Some(prev) = self.commits.last() {
             // Pseudo-label rounds start each TRAIN phase's step count afresh.
             if (c.round, c.step) < (prev.round, prev.step) {
@@ -441,5 +465,44 @@ mod tests {
         Commits::open(d, "j", "cfg", 2, 2, false, true, false).unwrap();
         assert!(!d.join(STATE_FILE).exists());
         assert!(!d.join("checkpoints/step-3.safetensors").exists());
+    }
+
+    // Regression (hostile-input property tests): a checkpoint name with `..` or a root, from a
+    // commit request or a hand-edited state.json, was joined to the run directory, hashed and —
+    // once older than the newest `keep` — deleted: a file outside the run could be removed.
+    #[test]
+    fn checkpoint_names_outside_the_run_directory_are_refused() {
+        let outer = tempfile::tempdir().unwrap();
+        let d = outer.path().join("run");
+        std::fs::create_dir_all(&d).unwrap();
+        let victim = outer.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let mut c = Commits::open(&d, "j", "cfg", 2, 1, false, true, false).unwrap();
+        for name in [
+            "../victim",
+            victim.to_str().unwrap(),
+            "checkpoints/../../victim",
+            "",
+        ] {
+            let mut bad = commit(&d, 1, b"x");
+            bad.checkpoint = name.to_string();
+            bad.bytes = 8;
+            let e = c.record(bad).unwrap_err();
+            assert!(
+                e.contains("not a relative path inside the run"),
+                "{name}: {e}"
+            );
+        }
+        c.record(commit(&d, 2, b"y")).unwrap();
+        c.record(commit(&d, 3, b"z")).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+        let text = std::fs::read_to_string(d.join(STATE_FILE)).unwrap();
+        assert!(parse_state(&text).is_ok());
+        let hostile = text.replace("checkpoints/step-3.safetensors", "../victim");
+        let e = parse_state(&hostile).unwrap_err();
+        assert!(e.contains("\"../victim\""), "{e}");
+        let e = Commits::open(&d, "j", "cfg", 2, 1, true, true, false).unwrap();
+        assert_eq!(e.resumed().unwrap().step, 3);
     }
 }

@@ -59,6 +59,32 @@ pub struct Rounds {
 
 pub const STATE_FILE: &str = "state.json";
 
+/// Parses and checks `rounds/state.json`'s text: every histogram and selection well-formed (see
+/// [`Histogram::check`], [`Selection::check`]), at most one selection per finished round, a round
+/// below `u32::MAX` (the next one is `round + 1`). [`Rounds::open`] reads the file and calls this.
+pub fn parse_state(text: &str) -> Result<RoundsState, String> {
+    let st: RoundsState = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if st.round == u32::MAX {
+        return Err(format!("round {} is out of range", st.round));
+    }
+    if st.selections.len() > st.round as usize {
+        return Err(format!(
+            "{} pseudo-label sets at round {} (at most one per finished round)",
+            st.selections.len(),
+            st.round
+        ));
+    }
+    for (rank, h) in &st.histograms {
+        h.check()
+            .map_err(|e| format!("rank {rank}'s histogram: {e}"))?;
+    }
+    for (k, s) in st.selections.iter().enumerate() {
+        s.check()
+            .map_err(|e| format!("pseudo-label set {}: {e}", k + 1))?;
+    }
+    Ok(st)
+}
+
 impl Rounds {
     /// Fresh rounds (any earlier `rounds/` directory of this run directory is removed: its sidecars belong
     /// to another run), or with `resume` the persisted state.
@@ -73,8 +99,8 @@ impl Rounds {
         let state = if resume && state_file.exists() {
             let text = std::fs::read_to_string(&state_file)
                 .map_err(|e| format!("cannot read {}: {e}", state_file.display()))?;
-            let mut st: RoundsState = serde_json::from_str(&text)
-                .map_err(|e| format!("corrupt {}: {e}", state_file.display()))?;
+            let mut st =
+                parse_state(&text).map_err(|e| format!("corrupt {}: {e}", state_file.display()))?;
             if st.phase == Phase::Train {
                 // Training restarts from the round's beginning with new processes.
                 st.done.clear();
@@ -182,6 +208,8 @@ impl Rounds {
                 let h = histogram.ok_or_else(|| {
                     format!("rank {rank} finished INFER of round {round} without a histogram")
                 })?;
+                h.check()
+                    .map_err(|e| format!("rank {rank}'s histogram of round {round}: {e}"))?;
                 self.state.histograms.insert(rank, h);
             }
             Phase::Train => {
@@ -354,5 +382,57 @@ mod tests {
         let resumed = Rounds::open(dir.path(), &cfg(), 1, true).unwrap();
         assert_eq!(resumed.current(), (1, Phase::Train));
         assert_eq!(resumed.selection_for(1).unwrap().selected, vec![1, 1]);
+    }
+
+    // Regression (hostile-input property tests): `rounds/state.json` was trusted as read: a
+    // histogram with fewer counts than `classes × BINS` made SELECT index out of bounds, a round of
+    // u32::MAX overflowed `round + 1`, a selection with a short `min_bin` was used as is.
+    #[test]
+    fn a_malformed_rounds_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Rounds::open(dir.path(), &cfg(), 1, false).unwrap();
+        r.complete(0, 0, Phase::Train, None, None).unwrap();
+        let mut short = hist(0.7);
+        short.counts.truncate(10);
+        let e = r
+            .complete(0, 0, Phase::Infer, Some(short), None)
+            .unwrap_err();
+        assert!(e.contains("histogram"), "{e}");
+        r.complete(0, 0, Phase::Infer, Some(hist(0.7)), None)
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("rounds").join(STATE_FILE)).unwrap();
+        let good = parse_state(&text).unwrap();
+        assert_eq!(good.round, 1);
+
+        let mut st = good.clone();
+        st.phase = Phase::Infer;
+        st.histograms.insert(
+            0,
+            Histogram {
+                classes: 2,
+                counts: vec![1; 3],
+                below: vec![0; 2],
+            },
+        );
+        let e = parse_state(&serde_json::to_string(&st).unwrap()).unwrap_err();
+        assert!(e.contains("rank 0's histogram"), "{e}");
+        let mut st = good.clone();
+        st.round = u32::MAX;
+        assert!(parse_state(&serde_json::to_string(&st).unwrap()).is_err());
+        let mut st = good.clone();
+        st.selections[0].min_bin.pop();
+        let e = parse_state(&serde_json::to_string(&st).unwrap()).unwrap_err();
+        assert!(e.contains("pseudo-label set 1"), "{e}");
+        let mut st = good;
+        st.selections.push(st.selections[0].clone());
+        assert!(parse_state(&serde_json::to_string(&st).unwrap()).is_err());
+        // Written to disk, the resumed coordinator refuses it with the file's name.
+        std::fs::write(
+            dir.path().join("rounds").join(STATE_FILE),
+            serde_json::to_string(&st).unwrap(),
+        )
+        .unwrap();
+        let e = Rounds::open(dir.path(), &cfg(), 1, true).err().unwrap();
+        assert!(e.contains("state.json"), "{e}");
     }
 }

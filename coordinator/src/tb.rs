@@ -184,6 +184,13 @@ pub fn read_events(path: &Path) -> Result<Vec<Event>, ReadError> {
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| ReadError::Io(path.into(), e))?;
+    parse_events(path, &bytes)
+}
+
+/// Every event of an event file's bytes (TFRecord framing: length, its CRC, data, its CRC), checking
+/// both CRCs of every record. `path` is only for messages. A record's announced length is compared
+/// with the bytes left before it is used, so a hostile length is an error, not an overflow.
+pub fn parse_events(path: &Path, bytes: &[u8]) -> Result<Vec<Event>, ReadError> {
     let mut events = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
@@ -194,25 +201,28 @@ pub fn read_events(path: &Path) -> Result<Vec<Event>, ReadError> {
             why,
         };
         let header = bytes
-            .get(at..at + 12)
+            .get(at..)
+            .and_then(|rest| rest.get(..12))
             .ok_or_else(|| corrupt("truncated header".into()))?;
         let (len_bytes, len_crc) = header.split_at(8);
         if masked_crc32c(len_bytes) != u32::from_le_bytes(len_crc.try_into().expect("4 bytes")) {
             return Err(corrupt("length CRC mismatch".into()));
         }
-        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
-        let data = bytes
-            .get(at + 12..at + 12 + len)
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+        let rest = &bytes[at + 12..];
+        let data = usize::try_from(len)
+            .ok()
+            .and_then(|n| rest.get(..n))
             .ok_or_else(|| corrupt(format!("truncated data ({len} bytes announced)")))?;
-        let crc = bytes
-            .get(at + 12 + len..at + 16 + len)
+        let crc = rest
+            .get(data.len()..data.len() + 4)
             .ok_or_else(|| corrupt("truncated data CRC".into()))?;
         if masked_crc32c(data) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
             return Err(corrupt("data CRC mismatch".into()));
         }
         let e: Event = prost::Message::decode(data).map_err(|e| corrupt(e.to_string()))?;
         events.push(e);
-        at += 16 + len;
+        at += 16 + data.len();
     }
     Ok(events)
 }
@@ -279,5 +289,21 @@ mod tests {
         std::fs::write(w.path(), &bytes).unwrap();
         let err = read_events(w.path()).unwrap_err().to_string();
         assert!(err.contains("CRC mismatch"), "{err}");
+    }
+
+    // Regression (hostile-input property tests): a record announcing a length near 2^64 (with a
+    // valid length CRC) overflowed `at + 12 + len` — a panic in debug builds.
+    #[test]
+    fn a_record_announcing_a_huge_length_is_corrupt() {
+        let len = u64::MAX - 4;
+        let mut bytes = len.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&masked_crc32c(&len.to_le_bytes()).to_le_bytes());
+        bytes.extend_from_slice(b"some data");
+        let err = parse_events(Path::new("e"), &bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("truncated data"), "{err}");
+        let ok = frame(b"");
+        assert_eq!(parse_events(Path::new("e"), &ok).unwrap().len(), 1);
     }
 }

@@ -10,6 +10,13 @@ use std::path::{Path, PathBuf};
 pub const MANIFEST_FORMAT: &str = "butler-shards";
 pub const MANIFEST_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The most samples one split may hold (2^36, about 6.9 × 10^10): a manifest claiming more is an
+/// error before anything is sized from it.
+pub const MAX_SPLIT_SAMPLES: u64 = 1 << 36;
+/// The most values one sample may have (2^28 f32, 1 GiB): bounds `sample_shape`'s product.
+pub const MAX_SAMPLE_NUMEL: usize = 1 << 28;
+/// The most classes a manifest may name.
+pub const MAX_CLASSES: usize = 100_000;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,8 +98,21 @@ impl Manifest {
         self.classes.len()
     }
 
+    /// Values per sample. [`Manifest::validate`] bounds it by [`MAX_SAMPLE_NUMEL`]; on an unvalidated
+    /// manifest whose product overflows it saturates instead of panicking.
     pub fn sample_numel(&self) -> usize {
-        self.sample_shape.iter().product()
+        checked_numel(&self.sample_shape).unwrap_or(usize::MAX)
+    }
+
+    /// Parses and validates a manifest's text; `file` is only for messages. [`Manifest::load`] reads
+    /// the file and calls this.
+    pub fn parse(text: &str, file: &Path) -> Result<Manifest> {
+        let m: Manifest = serde_json::from_str(text).map_err(|e| Error::Manifest {
+            path: file.to_path_buf(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        m.validate(file)?;
+        Ok(m)
     }
 
     /// Loads and validates a manifest; `path` may be the file or the directory holding `manifest.json`.
@@ -111,11 +131,7 @@ impl Manifest {
                 prepare_command(file.parent().unwrap_or(Path::new(".")))
             ),
         })?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::Manifest {
-            path: file.clone(),
-            message: format!("invalid JSON: {e}"),
-        })?;
-        m.validate(&file)?;
+        let m = Manifest::parse(&text, &file)?;
         Ok((m, file))
     }
 
@@ -148,10 +164,28 @@ impl Manifest {
                 self.sample_shape
             )));
         }
+        if checked_numel(&self.sample_shape).is_none_or(|n| n > MAX_SAMPLE_NUMEL) {
+            return Err(bad(format!(
+                "sample_shape {:?} has more than {MAX_SAMPLE_NUMEL} values per sample",
+                self.sample_shape
+            )));
+        }
         if self.classes.is_empty() {
             return Err(bad("classes is empty".into()));
         }
+        if self.classes.len() > MAX_CLASSES {
+            return Err(bad(format!(
+                "{} classes, at most {MAX_CLASSES} are supported",
+                self.classes.len()
+            )));
+        }
         for (name, split) in &self.splits {
+            if split.num_samples > MAX_SPLIT_SAMPLES {
+                return Err(bad(format!(
+                    "split {name}: num_samples {} is over the limit of {MAX_SPLIT_SAMPLES}",
+                    split.num_samples
+                )));
+            }
             let sum = split
                 .shards
                 .iter()
@@ -179,9 +213,8 @@ impl Manifest {
                 return Err(bad(format!("split {name}: unlabeled but has class_counts")));
             }
             if let Some(counts) = &split.class_counts {
-                if counts.len() != self.classes.len()
-                    || counts.iter().sum::<u64>() != split.num_samples
-                {
+                let total = counts.iter().try_fold(0u64, |acc, &c| acc.checked_add(c));
+                if counts.len() != self.classes.len() || total != Some(split.num_samples) {
                     return Err(bad(format!(
                         "split {name}: class_counts {counts:?} do not match {} classes and {} samples",
                         self.classes.len(),
@@ -261,6 +294,11 @@ impl Manifest {
     }
 }
 
+/// The product of `shape`, or `None` when it overflows `usize`.
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 /// The command that prepares the dataset a job expects in `dir`, from the directory's name: the
 /// datasets `butler data prepare` generates (`data/mnist1d`, `data/digits`, `data/mnist1d-shift`) and
 /// the same with a validation split held out (`data/mnist1d-val500`: `--val 500`), and the examples'
@@ -332,12 +370,7 @@ mod tests {
     }"#;
 
     fn parse(text: &str) -> Result<Manifest> {
-        let m: Manifest = serde_json::from_str(text).map_err(|e| Error::Manifest {
-            path: "m.json".into(),
-            message: e.to_string(),
-        })?;
-        m.validate(Path::new("m.json"))?;
-        Ok(m)
+        Manifest::parse(text, Path::new("m.json"))
     }
 
     #[test]
@@ -374,5 +407,48 @@ mod tests {
             e.to_string().contains("unlabeled but has class_counts"),
             "{e}"
         );
+    }
+
+    // Regression (found by the hostile-input property tests): a shape whose product overflows
+    // panicked in `sample_numel` (debug) or wrapped to a small size (release).
+    #[test]
+    fn a_sample_shape_whose_product_overflows_is_an_error() {
+        let e = parse(&OLD.replace(
+            r#""sample_shape": [2]"#,
+            r#""sample_shape": [4294967296, 4294967296, 2]"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("values per sample"), "{e}");
+        let e = parse(&OLD.replace(r#""sample_shape": [2]"#, r#""sample_shape": [536870912]"#))
+            .unwrap_err();
+        assert!(e.to_string().contains("values per sample"), "{e}");
+    }
+
+    // Regression: class_counts whose sum overflows u64 panicked in `validate` (debug builds).
+    #[test]
+    fn class_counts_whose_sum_overflows_are_an_error() {
+        let e = parse(&OLD.replace(
+            r#""class_counts": [1, 2]"#,
+            r#""class_counts": [18446744073709551615, 4]"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("class_counts"), "{e}");
+    }
+
+    // A 10^12 sample count is an error, not an allocation.
+    #[test]
+    fn a_huge_sample_count_is_an_error() {
+        let text = OLD
+            .replace(
+                r#""num_samples": 3, "labeled": true, "class_counts": [1, 2]"#,
+                r#""num_samples": 1000000000000, "labeled": true"#,
+            )
+            .replace(
+                r#""num_samples": 3, "sha256""#,
+                r#""num_samples": 1000000000000, "sha256""#,
+            )
+            .replace(r#""first_id": 3"#, r#""first_id": 1000000000000"#);
+        let e = parse(&text).unwrap_err();
+        assert!(e.to_string().contains("over the limit"), "{e}");
     }
 }

@@ -81,12 +81,30 @@ pub fn read_shard_checked(
 ) -> Result<(ShardData, Vec<SkippedSample>)> {
     let path = dir.join(&entry.path);
     let bytes = read_verified(&path, entry)?;
+    parse_shard(&path, &bytes, manifest, entry, labeled, policy)
+}
+
+/// Parses a shard's bytes (of the entry's format) without touching the file system or the checksum:
+/// what [`read_shard_checked`] does after verifying the file. `path` is only for messages. Hostile
+/// bytes give an error, never a panic or an allocation sized by a length field.
+pub fn parse_shard(
+    path: &Path,
+    bytes: &[u8],
+    manifest: &Manifest,
+    entry: &ShardEntry,
+    labeled: bool,
+    policy: CorruptPolicy,
+) -> Result<(ShardData, Vec<SkippedSample>)> {
+    if entry.first_id.checked_add(entry.num_samples).is_none() {
+        return Err(Error::Shard {
+            path: path.to_path_buf(),
+            message: "first_id + num_samples is past 2^64".into(),
+        });
+    }
     match entry.format {
-        ShardFormat::Safetensors => {
-            read_safetensors(&path, &bytes, manifest, entry, labeled, policy)
-        }
+        ShardFormat::Safetensors => read_safetensors(path, bytes, manifest, entry, labeled, policy),
         ShardFormat::Tar => {
-            crate::webdataset::read_tar_shard(&path, &bytes, manifest, entry, labeled, policy)
+            crate::webdataset::read_tar_shard(path, bytes, manifest, entry, labeled, policy)
         }
     }
 }

@@ -66,6 +66,20 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<DecodedImage, String> {
     })
 }
 
+/// The (height, width) a PNG or JPEG header announces, read without decoding the pixels, so that a
+/// small file announcing a huge image is refused before anything is allocated for it.
+pub fn image_dimensions(bytes: &[u8]) -> std::result::Result<(usize, usize), String> {
+    let format = image::guess_format(bytes)
+        .map_err(|_| "not a PNG or JPEG image (unrecognised content)".to_string())?;
+    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
+        return Err(format!("is {format:?}, only PNG and JPEG are supported"));
+    }
+    let (w, h) = image::ImageReader::with_format(std::io::Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+    Ok((h as usize, w as usize))
+}
+
 /// Checks that `shape` can describe images: `[C, H, W]` with C = 1 (grayscale) or 3 (RGB).
 pub fn check_image_shape(shape: &[usize]) -> std::result::Result<(), String> {
     match shape {
@@ -173,7 +187,8 @@ pub(crate) fn read_tar_shard(
     let numel = manifest.sample_numel();
     let k = manifest.num_classes() as i64;
     let mut out = ShardData {
-        x: Vec::with_capacity(groups.len() * numel),
+        // Bounded: `numel` by the manifest's validation, `groups` by the bytes actually read.
+        x: Vec::with_capacity(groups.len().saturating_mul(numel).min(bytes.len())),
         y: labeled.then(|| Vec::with_capacity(groups.len())),
         ids: Vec::with_capacity(groups.len()),
     };
@@ -185,7 +200,7 @@ pub(crate) fn read_tar_shard(
                 if let (Some(all), Some(y)) = (out.y.as_mut(), y) {
                     all.push(y);
                 }
-                out.ids.push(entry.first_id + index as u64);
+                out.ids.push(entry.first_id.saturating_add(index as u64));
             }
             Err(reason) => match policy {
                 CorruptPolicy::Fail => {
@@ -222,6 +237,11 @@ fn check_sample(
             ))
         }
     };
+    // The header's size first: decoding allocates for whatever size the header announces.
+    let (h, w) = image_dimensions(bytes).map_err(|e| format!("{name}: {e}"))?;
+    if shape.get(1..) != Some(&[h, w][..]) {
+        return Err(format!("{name} is {h}×{w} (H×W), expected {shape:?}"));
+    }
     let img = decode_image(bytes).map_err(|e| format!("{name}: {e}"))?;
     if img.shape[..] != *shape {
         return Err(format!(
@@ -520,6 +540,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("s.tar") && err.contains("sample 1"), "{err}");
+    }
+
+    /// `png(shape, seed)` with its IHDR rewritten to announce `h`×`w` (the CRC recomputed).
+    fn png_announcing(h: u32, w: u32) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &b in bytes {
+                crc ^= b as u32;
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xedb8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+        let mut b = png([1, 3, 3], 0);
+        // Signature (8), length (4), "IHDR" (4), width, height, …; the CRC covers "IHDR" + 13 bytes.
+        b[16..20].copy_from_slice(&w.to_be_bytes());
+        b[20..24].copy_from_slice(&h.to_be_bytes());
+        let crc = crc32(&b[12..29]);
+        b[29..33].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    // Regression (hostile-input property tests): an image was decoded — and its pixels allocated at
+    // whatever size its header announced — before its size was compared with the manifest's.
+    #[test]
+    fn an_image_announcing_a_huge_size_is_refused_before_decoding() {
+        assert_eq!(image_dimensions(&png_announcing(3, 3)).unwrap(), (3, 3));
+        let huge = png_announcing(20_000, 20_000);
+        assert_eq!(image_dimensions(&huge).unwrap(), (20_000, 20_000));
+        let g = Group {
+            key: "k".into(),
+            images: vec![("k.png".into(), huge)],
+            labels: vec![],
+        };
+        let e = check_sample(&g, &[1, 3, 3], false, 3).unwrap_err();
+        assert!(e.contains("20000×20000 (H×W), expected [1, 3, 3]"), "{e}");
     }
 
     #[test]

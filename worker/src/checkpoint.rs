@@ -44,39 +44,15 @@ pub fn save_vars(vs: &tch::nn::VarStore, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Where the job stood when a resumable checkpoint was written, stored inside it (tensor `meta`, JSON
-/// bytes) so the file is one self-describing fact.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ResumeMeta {
-    pub format: u32,
-    pub job: String,
-    pub step: u64,
-    pub epoch: u64,
-    pub steps_in_epoch: u64,
-    pub labeled_start: u64,
-    pub unlabeled: Option<[u64; 2]>,
-    pub world_size: u32,
-    pub generation: u64,
-    /// Each rank's running labeled-loss sum and sample count in the epoch, so the epoch's reported
-    /// mean covers the whole epoch across a resume.
-    pub epoch_losses: Vec<[f64; 2]>,
-    /// Staged jobs: the stage the checkpoint belongs to (`butler_proto::Stage`; 0 for other jobs).
-    #[serde(default)]
-    pub stage: u32,
-    /// Staged jobs, pretraining: the mean loss of each finished pretraining epoch.
-    #[serde(default)]
-    pub history: Vec<f64>,
-    /// Pseudo-label rounds: the round whose TRAIN phase the checkpoint belongs to.
-    #[serde(default)]
-    pub round: u32,
-    /// The unlabeled stream's epoch as membership periods (world size, samples each rank consumed),
-    /// the current one last: what a job resumed with another world size re-cuts.
-    #[serde(default)]
-    pub unlabeled_periods: Vec<(u32, Vec<u64>)>,
+pub use butler_common::resume::{ResumeMeta, RESUME_FORMAT};
+
+/// Where a resumable checkpoint's metadata says the job stood, as the coordinator's commit point.
+pub trait PointOf {
+    fn point(&self, checkpoint: &str) -> butler_proto::ResumePoint;
 }
 
-impl ResumeMeta {
-    pub fn point(&self, checkpoint: &str) -> butler_proto::ResumePoint {
+impl PointOf for ResumeMeta {
+    fn point(&self, checkpoint: &str) -> butler_proto::ResumePoint {
         let [ue, us] = self.unlabeled.unwrap_or_default();
         butler_proto::ResumePoint {
             checkpoint: checkpoint.to_string(),
@@ -94,8 +70,6 @@ impl ResumeMeta {
         }
     }
 }
-
-const RESUME_FORMAT: u32 = 1;
 
 /// The resumable checkpoint of step `step` (of round `round`'s TRAIN phase for pseudo-label rounds,
 /// whose step counts restart each round), relative to the run directory.
@@ -199,7 +173,7 @@ pub fn read_state(path: &Path) -> Result<(TrainingState, ResumeMeta)> {
         } else if name == "meta" {
             let bytes = Vec::<u8>::try_from(&t).map_err(|e| bad(e.to_string()))?;
             meta = Some(
-                serde_json::from_slice::<ResumeMeta>(&bytes)
+                butler_common::resume::parse_meta(&bytes)
                     .map_err(|e| bad(format!("metadata: {e}")))?,
             );
         } else {
@@ -207,12 +181,6 @@ pub fn read_state(path: &Path) -> Result<(TrainingState, ResumeMeta)> {
         }
     }
     let meta = meta.expect("checked above");
-    if meta.format != RESUME_FORMAT {
-        return Err(bad(format!(
-            "format {} (this butler reads {RESUME_FORMAT})",
-            meta.format
-        )));
-    }
     ema.sort_by_key(|(i, _)| *i);
     if ema.iter().enumerate().any(|(k, (i, _))| k != *i) {
         return Err(bad("EMA tensors are not numbered 0..n".into()));

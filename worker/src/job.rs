@@ -2,7 +2,7 @@
 //! test split, device, labeled-batch augmentation), the epoch loop (`run_epochs`), the unlabeled stream
 //! and the views it yields.
 
-use crate::checkpoint::{self, ResumeMeta};
+use crate::checkpoint::{self, PointOf, ResumeMeta};
 use crate::collective::Collective;
 use crate::data::InMemorySplit;
 use crate::error::rpc;

@@ -5,6 +5,7 @@
 //! Architecture Invariant: training runs on one plain thread (tch `Tensor` is `Send` but not `Sync`);
 //! the async runtime only carries RPCs and the heartbeat.
 
+use crate::checkpoint::PointOf;
 use crate::client::{self, Progress};
 use crate::collective::{self, Collective, RingConfig, RingListener};
 use crate::device::{self, Backend};

@@ -25,7 +25,7 @@
 //!   from the pretraining commit.
 
 use crate::augment::TwoViews;
-use crate::checkpoint::save_checkpoint;
+use crate::checkpoint::{save_checkpoint, PointOf};
 use crate::collective::Collective;
 use crate::contrastive::encoder::copy_encoder_into;
 use crate::contrastive::pretrain::Pretrainer;
