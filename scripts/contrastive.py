@@ -50,6 +50,9 @@ V2_ROWS = [
     ("simclrv2-plain-kd", "simclr", {"unlabeled_weight": "0.0", "unlabeled_ratio": "1"}),
     # Longer pretraining: 100 passes over the 3500 inputs (1400 steps) instead of 30 (420).
     ("simclrv2-100ep", "simclr", {"epochs": "100"}),
+    # The teacher predicts on the clean input, the student on the strong view (Noisy Student's split).
+    ("simclrv2-clean-teacher", "simclr", {"teacher_view": '"clean"'}),
+    ("simclrv2-100ep-clean-teacher", "simclr", {"epochs": "100", "teacher_view": '"clean"'}),
 ]
 
 

@@ -6,7 +6,8 @@
 # usage: scripts/contrastive.sh [SEEDS (default 3)] [ROW ...]   (rows: supervised supervised-aug
 #        simclr-256 simclr-4096 cpc-256 cpc-4096 (default: these six), and the diagnostics
 #        simclr-256-no-lpft simclr-256-16ep random-encoder simclr-4096-sqrt-lr, and the SimCLRv2
-#        rows simclrv2 supervised-distill simclrv2-plain-kd simclrv2-100ep on data/mnist1d-val500)
+#        rows simclrv2 supervised-distill simclrv2-plain-kd simclrv2-100ep simclrv2-clean-teacher
+#        simclrv2-100ep-clean-teacher on data/mnist1d-val500)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seeds="${1:-3}"; shift || true
