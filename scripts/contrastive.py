@@ -53,6 +53,7 @@ V2_ROWS = [
     # The teacher predicts on the clean input, the student on the strong view (Noisy Student's split).
     ("simclrv2-clean-teacher", "simclr", {"teacher_view": '"clean"'}),
     ("simclrv2-100ep-clean-teacher", "simclr", {"epochs": "100", "teacher_view": '"clean"'}),
+    ("supervised-distill-clean-teacher", "none", {"teacher_view": '"clean"'}),
 ]
 
 

@@ -7,7 +7,7 @@
 #        simclr-256 simclr-4096 cpc-256 cpc-4096 (default: these six), and the diagnostics
 #        simclr-256-no-lpft simclr-256-16ep random-encoder simclr-4096-sqrt-lr, and the SimCLRv2
 #        rows simclrv2 supervised-distill simclrv2-plain-kd simclrv2-100ep simclrv2-clean-teacher
-#        simclrv2-100ep-clean-teacher on data/mnist1d-val500)
+#        simclrv2-100ep-clean-teacher supervised-distill-clean-teacher on data/mnist1d-val500)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seeds="${1:-3}"; shift || true
@@ -20,7 +20,7 @@ butler=${BUTLER:-./target/debug/butler}   # the dev profile is optimised (Cargo.
 pool=bench-data/mnist1d-pool-100000
 v2=0
 for row in "${rows[@]}"; do
-  case "$row" in simclrv2*|supervised-distill) v2=1 ;; *) v1=1 ;; esac
+  case "$row" in simclrv2*|supervised-distill*) v2=1 ;; *) v1=1 ;; esac
 done
 if [ "$v2" = 1 ] && [ ! -f data/mnist1d-val500/manifest.json ]; then
   $butler data prepare mnist1d --val 500 --out data/mnist1d-val500
