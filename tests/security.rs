@@ -116,6 +116,15 @@ fn status(url: &str, token: &str, tls: &[&str]) -> Output {
 /// Mismatches are collected, so that one run shows every case that fails.
 static MISSES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
+/// `--tls-ca CA --tls-cert CERT --tls-key KEY` and `extra`.
+fn tls_flags<'a>(ca: &'a str, cert: &'a str, key: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    [
+        &["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key][..],
+        extra,
+    ]
+    .concat()
+}
+
 fn refused(o: &Output, want: &str) {
     let e = stderr(o);
     if o.status.success() || !e.contains(want) {
@@ -176,18 +185,7 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
     );
     let url = format!("https://{addr}");
     let token = "s3cret-token";
-    let o = status(
-        &url,
-        token,
-        &[
-            "--tls-ca",
-            &ca_pem,
-            "--tls-cert",
-            &client,
-            "--tls-key",
-            &client_key,
-        ],
-    );
+    let o = status(&url, token, &tls_flags(&ca_pem, &client, &client_key, &[]));
     assert!(o.status.success(), "{}", stderr(&o));
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(doc["world_size"], 1);
@@ -195,16 +193,12 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
     let o = status(
         &url,
         token,
-        &[
-            "--tls-ca",
+        &tls_flags(
             &ca_pem,
-            "--tls-cert",
             &client,
-            "--tls-key",
             &client_key,
-            "--tls-domain",
-            "localhost",
-        ],
+            &["--tls-domain", "localhost"],
+        ),
     );
     assert!(o.status.success(), "{}", stderr(&o));
 
@@ -220,44 +214,19 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
         &status(
             &url,
             token,
-            &[
-                "--tls-ca",
-                &other_pem,
-                "--tls-cert",
-                &client,
-                "--tls-key",
-                &client_key,
-            ],
+            &tls_flags(&other_pem, &client, &client_key, &[]),
         ),
         "not signed by the CA given with --tls-ca (wrong CA)",
     );
     refused(
-        &status(
-            &url,
-            token,
-            &[
-                "--tls-ca",
-                &ca_pem,
-                "--tls-cert",
-                &alien,
-                "--tls-key",
-                &alien_key,
-            ],
-        ),
+        &status(&url, token, &tls_flags(&ca_pem, &alien, &alien_key, &[])),
         "not signed by the coordinator's client CA",
     );
     refused(
         &status(
             &url,
             token,
-            &[
-                "--tls-ca",
-                &ca_pem,
-                "--tls-cert",
-                &old_client,
-                "--tls-key",
-                &old_client_key,
-            ],
+            &tls_flags(&ca_pem, &old_client, &old_client_key, &[]),
         ),
         "client's certificate: it has expired",
     );
@@ -265,16 +234,12 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
         &status(
             &url,
             token,
-            &[
-                "--tls-ca",
+            &tls_flags(
                 &ca_pem,
-                "--tls-cert",
                 &client,
-                "--tls-key",
                 &client_key,
-                "--tls-domain",
-                "elsewhere.example",
-            ],
+                &["--tls-domain", "elsewhere.example"],
+            ),
         ),
         "does not name the host",
     );
@@ -311,14 +276,7 @@ fn tls_and_mutual_tls_accept_the_right_client_and_name_each_wrong_one() {
             &status(
                 &url,
                 "wrong",
-                &[
-                    "--tls-ca",
-                    &ca_pem,
-                    "--tls-cert",
-                    &client,
-                    "--tls-key",
-                    &client_key,
-                ],
+                &tls_flags(&ca_pem, &client, &client_key, &[]),
             ),
             "missing or wrong job token",
         );

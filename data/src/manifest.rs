@@ -94,6 +94,34 @@ pub struct ShardEntry {
 }
 
 impl Manifest {
+    /// A manifest whose one split, "train", holds `entry` alone, with classes named "a", "b", … : how
+    /// the readers' tests and the fuzz targets put a shard in front of the shard reader.
+    pub fn single_shard(
+        sample_shape: Vec<usize>,
+        num_classes: usize,
+        entry: ShardEntry,
+        labeled: bool,
+    ) -> Manifest {
+        let split = Split {
+            num_samples: entry.num_samples,
+            labeled,
+            shards: vec![entry],
+            class_counts: None,
+        };
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            version: MANIFEST_VERSION,
+            name: "t".into(),
+            sample_shape,
+            dtype: "f32".into(),
+            classes: (0..num_classes)
+                .map(|i| char::from(b'a' + (i % 26) as u8).to_string())
+                .collect(),
+            splits: BTreeMap::from([("train".to_string(), split)]),
+            source: BTreeMap::new(),
+        }
+    }
+
     pub fn num_classes(&self) -> usize {
         self.classes.len()
     }

@@ -252,30 +252,9 @@ pub fn read_split_checked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Split, MANIFEST_FORMAT, MANIFEST_VERSION};
-    use std::collections::BTreeMap;
 
     fn manifest_for(entry: ShardEntry) -> Manifest {
-        let mut splits = BTreeMap::new();
-        splits.insert(
-            "train".into(),
-            Split {
-                num_samples: entry.num_samples,
-                labeled: true,
-                shards: vec![entry],
-                class_counts: None,
-            },
-        );
-        Manifest {
-            format: MANIFEST_FORMAT.into(),
-            version: MANIFEST_VERSION,
-            name: "t".into(),
-            sample_shape: vec![3],
-            dtype: "f32".into(),
-            classes: vec!["a".into(), "b".into()],
-            splits,
-            source: BTreeMap::new(),
-        }
+        Manifest::single_shard(vec![3], 2, entry, true)
     }
 
     fn sample() -> ShardData {

@@ -389,9 +389,8 @@ impl Drop for TarShardWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{ShardFormat, Split, MANIFEST_FORMAT, MANIFEST_VERSION};
+    use crate::manifest::ShardFormat;
     use crate::shard::{read_shard, read_shard_checked};
-    use std::collections::BTreeMap;
 
     fn png(shape: [usize; 3], seed: u8) -> Vec<u8> {
         let [c, h, w] = shape;
@@ -423,26 +422,7 @@ mod tests {
     }
 
     fn manifest(shape: Vec<usize>, entry: ShardEntry, labeled: bool) -> Manifest {
-        let mut splits = BTreeMap::new();
-        splits.insert(
-            "train".into(),
-            Split {
-                num_samples: entry.num_samples,
-                labeled,
-                shards: vec![entry],
-                class_counts: None,
-            },
-        );
-        Manifest {
-            format: MANIFEST_FORMAT.into(),
-            version: MANIFEST_VERSION,
-            name: "t".into(),
-            sample_shape: shape,
-            dtype: "f32".into(),
-            classes: vec!["a".into(), "b".into(), "c".into()],
-            splits,
-            source: BTreeMap::new(),
-        }
+        Manifest::single_shard(shape, 3, entry, labeled)
     }
 
     fn write_tar(path: &Path, samples: &[(&str, &str, Vec<u8>, Option<i64>)]) -> ShardEntry {

@@ -3,13 +3,10 @@
 //! length field. The same entry points are the `fuzz/` crate's targets (docs/fuzzing.md).
 
 use butler_common::hostile::{mutated, mutated_text};
-use butler_data::manifest::{
-    Manifest, ShardEntry, ShardFormat, Split, MANIFEST_FORMAT, MANIFEST_VERSION, MAX_SAMPLE_NUMEL,
-};
+use butler_data::manifest::{Manifest, ShardEntry, ShardFormat, MAX_SAMPLE_NUMEL};
 use butler_data::shard::{parse_shard, write_shard, CorruptPolicy, ShardData};
 use butler_data::webdataset::TarShardWriter;
 use proptest::prelude::*;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 const MANIFEST: &str = r#"{
@@ -25,26 +22,7 @@ const MANIFEST: &str = r#"{
 }"#;
 
 fn manifest(shape: Vec<usize>, entry: &ShardEntry) -> Manifest {
-    let mut splits = BTreeMap::new();
-    splits.insert(
-        "train".to_string(),
-        Split {
-            num_samples: entry.num_samples,
-            labeled: true,
-            shards: vec![entry.clone()],
-            class_counts: None,
-        },
-    );
-    Manifest {
-        format: MANIFEST_FORMAT.into(),
-        version: MANIFEST_VERSION,
-        name: "t".into(),
-        sample_shape: shape,
-        dtype: "f32".into(),
-        classes: vec!["a".into(), "b".into(), "c".into()],
-        splits,
-        source: BTreeMap::new(),
-    }
+    Manifest::single_shard(shape, 3, entry.clone(), true)
 }
 
 fn entry(format: ShardFormat, n: u64) -> ShardEntry {

@@ -322,6 +322,29 @@ fn pretrain(
     ))
 }
 
+/// The record of a stage trained by [`crate::job::run_epochs`]; the accuracies are rank 0's (the
+/// one that evaluates).
+fn trained_stage(
+    stage: Stage,
+    run: crate::job::EpochsRun,
+    steps: u64,
+    t0: Instant,
+    rank: u32,
+    checkpoint: String,
+) -> StageResult {
+    StageResult {
+        stage: stage as i32,
+        train_loss: run.losses.last().copied().unwrap_or(0.0),
+        loss_history: run.losses,
+        steps,
+        samples: run.samples,
+        seconds: t0.elapsed().as_secs_f64(),
+        test_accuracy: (rank == 0).then_some(run.eval.accuracy),
+        val_accuracy: run.val.filter(|_| rank == 0).map(|v| v.accuracy),
+        checkpoint,
+    }
+}
+
 fn probe(
     job: &Job,
     p: &PretrainConfig,
@@ -488,18 +511,16 @@ fn finetune(
     };
     ring.barrier()?;
     info!(test_accuracy = eval.accuracy, "fine-tuning finished");
+    let steps = trainer.steps_taken();
     Ok((
-        StageResult {
-            stage: Stage::Finetune as i32,
-            train_loss: run.losses.last().copied().unwrap_or(0.0),
-            loss_history: run.losses,
-            steps: trainer.steps_taken(),
-            samples: run.samples,
-            seconds: t0.elapsed().as_secs_f64(),
-            test_accuracy: (ctx.rank == 0).then_some(eval.accuracy),
-            val_accuracy: run.val.filter(|_| ctx.rank == 0).map(|v| v.accuracy),
-            checkpoint: checkpoint.clone(),
-        },
+        trained_stage(
+            Stage::Finetune,
+            run,
+            steps,
+            t0,
+            ctx.rank,
+            checkpoint.clone(),
+        ),
         (eval.accuracy, eval.loss, checkpoint),
         trainer,
     ))
@@ -597,18 +618,9 @@ fn distill(
     };
     ring.barrier()?;
     info!(test_accuracy = eval.accuracy, "distillation finished");
+    let steps = student.steps_taken();
     Ok((
-        StageResult {
-            stage: Stage::Distill as i32,
-            train_loss: run.losses.last().copied().unwrap_or(0.0),
-            loss_history: run.losses,
-            steps: student.steps_taken(),
-            samples: run.samples,
-            seconds: t0.elapsed().as_secs_f64(),
-            test_accuracy: (ctx.rank == 0).then_some(eval.accuracy),
-            val_accuracy: run.val.filter(|_| ctx.rank == 0).map(|v| v.accuracy),
-            checkpoint: checkpoint.clone(),
-        },
+        trained_stage(Stage::Distill, run, steps, t0, ctx.rank, checkpoint.clone()),
         (eval.accuracy, eval.loss, checkpoint),
     ))
 }
